@@ -1,0 +1,1610 @@
+"""kdlaplace: fairer knowledge distillation through uncertainty-aware early exits.
+
+One module, read top to bottom like a lecture:
+
+  1. Data          a synthetic spurious-correlation benchmark; Waterbirds, CelebA and CIFAR-100 read in
+                   their distributed formats, decoded once into a uint8 cache, augmented on the device.
+  2. Networks      early-exit networks (small CNN, torchvision-compatible ResNets) with a DEDIER readout.
+  3. Losses        knowledge distillation, DEDIER sample weights, group DRO.
+  4. Laplace       closed-form KFAC last-layer Laplace: fit, predict (MC / probit), tune (T, sigma^2).
+  5. Ensembles     model-internal ensemble (MIE) and budgeted early exit.
+  6. Sets          anytime-valid nested prediction sets (AVCS): Dirichlet, Laplace and regression.
+  7. Metrics       group accuracies, worst-group accuracy, ECE, NLPD.
+  8. Running       device choice, batched inference over a split, atomic checkpoints.
+
+The formulas are in the docstrings; each names its paper. ``pytest test_kdlaplace.py`` checks every numerical
+routine against a brute-force float64 reference; ``python bench.py`` measures speed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  1. Data
+# ══════════════════════════════════════════════════════════════════════════════
+# Every dataset becomes three splits of uint8 images (N, 3, H, W) with labels and group ids. Images stay uint8
+# until they reach the device: 4x less memory and bandwidth than float, and augmentation runs there in batch.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+WATERBIRDS_TRAIN_GROUP_SHARES = (3498, 184, 56, 1057)  # g = 2 y + place; Sagawa et al. (2020), table 4
+
+
+@dataclass
+class Split:
+    """One split: uint8 ``images`` (N, 3, H, W) (in memory or a memmap view), ``labels`` and ``groups`` (N,) int64."""
+    images: Tensor
+    labels: Tensor
+    groups: Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class SpuriousDataset:
+    """Train / val / test splits with what a model and a report need to know about them."""
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    n_classes: int
+    n_groups: int
+    group_names: list[str]
+    mean: tuple[float, float, float]  # normalisation, per RGB channel
+    std: tuple[float, float, float]
+    class_name: str  # what the label is
+    spurious_name: str  # the attribute that groups are built from
+    augment: str  # "none", "flip", "crop" (random resized crop + flip) or "pad" (pad-crop + flip)
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+
+def _smooth_noise(n: int, size: int, cells: int, generator: torch.Generator) -> Tensor:
+    """Low-frequency noise (n, 1, size, size) in [-1, 1]: a random ``cells x cells`` grid, bilinearly upsampled."""
+    coarse = torch.rand(n, 1, cells, cells, generator=generator) * 2 - 1
+    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _render_synth(labels: Tensor, places: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """Draw the synthetic images: a disk (class 0) or a triangle (class 1) on land (place 0) or water (place 1).
+
+    Background: a brown-green textured "land" or a blue "water" with horizontal waves, each with colour jitter;
+    foreground: one shape of random size, position and colour (independent of the class); pixel noise on top.
+    The shape has equal area for both classes on average (disk radius 0.76 r vs triangle half-width r), so
+    only its outline tells the class. Returns uint8 (N, 3, size, size)."""
+    n = labels.shape[0]
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    rows, cols = coords[None, :, None], coords[None, None, :]  # (1, H, 1), (1, 1, W)
+    land = torch.tensor([0.50, 0.45, 0.22])[:, None, None] + 0.10 * _smooth_noise(n, size, 4, generator)
+    wave_phase = torch.rand(n, 1, 1, generator=generator) * 2 * math.pi
+    waves = 0.08 * torch.sin(2 * math.pi * 5 * rows + wave_phase)  # (N, H, 1)
+    water = torch.tensor([0.20, 0.38, 0.68])[:, None, None] + waves[:, None] + 0.04 * _smooth_noise(n, size, 4, generator)
+    jitter = 0.08 * (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1)  # per-image colour jitter
+    background = torch.where(places[:, None, None, None].bool(), water, land) + jitter  # (N, 3, H, W)
+
+    half_width = 0.14 + 0.10 * torch.rand(n, 1, 1, generator=generator)  # r, as a fraction of the side
+    centre_row = 0.25 + 0.5 * torch.rand(n, 1, 1, generator=generator)
+    centre_col = 0.25 + 0.5 * torch.rand(n, 1, 1, generator=generator)
+    disk = (rows - centre_row) ** 2 + (cols - centre_col) ** 2 <= (0.76 * half_width) ** 2  # (N, H, W)
+    depth = (rows - (centre_row - half_width)) / (1.8 * half_width)  # 0 at the apex, 1 at the base
+    triangle = (depth >= 0) & (depth <= 1) & ((cols - centre_col).abs() <= depth * half_width)  # (N, H, W)
+    shape = torch.where(labels[:, None, None].bool(), triangle, disk)  # (N, H, W)
+    colour = 0.35 + 0.6 * torch.rand(n, 3, 1, 1, generator=generator)  # independent of class and place
+    image = torch.where(shape[:, None], colour, background)
+    image = image + 0.03 * torch.randn(image.shape, generator=generator)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image_size: int = 32,
+               seed: int = 0) -> SpuriousDataset:
+    """A Waterbirds-like spurious-correlation benchmark, generated in about a second, deterministic for ``seed``.
+
+    Two classes told apart by a foreground shape (disk vs triangle); a background (land vs water) that agrees
+    with the class in 95% of the training images, with Waterbirds' group proportions
+    (3498 : 184 : 56 : 1057, ``g = 2 y + place``). In val and test the backgrounds are balanced within each
+    class (as in Waterbirds), so worst-group accuracy exposes a background shortcut.
+
+    The shortcut is real: the small CNN of :func:`build_model` trained with plain ERM (``python train.py
+    --teacher-objective erm --teacher-arch cnn``, 20 epochs) reaches high average accuracy with a worst-group accuracy far below it
+    (measured figures in the README), while group DRO closes most of the gap.
+    """
+    if min(n_train, n_val, n_test) < 8 or image_size < 16:
+        raise ValueError(f"synth: every split needs >= 8 images and image_size >= 16, got n_train={n_train}, "
+                         f"n_val={n_val}, n_test={n_test}, image_size={image_size}")
+    generator = torch.Generator().manual_seed(seed)
+    shares = torch.tensor(WATERBIRDS_TRAIN_GROUP_SHARES, dtype=torch.float64)
+    # val/test: Waterbirds' class balance, backgrounds balanced within each class
+    balanced_shares = torch.tensor([shares[:2].sum() / 2] * 2 + [shares[2:].sum() / 2] * 2)
+
+    def split(n: int, group_shares: Tensor) -> Split:
+        counts = torch.floor(n * group_shares / group_shares.sum()).long().clamp(min=1)
+        counts[0] += n - counts.sum()  # the rounding remainder goes to the largest group
+        groups = torch.repeat_interleave(torch.arange(4), counts)
+        groups = groups[torch.randperm(n, generator=generator)]
+        labels, places = groups // 2, groups % 2
+        return Split(_render_synth(labels, places, image_size, generator), labels, groups)
+
+    return SpuriousDataset("synth", split(n_train, shares), split(n_val, balanced_shares),
+                           split(n_test, balanced_shares), n_classes=2, n_groups=4,
+                           group_names=["disk/land", "disk/water", "triangle/land", "triangle/water"],
+                           mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), class_name="shape",
+                           spurious_name="background", augment="flip")
+
+
+def default_cache_dir() -> Path:
+    """``$KDLAPLACE_CACHE``, else ``$XDG_CACHE_HOME/kdlaplace``, else ``~/.cache/kdlaplace``: never the data folder."""
+    if os.environ.get("KDLAPLACE_CACHE"):
+        return Path(os.environ["KDLAPLACE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdlaplace"
+
+
+def _decode_image(path: Path, image_size: int, layout: str) -> np.ndarray:
+    """Decode one JPEG with Pillow into uint8 (3, S, S) using the dataset's eval transform.
+
+    ``layout="waterbirds"``: resize to (256/224 S)^2, centre-crop S (Sagawa et al.'s transform).
+    ``layout="celeba"``: centre-crop 178 x 178, resize to S (Liu et al. 2015 aligned faces)."""
+    from PIL import Image  # Pillow is only needed for the JPEG datasets
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if layout == "waterbirds":
+                resized = round(image_size * 256 / 224)
+                image = image.resize((resized, resized), Image.BILINEAR)
+                left = (resized - image_size) // 2
+                image = image.crop((left, left, left + image_size, left + image_size))
+            else:
+                width, height = image.size
+                side = min(178, width, height)
+                left, top = (width - side) // 2, (height - side) // 2
+                image = image.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    except OSError as error:
+        raise ValueError(f"cannot decode image {path}: {error}") from None
+
+
+def _cached_images(name: str, paths: list[Path], image_size: int, layout: str,
+                   cache_dir: Optional[Union[str, Path]]) -> np.ndarray:
+    """All ``paths`` decoded once into a uint8 memmap (N, 3, S, S) under the cache folder; later calls open it.
+
+    The cache is built in a temporary folder and renamed into place only when every image decoded: an
+    interrupted build leaves no folder that could pass for a complete one. The key hashes the image paths
+    and the size, so another root or size gets its own cache."""
+    key = hashlib.sha1(json.dumps([name, image_size, layout, [str(p) for p in paths]]).encode()).hexdigest()[:16]
+    folder = Path(cache_dir or default_cache_dir()) / f"{name}-{image_size}px-{key}"
+    shape = (len(paths), 3, image_size, image_size)
+    if not (folder / "images.u8").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        try:
+            images = np.lib.format.open_memmap(building / "images.u8", mode="w+", dtype=np.uint8, shape=shape)
+
+            def decode_into(index: int) -> None:
+                images[index] = _decode_image(paths[index], image_size, layout)
+
+            # Pillow releases the GIL while decoding and resizing, so threads use every core
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                list(pool.map(decode_into, range(len(paths))))
+            images.flush()
+            del images
+            try:
+                os.replace(building, folder)
+            except OSError:  # another process finished the same cache first
+                pass
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    # mode "c": copy-on-write, so torch.from_numpy gets a writable array without copying the file
+    return np.load(folder / "images.u8", mmap_mode="c")
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: expected file {path} (see the README for the folder layout)")
+    return path
+
+
+def _require_columns(header: Sequence[str], required: Sequence[str], path: Path) -> None:
+    missing = [column for column in required if column not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected columns include "
+                         f"{', '.join(required)}")
+
+
+def _splits_from_cache(images: np.ndarray, split_ids: np.ndarray, labels: np.ndarray,
+                       groups: np.ndarray) -> tuple[Split, Split, Split]:
+    """Train/val/test as zero-copy views: the cache stores images sorted by split id 0, 1, 2."""
+    out = []
+    for split_id in range(3):
+        rows = np.flatnonzero(split_ids == split_id)
+        start, stop = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
+        out.append(Split(torch.from_numpy(images[start:stop]), torch.from_numpy(labels[start:stop]).long(),
+                         torch.from_numpy(groups[start:stop]).long()))
+    return tuple(out)
+
+
+def _check_image_paths(paths: list[Path], listing: Path) -> None:
+    missing = [path for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) listed in {listing} are missing, first: {missing[0]}")
+
+
+def _load_waterbirds(root: Path, image_size: int = 224, cache_dir: Optional[str] = None) -> SpuriousDataset:
+    """Waterbirds as distributed by Sagawa et al. (2020) / WILDS: ``root/metadata.csv`` with columns
+    ``img_id, img_filename, y, split, place, place_filename`` and the JPEGs at ``root/img_filename``."""
+    metadata = _require_file(root / "metadata.csv", "waterbirds")
+    with open(metadata, newline="") as handle:
+        reader = csv.DictReader(handle)
+        _require_columns(reader.fieldnames or [], ["img_filename", "y", "split", "place"], metadata)
+        rows = list(reader)
+    try:
+        split_ids = np.array([int(row["split"]) for row in rows])
+        labels = np.array([int(row["y"]) for row in rows])
+        places = np.array([int(row["place"]) for row in rows])
+    except ValueError as error:
+        raise ValueError(f"{metadata}: columns y, split and place must hold integers ({error})") from None
+    for column, values in (("split", split_ids), ("y", labels), ("place", places)):
+        allowed = (0, 1, 2) if column == "split" else (0, 1)
+        if not np.isin(values, allowed).all():
+            raise ValueError(f"{metadata}: column {column} must hold values in {allowed}")
+    order = np.argsort(split_ids, kind="stable")  # cache sorted by split: each split is a contiguous view
+    paths = [root / rows[i]["img_filename"] for i in order]
+    _check_image_paths(paths, metadata)
+    images = _cached_images("waterbirds", paths, image_size, "waterbirds", cache_dir)
+    labels, places, split_ids = labels[order], places[order], split_ids[order]
+    train, val, test = _splits_from_cache(images, split_ids, labels, 2 * labels + places)
+    return SpuriousDataset("waterbirds", train, val, test, n_classes=2, n_groups=4,
+                           group_names=["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"],
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD, class_name="waterbird",
+                           spurious_name="water background", augment="crop")
+
+
+def _find_first(root: Path, candidates: Sequence[str]) -> Optional[Path]:
+    return next((root / name for name in candidates if (root / name).exists()), None)
+
+
+def _read_celeba_table(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """(column names, image names, int values) of a CelebA annotation file in the original ``.txt`` layout
+    (attributes: line 1 = count, line 2 = names; partition: no header) or Kaggle's ``.csv`` (header ``image_id,...``)."""
+    if path.suffix == ".csv":
+        with open(path, newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header or header[0] != "image_id":
+                raise ValueError(f"{path}: expected a header line starting with 'image_id'")
+            rows = [row for row in reader if row]
+        names, columns = [row[0] for row in rows], header[1:]
+        values = [row[1:] for row in rows]
+    else:
+        lines = path.read_text().split("\n")
+        tokens = [line.split() for line in lines if line.strip()]
+        if tokens and len(tokens[0]) == 1 and tokens[0][0].isdigit():  # list_attr_celeba.txt
+            columns, tokens = tokens[1], tokens[2:]
+        else:  # list_eval_partition.txt
+            columns = ["partition"]
+        names, values = [row[0] for row in tokens], [row[1:] for row in tokens]
+    try:
+        table = np.array(values, dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"{path}: every row must be an image name followed by {len(columns)} integers") from None
+    if table.shape != (len(names), len(columns)):
+        raise ValueError(f"{path}: every row must be an image name followed by {len(columns)} integers")
+    return columns, names, table
+
+
+def _load_celeba(root: Path, image_size: int = 224, cache_dir: Optional[str] = None,
+                 target: str = "Blond_Hair", spurious: str = "Male") -> SpuriousDataset:
+    """CelebA (Liu et al. 2015) in the original layout (``img_align_celeba/``, ``list_eval_partition.txt``,
+    ``list_attr_celeba.txt``, possibly under ``Eval/`` and ``Anno/``) or Kaggle's (``.csv`` files, images in
+    ``img_align_celeba/img_align_celeba/``). Target ``Blond_Hair``, spurious ``Male``: ``g = 2 blond + male``."""
+    image_folder = _find_first(root, ["img_align_celeba/img_align_celeba", "img_align_celeba"])
+    partition_file = _find_first(root, ["list_eval_partition.txt", "Eval/list_eval_partition.txt",
+                                        "list_eval_partition.csv"])
+    attribute_file = _find_first(root, ["list_attr_celeba.txt", "Anno/list_attr_celeba.txt", "list_attr_celeba.csv"])
+    for found, what in ((image_folder, "img_align_celeba/"), (partition_file, "list_eval_partition.txt or .csv"),
+                        (attribute_file, "list_attr_celeba.txt or .csv")):
+        if found is None:
+            raise FileNotFoundError(f"celeba: {root} has no {what} (see the README for the folder layout)")
+    columns, names, attributes = _read_celeba_table(attribute_file)
+    _require_columns(columns, [target, spurious], attribute_file)
+    _, partition_names, partition = _read_celeba_table(partition_file)
+    split_of = dict(zip(partition_names, partition[:, 0].tolist()))
+    missing = [name for name in names if name not in split_of]
+    if missing:
+        raise ValueError(f"{partition_file}: no partition for image {missing[0]} listed in {attribute_file}")
+    split_ids = np.array([split_of[name] for name in names])
+    labels = (attributes[:, columns.index(target)] > 0).astype(np.int64)
+    male = (attributes[:, columns.index(spurious)] > 0).astype(np.int64)
+    order = np.argsort(split_ids, kind="stable")
+    paths = [image_folder / names[i] for i in order]
+    _check_image_paths(paths, attribute_file)
+    images = _cached_images("celeba", paths, image_size, "celeba", cache_dir)
+    labels, male, split_ids = labels[order], male[order], split_ids[order]
+    train, val, test = _splits_from_cache(images, split_ids, labels, 2 * labels + male)
+    return SpuriousDataset("celeba", train, val, test, n_classes=2, n_groups=4,
+                           group_names=["non-blond/female", "non-blond/male", "blond/female", "blond/male"],
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD, class_name=target, spurious_name=spurious,
+                           augment="crop")
+
+
+def _unpickle(path: Path) -> dict:
+    _require_file(path, "cifar100")
+    try:
+        with open(path, "rb") as handle:
+            return pickle.load(handle, encoding="latin1")  # the files were pickled by Python 2
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise ValueError(f"{path}: not a CIFAR-100 pickle ({error})") from None
+
+
+def _load_cifar100(root: Path, val_size: int = 5000, seed: int = 0) -> SpuriousDataset:
+    """CIFAR-100 (Krizhevsky 2009) from ``root/cifar-100-python/{train,test,meta}`` (or ``root`` itself holding
+    them); ``data`` is (N, 3072) uint8 in R, G, B planes. Groups are the 20 superclasses; ``val_size``
+    training images are held out (seeded) for validation."""
+    folder = root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
+    meta = _unpickle(folder / "meta")
+
+    def read(name: str) -> tuple[Tensor, Tensor, Tensor]:
+        path = folder / name
+        batch = _unpickle(path)
+        for key in ("data", "fine_labels", "coarse_labels"):
+            if key not in batch:
+                raise ValueError(f"{path}: missing key '{key}'")
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{path}: 'data' must be (N, 3072) uint8, got {data.shape}")
+        images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+        return images, torch.tensor(batch["fine_labels"]).long(), torch.tensor(batch["coarse_labels"]).long()
+
+    train_images, train_labels, train_groups = read("train")
+    test_images, test_labels, test_groups = read("test")
+    if not 0 < val_size < len(train_labels):
+        raise ValueError(f"cifar100: val_size must be in (0, {len(train_labels)}), got {val_size}")
+    permutation = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(seed))
+    val_rows, train_rows = permutation[:val_size].sort().values, permutation[val_size:].sort().values
+    return SpuriousDataset(
+        "cifar100",
+        Split(train_images[train_rows], train_labels[train_rows], train_groups[train_rows]),
+        Split(train_images[val_rows], train_labels[val_rows], train_groups[val_rows]),
+        Split(test_images, test_labels, test_groups),
+        n_classes=100, n_groups=20, group_names=list(meta.get("coarse_label_names", [str(g) for g in range(20)])),
+        mean=CIFAR100_MEAN, std=CIFAR100_STD, class_name="fine label", spurious_name="superclass", augment="pad")
+
+
+DATASETS = ("synth", "waterbirds", "celeba", "cifar100")
+
+
+def load_dataset(name: str, root: Optional[Union[str, Path]] = None, **options) -> SpuriousDataset:
+    """Load ``name`` in ``("synth", "waterbirds", "celeba", "cifar100")``.
+
+    ``synth`` is generated (options: ``n_train``, ``n_val``, ``n_test``, ``image_size``, ``seed``); the others
+    read ``root`` in their distributed layout (options: ``image_size``, ``cache_dir`` for the JPEG datasets;
+    ``val_size``, ``seed`` for CIFAR-100)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if name == "synth":
+        return make_synth(**options)
+    if root is None:
+        raise ValueError(f"{name}: a data root is needed (--data-root DIR); see the README for the layout")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name}: data root {root} does not exist or is not a folder")
+    loader = {"waterbirds": _load_waterbirds, "celeba": _load_celeba, "cifar100": _load_cifar100}[name]
+    try:
+        return loader(root, **options)
+    except TypeError as error:  # an option this loader does not take
+        raise ValueError(f"{name}: {error}") from None
+
+
+def random_resized_crop_flip(images: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.7, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """Batched random resized crop (area ``scale``, aspect ``ratio``) plus horizontal flip, resized back to the
+    input size with one ``grid_sample``. Szegedy et al. (2015)'s augmentation, on the device.
+    Shapes: float (B, 3, H, W) -> (B, 3, H, W); random numbers from the CPU ``generator``."""
+    n = images.shape[0]
+    area = torch.empty(n).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    width = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop size as a fraction of the side
+    height = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    shift = torch.rand(n, 2, generator=generator) * 2 - 1  # centre offset in units of the free margin
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = width * flip, height  # a negative x-scale mirrors the crop
+    theta[:, 0, 2], theta[:, 1, 2] = shift[:, 0] * (1 - width), shift[:, 1] * (1 - height)
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """Batched random crop of a zero-padded image plus horizontal flip (the CIFAR augmentation), by gather.
+    Shapes: (B, 3, H, W) -> (B, 3, H, W); random numbers from the CPU ``generator``."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (padding,) * 4)  # (B, 3, H + 2p, W + 2p)
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator).to(images.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    row_index = offsets[:, :1] + torch.arange(height, device=images.device)  # (B, H)
+    col_index = torch.arange(width, device=images.device)
+    col_index = torch.where(flip[:, None], col_index.flip(0), col_index) + offsets[:, 1:]  # (B, W)
+    batch_index = torch.arange(n, device=images.device)[:, None, None]
+    cropped = padded.permute(0, 2, 3, 1)[batch_index, row_index[:, :, None], col_index[:, None, :]]  # (B, H, W, 3)
+    return cropped.permute(0, 3, 1, 2)
+
+
+def prepare_batch(images: Tensor, mean: Sequence[float], std: Sequence[float], augment: str = "none",
+                  generator: Optional[torch.Generator] = None, channels_last: bool = False) -> Tensor:
+    """uint8 images on the device -> normalised float (B, 3, H, W), augmented when ``augment != "none"``.
+
+    ``augment``: ``"flip"`` (horizontal flip), ``"crop"`` (random resized crop + flip), ``"pad"`` (pad-crop +
+    flip). Random numbers come from the CPU ``generator`` (cheap, and one state to save for ``--resume``)."""
+    x = images.float().div_(255)  # faster to move uint8 and convert on the device
+    if augment == "flip":
+        flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    elif augment == "crop":
+        x = random_resized_crop_flip(x, generator)
+    elif augment == "pad":
+        x = pad_crop_flip(x, generator)
+    elif augment != "none":
+        raise ValueError(f"augment must be none, flip, crop or pad, got {augment!r}")
+    mean_t = torch.tensor(mean, device=x.device)[:, None, None]
+    std_t = torch.tensor(std, device=x.device)[:, None, None]
+    x = (x - mean_t) / std_t
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  2. Networks: early-exit CNNs and ResNets
+# ══════════════════════════════════════════════════════════════════════════════
+# A backbone exposes its stages as lists of its own modules (so its parameter names stay torchvision's) and
+# its classifier ``fc``. EarlyExitNet puts one exit head after each stage; the last head is the backbone's
+# own pool + fc.
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True)]
+
+
+class ExitHead(nn.Module):
+    """An exit: ``body`` (a conv block, or nothing), global average pool, then ``linear``.
+
+    ``features(h)`` is the input of ``linear`` (N, p): what the last-layer Laplace works on."""
+
+    def __init__(self, body: nn.Module, linear: nn.Linear) -> None:
+        super().__init__()
+        self.body, self.linear = body, linear
+
+    def features(self, h: Tensor) -> Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.body(h), 1), 1)  # (N, p)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.linear(self.features(h))  # (N, c)
+
+
+def readout_head(in_channels: int, width: int, n_classes: int) -> ExitHead:
+    """DEDIER's early readout: conv3x3 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> pool -> linear.
+    Tiwari et al. (WACV 2024), section 4 (64 -> 128 channels after a ResNet-18's layer1)."""
+    body = nn.Sequential(*_conv_bn_relu(in_channels, width), *_conv_bn_relu(width, width))
+    return ExitHead(body, nn.Linear(width, n_classes))
+
+
+class SmallCNN(nn.Module):
+    """A small VGG-style CNN for 32x32 inputs: three stages of two conv-BN-ReLU at width w, 2w, 4w.
+
+    The first stage downsamples (stride 2) to keep a full teacher + student run CPU-friendly."""
+
+    def __init__(self, n_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList([
+            nn.Sequential(*_conv_bn_relu(3, width, 2), *_conv_bn_relu(width, width)),
+            nn.Sequential(*_conv_bn_relu(width, 2 * width, 2), *_conv_bn_relu(2 * width, 2 * width)),
+            nn.Sequential(*_conv_bn_relu(2 * width, 4 * width, 2), *_conv_bn_relu(4 * width, 4 * width)),
+        ])
+        self.fc = nn.Linear(4 * width, n_classes)
+        self.stage_channels = [width, 2 * width, 4 * width]
+
+    def stage_modules(self) -> list[list[nn.Module]]:
+        return [[stage] for stage in self.stages]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016), torchvision's attribute names."""
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block, stride on the 3x3 conv (torchvision's "ResNet v1.5"), torchvision's names."""
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def _downsample(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Sequential]:
+    if stride == 1 and in_planes == out_planes:
+        return None
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
+class ResNet(nn.Module):
+    """ResNet (He et al. 2016) whose ``state_dict`` keys equal torchvision's, so its ImageNet weights load as is.
+
+    ``cifar_stem=True`` swaps the 7x7/2 conv + max-pool stem for a 3x3/1 conv (32x32 inputs)."""
+
+    def __init__(self, block: type, layers: Sequence[int], n_classes: int, cifar_stem: bool = False) -> None:
+        super().__init__()
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
+        in_planes, self.stage_channels = 64, []
+        for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+            stride = 1 if index == 0 else 2
+            modules = []
+            for block_index in range(blocks):
+                modules.append(block(in_planes, planes, stride if block_index == 0 else 1))
+                in_planes = planes * block.expansion
+            setattr(self, f"layer{index + 1}", nn.Sequential(*modules))
+            self.stage_channels.append(in_planes)
+        self.fc = nn.Linear(in_planes, n_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def stage_modules(self) -> list[list[nn.Module]]:
+        return [[self.conv1, self.bn1, self.relu, self.maxpool, self.layer1], [self.layer2], [self.layer3],
+                [self.layer4]]
+
+
+class EarlyExitNet(nn.Module):
+    """A backbone cut into stages with one exit head after each; the last exit is the backbone's classifier.
+
+    ``forward(x)`` -> K logits (N, c), first exit first; ``forward_features(x)`` -> K features (N, p_k), the
+    inputs of each head's ``linear`` (one pass computes all). ``detach_exits=True`` (DEDIER's readouts, the
+    default) feeds the early heads detached stage outputs, so they never push gradients into the backbone;
+    ``False`` trains the exits jointly (Meronen et al. 2023's early-exit loss averages over exits).
+    ``exit_flops[k]`` = multiply-adds of one input up to and including exit k (earlier heads included),
+    counted from the modules by forward hooks at construction."""
+
+    def __init__(self, backbone: nn.Module, early_heads: Sequence[ExitHead], input_size: int,
+                 detach_exits: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        final_head = ExitHead(nn.Identity(), backbone.fc)  # shares fc: the network's own classifier
+        self.heads = nn.ModuleList([*early_heads, final_head])
+        if len(self.heads) != len(backbone.stage_modules()):
+            raise ValueError(f"{len(early_heads)} early heads for {len(backbone.stage_modules())} stages: "
+                             "one head per stage but the last is expected")
+        self.detach_exits, self.input_size = detach_exits, input_size
+        self.exit_flops = self._count_exit_flops()
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        features, h = [], x
+        last = len(self.heads) - 1
+        for k, modules in enumerate(self.backbone.stage_modules()):
+            for module in modules:
+                h = module(h)
+            head_input = h.detach() if self.detach_exits and k < last else h
+            features.append(self.heads[k].features(head_input))  # (N, p_k)
+        return features
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [head.linear(f) for head, f in zip(self.heads, self.forward_features(x))]  # K x (N, c)
+
+    def _count_exit_flops(self) -> list[int]:
+        macs: dict[nn.Module, int] = {}
+
+        def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+                macs[module] = output.numel() * kernel
+            else:
+                macs[module] = module.in_features * module.out_features
+
+        hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        was_training = self.training
+        try:
+            self.eval()
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, self.input_size, self.input_size,
+                                    device=next(self.parameters()).device)
+                self.forward(probe)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+
+        def total(modules: Sequence[nn.Module]) -> int:
+            return sum(macs.get(sub, 0) for module in modules for sub in module.modules())
+
+        cumulative, exit_flops = 0, []
+        for head, modules in zip(self.heads, self.backbone.stage_modules()):
+            cumulative += total(modules) + total([head])
+            exit_flops.append(int(cumulative))
+        return exit_flops
+
+
+TORCHVISION_URLS = {  # torchvision's IMAGENET1K_V1 weights, plain state dicts
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+}
+ARCHITECTURES = ("cnn", "resnet18", "resnet50", "resnet18-cifar")
+
+
+def _load_backbone_weights(backbone: nn.Module, arch: str, pretrained: Union[bool, str, Path]) -> None:
+    """Load torchvision-format weights into ``backbone``: every key must match; an ``fc`` of another class
+    count keeps its fresh initialisation (fine-tuning to a new task)."""
+    if pretrained is True:
+        if arch not in TORCHVISION_URLS:
+            raise ValueError(f"no ImageNet weights for arch {arch!r}; use pretrained=PATH to a state dict")
+        state = torch.hub.load_state_dict_from_url(TORCHVISION_URLS[arch], map_location="cpu", check_hash=True)
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights: no file {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"pretrained weights {path}: expected a state dict")
+    own = backbone.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"pretrained weights for {arch} do not match: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}")
+    if state["fc.weight"].shape != own["fc.weight"].shape:  # another class count: new classifier
+        state = {**state, "fc.weight": own["fc.weight"], "fc.bias": own["fc.bias"]}
+    wrong = [key for key in own if state[key].shape != own[key].shape]
+    if wrong:
+        raise ValueError(f"pretrained weights for {arch}: shape mismatch at {wrong[0]} "
+                         f"({tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})")
+    backbone.load_state_dict(state)
+
+
+def build_model(arch: str, n_classes: int, pretrained: Union[bool, str, Path] = False, width: int = 32,
+                input_size: Optional[int] = None, detach_exits: bool = True) -> EarlyExitNet:
+    """An :class:`EarlyExitNet` for ``arch`` in ``("cnn", "resnet18", "resnet50", "resnet18-cifar")``.
+
+    ``"cnn"``: :class:`SmallCNN` of ``width`` (exits after its 3 stages); ResNets: exits after layer1..4,
+    early heads are DEDIER readouts of width min(2 C, 128) (C for ``cnn``). ``pretrained``: ``True`` loads torchvision's
+    ImageNet weights through ``torch.hub``; a path loads a local torchvision-format state dict.
+    ``input_size`` (for the FLOP count) defaults to 32 for ``cnn``/``resnet18-cifar`` and 224 otherwise."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if not (isinstance(n_classes, int) and n_classes >= 2):
+        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes}")
+    if arch == "cnn":
+        backbone = SmallCNN(n_classes, width)
+    elif arch == "resnet50":
+        backbone = ResNet(Bottleneck, (3, 4, 6, 3), n_classes)
+    else:
+        backbone = ResNet(BasicBlock, (2, 2, 2, 2), n_classes, cifar_stem=arch == "resnet18-cifar")
+    if pretrained:
+        if arch == "cnn":
+            raise ValueError("arch 'cnn' has no pretrained weights")
+        _load_backbone_weights(backbone, arch, pretrained)
+    # DEDIER doubles the channels in its readout (capped at 128); the CPU-sized CNN keeps them, for speed
+    heads = [readout_head(c, c if arch == "cnn" else min(2 * c, 128), n_classes)
+             for c in backbone.stage_channels[:-1]]
+    size = input_size or (32 if arch in ("cnn", "resnet18-cifar") else 224)
+    return EarlyExitNet(backbone, heads, size, detach_exits)
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  3. Losses: knowledge distillation, DEDIER weights, group DRO
+# ══════════════════════════════════════════════════════════════════════════════
+# Small pure functions on logits, each one copyable on its own (RepDistiller style).
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """Per-sample distillation loss: ``T^2 * KL(teacher || student)`` at temperature ``T``.
+
+    ``q = softmax(z / T)``;  ``kd_n = T^2 * sum_k q_t,nk (log q_t,nk - log q_s,nk)``.
+    The ``T^2`` keeps the gradient scale independent of ``T``.
+    Hinton, Vinyals & Dean (2015), *Distilling the Knowledge in a Neural Network*, section 2.
+
+    Shapes: ``student_logits``, ``teacher_logits`` (N, c) -> (N,). Computed in at least fp32, so it is
+    safe under bf16 autocast. To distil from probabilities ``p`` (e.g. a Laplace predictive) pass
+    ``teacher_logits = log p``.
+    """
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"kd_loss: student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must both have shape (N, c)")
+    if not T > 0:
+        raise ValueError(f"kd_loss: T must be > 0, got {T}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # never below fp32
+    log_q_student = F.log_softmax(student_logits.to(dtype) / T, dim=-1)  # (N, c)
+    log_q_teacher = F.log_softmax(teacher_logits.to(dtype) / T, dim=-1)  # (N, c)
+    # reduction="none" + sum over classes: "mean" would divide by N*c, a classic KD bug
+    kl = F.kl_div(log_q_student, log_q_teacher, reduction="none", log_target=True).sum(-1)  # (N,)
+    return T * T * kl
+
+
+def confidence_margin(probs: Tensor) -> Tensor:
+    """Confidence margin ``cm(p) = p_(1) - p_(2)``: largest minus second-largest probability.
+
+    Tiwari et al. (WACV 2024), *Using Early Readouts to Mediate Featural Bias in Distillation*, eq. (2).
+    Shapes: ``probs`` (N, c) with c >= 2 -> (N,).
+    """
+    if probs.dim() != 2 or probs.shape[1] < 2:
+        raise ValueError(f"confidence_margin: probs must have shape (N, c) with c >= 2, got {tuple(probs.shape)}")
+    top2 = probs.topk(2, dim=-1).values  # (N, 2)
+    return top2[:, 0] - top2[:, 1]
+
+
+def dedier_weights(probs: Tensor, y: Tensor, alpha: float, beta: float) -> Tensor:
+    """DEDIER sample weights: ``w_n = exp(beta * cm(p_n) ** alpha)`` where the readout is wrong, else 1.
+
+    A confidently wrong early readout marks a sample the network solves with shortcut features; it gets
+    up-weighted. ``alpha`` is an exponent on the margin (as in the authors' code), ``beta`` a scale.
+    Tiwari et al. (WACV 2024), eq. (3). Shapes: ``probs`` (N, c), ``y`` (N,) -> (N,).
+    """
+    if probs.dim() != 2 or y.shape != probs.shape[:1]:
+        raise ValueError(f"dedier_weights: probs (N, c) and y (N,) expected, got {tuple(probs.shape)} "
+                         f"and {tuple(y.shape)}")
+    if not alpha > 0:
+        raise ValueError(f"dedier_weights: alpha must be > 0, got {alpha}")
+    if not beta >= 0:
+        raise ValueError(f"dedier_weights: beta must be >= 0, got {beta}")
+    margin = confidence_margin(probs)  # (N,)
+    wrong = probs.argmax(dim=-1) != y  # (N,)
+    return torch.where(wrong, torch.exp(beta * margin ** alpha), torch.ones_like(margin))
+
+
+def student_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, weights: Optional[Tensor],
+                 lam: float, T: float) -> Tensor:
+    """Weighted distillation objective ``mean_n w_n * ((1 - lam) * CE_n + lam * KD_n)``.
+
+    ``CE_n`` is cross-entropy with the true label, ``KD_n`` is :func:`kd_loss`. The weight multiplies both
+    terms, as in the DEDIER authors' code. ``weights=None`` means all ones (plain KD).
+    Tiwari et al. (WACV 2024), eq. (4); Hinton et al. (2015). Shapes: logits (N, c), y (N,), weights (N,).
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"student_loss: lam must be in [0, 1], got {lam}")
+    if y.shape != student_logits.shape[:1]:
+        raise ValueError(f"student_loss: y must have shape ({student_logits.shape[0]},), got {tuple(y.shape)}")
+    if weights is not None and weights.shape != y.shape:
+        raise ValueError(f"student_loss: weights must have shape {tuple(y.shape)}, got {tuple(weights.shape)}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    cross_entropy = F.cross_entropy(student_logits.to(dtype), y, reduction="none")  # (N,)
+    per_sample = (1.0 - lam) * cross_entropy + lam * kd_loss(student_logits, teacher_logits, T)  # (N,)
+    if weights is None:
+        return per_sample.mean()
+    return (weights.to(dtype) * per_sample).mean()
+
+
+def group_dro_loss(per_sample_loss: Tensor, groups: Tensor, group_weights: Tensor,
+                   step_size: float) -> tuple[Tensor, Tensor]:
+    """Online group DRO: exponentiated-gradient step on the group weights, then their weighted loss.
+
+    ``q_g <- q_g * exp(eta * L_g)``, ``q <- q / sum q``, loss ``= sum_g q_g L_g`` with ``L_g`` the mean loss of
+    group ``g`` in the batch (0 for groups absent from it).
+    Sagawa et al. (ICLR 2020), *Distributionally Robust Neural Networks*, Algorithm 1.
+    Shapes: ``per_sample_loss`` (N,), ``groups`` (N,) int64, ``group_weights`` (G,) -> (scalar, (G,)).
+    """
+    n_groups = group_weights.shape[0]
+    sums = torch.zeros(n_groups, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
+    sums = sums.index_add(0, groups, per_sample_loss)  # (G,)
+    counts = torch.bincount(groups, minlength=n_groups).clamp(min=1)  # (G,)
+    group_loss = sums / counts  # (G,)
+    new_weights = group_weights * torch.exp(step_size * group_loss.detach())  # (G,)
+    new_weights = new_weights / new_weights.sum()
+    return (new_weights * group_loss).sum(), new_weights
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  4. Closed-form KFAC last-layer Laplace
+# ══════════════════════════════════════════════════════════════════════════════
+# For a linear softmax head z = W~ phi~ the Hessian of the cross-entropy w.r.t. z, diag(p) - p p^T, does not
+# depend on the label, so GGN = Fisher = Hessian and the KFAC factors are exact averages that two matrix
+# products give. The factors are eigendecomposed once: any prior precision is then a diagonal rescale.
+
+# Meronen et al. (2023)'s validation grids for the logit temperature and the prior variance sigma^2.
+MERONEN_TEMPERATURES = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0)
+MERONEN_PRIOR_VARIANCES = (0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0)
+
+
+def _check_finite(name: str, tensor: Tensor) -> None:
+    """Raise a ValueError naming ``name`` when ``tensor`` holds NaN or inf (one host sync)."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+class KFACLaplace:
+    """Kronecker-factored Laplace posterior over one exit's last linear layer, in closed form.
+
+    Fit (Ritter et al. 2018, *A Scalable Laplace Approximation for Neural Networks*; Meronen et al. 2023,
+    *Fixing Overconfidence in Dynamic Neural Networks*, section 3), with ``phi~ = [phi, 1]``, ``p_n`` the MAP
+    softmax probabilities and ``N`` samples:
+
+        A = (1/N) sum_n phi~_n phi~_n^T                      (p+1, p+1)
+        G = (1/N) sum_n diag(p_n) - p_n p_n^T = (diag(sum_n p_n) - P^T P) / N      (c, c)
+        U = (sqrt(N) G + sqrt(tau) I_c)^-1,  V = (sqrt(N) A + sqrt(tau) I_{p+1})^-1,  Cov(vec W~) = U (x) V
+
+    ``tau`` is the prior precision (``1 / sigma^2``). The damping keeps the posterior a Kronecker product, so
+    the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. (laplace-torch adds the prior exactly in
+    the eigenbasis, ``(N G (x) A + tau I)^-1``, which is not Kronecker; we keep Meronen's form.)
+    ``temperature`` divides the logits before the softmax (Meronen's logit temperature, not a likelihood
+    temperature). Factors, eigendecompositions and inverses are float64; predictions run in the dtype of
+    the features passed in.
+
+    Attributes: ``A`` (p+1, p+1), ``G`` (c, c), ``n``, ``prior_precision``, ``temperature``,
+    ``weight`` (c, p+1) (``W~``; width p without a bias), ``has_bias``.
+    """
+
+    def __init__(self, weight: Tensor, A: Tensor, G: Tensor, n: int, has_bias: bool,
+                 prior_precision: float = 1.0, temperature: float = 1.0) -> None:
+        if not prior_precision > 0:
+            raise ValueError(f"prior_precision must be > 0, got {prior_precision}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.weight, self.A, self.G, self.n, self.has_bias = weight, A, G, n, has_bias
+        self.prior_precision, self.temperature = float(prior_precision), float(temperature)
+        # decompose once: every prior precision afterwards costs a diagonal rescale, no refit
+        eig_A, self._eigvec_A = torch.linalg.eigh(A)  # (p+1,), (p+1, p+1)
+        eig_G, self._eigvec_G = torch.linalg.eigh(G)  # (c,), (c, c)
+        self._eig_A, self._eig_G = eig_A.clamp(min=0), eig_G.clamp(min=0)  # round-off can dip below 0
+
+    @classmethod
+    def fit(cls, features: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+            prior_precision: float = 1.0, temperature: float = 1.0) -> "KFACLaplace":
+        """Fit ``A`` and ``G`` from stacked last-layer inputs ``features`` (N, p) and the head's ``weight`` (c, p),
+        ``bias`` (c,) or None. Costs two matrix products, ``N (p^2 + c^2)`` multiply-adds, no loop."""
+        if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
+            raise ValueError(f"KFACLaplace.fit: features (N, p) and weight (c, p) must share p, got "
+                             f"{tuple(features.shape)} and {tuple(weight.shape)}")
+        if bias is not None and bias.shape != weight.shape[:1]:
+            raise ValueError(f"KFACLaplace.fit: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if features.shape[0] < 1:
+            raise ValueError("KFACLaplace.fit: features is empty (N = 0)")
+        _check_finite("KFACLaplace.fit: features", features)
+        n, dtype = features.shape[0], features.dtype
+        weight = weight.detach().to(dtype)
+        logits = features @ weight.T  # (N, c)
+        if bias is not None:
+            logits = logits + bias.detach().to(dtype)
+        probs = torch.softmax(logits.to(torch.promote_types(dtype, torch.float32)), dim=-1)  # (N, c)
+        # A in blocks, so phi~ = [phi, 1] is never materialised: [[F^T F, F^T 1], [1^T F, N]] / N
+        gram = (features.T @ features).double()  # (p, p): the one big product
+        if bias is not None:
+            column_sums = features.sum(0).double()  # (p,)
+            A = torch.empty(gram.shape[0] + 1, gram.shape[0] + 1, dtype=torch.float64, device=features.device)
+            A[:-1, :-1], A[:-1, -1], A[-1, :-1], A[-1, -1] = gram, column_sums, column_sums, n
+            weight_tilde = torch.cat([weight, bias.detach().to(dtype)[:, None]], dim=1)  # (c, p+1)
+        else:
+            A, weight_tilde = gram, weight  # (p, p), (c, p)
+        A = A / n
+        G = (torch.diag(probs.sum(0)) - probs.T @ probs).double() / n  # (c, c)
+        return cls(weight_tilde, A, G, n, bias is not None, prior_precision, temperature)
+
+    def with_hyperparameters(self, prior_precision: Optional[float] = None,
+                             temperature: Optional[float] = None) -> "KFACLaplace":
+        """A copy with another prior precision and/or temperature; shares the fitted factors (no refit)."""
+        other = copy.copy(self)
+        if prior_precision is not None:
+            if not prior_precision > 0:
+                raise ValueError(f"prior_precision must be > 0, got {prior_precision}")
+            other.prior_precision = float(prior_precision)
+        if temperature is not None:
+            if not temperature > 0:
+                raise ValueError(f"temperature must be > 0, got {temperature}")
+            other.temperature = float(temperature)
+        return other
+
+    def _damped_inverse_diagonals(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues of U and V: ``1 / (sqrt(N) lambda + sqrt(tau))``, float64."""
+        root_n, root_tau = math.sqrt(self.n), math.sqrt(self.prior_precision)
+        return 1.0 / (root_n * self._eig_G + root_tau), 1.0 / (root_n * self._eig_A + root_tau)  # (c,), (p+1,)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """Posterior covariance factors ``(U (c, c), V (p+1, p+1))`` with ``Cov(vec W~) = U (x) V`` (row-major vec)."""
+        u_diag, v_diag = self._damped_inverse_diagonals()
+        U = (self._eigvec_G * u_diag) @ self._eigvec_G.T  # (c, c)
+        V = (self._eigvec_A * v_diag) @ self._eigvec_A.T  # (p+1, p+1)
+        return U, V
+
+    def _check_features(self, features: Tensor) -> None:
+        width = self.weight.shape[1] - int(self.has_bias)
+        if features.dim() != 2 or features.shape[1] != width:
+            raise ValueError(f"features must have shape (N, {width}) for this Laplace, got {tuple(features.shape)}")
+        _check_finite("features", features)
+
+    def _projected_features(self, features: Tensor) -> Tensor:
+        """``phi~^T Q_A`` (N, p+1) without building ``phi~``: the feature part times Q plus Q's bias row."""
+        eigvec = self._eigvec_A.to(features.dtype)
+        if self.has_bias:
+            return features @ eigvec[:-1] + eigvec[-1]  # (N, p+1)
+        return features @ eigvec  # (N, p)
+
+    def logit_distribution(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Gaussian logit predictive ``f ~ N(mean, scale * U)``: ``mean = W~ phi~`` (N, c), ``scale = phi~^T V phi~`` (N,).
+
+        ``scale`` uses V's eigenbasis: ``sum_j (phi~^T q_j)^2 / (sqrt(N) lambda_j + sqrt(tau))``, about ``2 p^2`` flops."""
+        self._check_features(features)
+        weight = self.weight.to(features.dtype)
+        mean = features @ weight[:, :features.shape[1]].T  # (N, c)
+        if self.has_bias:
+            mean = mean + weight[:, -1]
+        _, v_diag = self._damped_inverse_diagonals()
+        scale = self._projected_features(features).square() @ v_diag.to(features.dtype)  # (N,)
+        return mean, scale
+
+    def _posterior_directions(self, n_samples: int, generator: Optional[torch.Generator],
+                              dtype: torch.dtype) -> Tensor:
+        """``L g_s`` for ``s = 1..S`` with ``L = cholesky(U)``, ``g_s ~ N(0, I_c)``: (S, c), shared by every input."""
+        if not (isinstance(n_samples, int) and n_samples >= 1):
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
+        U, _ = self.factors()
+        cholesky = torch.linalg.cholesky(U)  # (c, c)
+        normal = torch.randn(n_samples, U.shape[0], generator=generator, dtype=torch.float64, device=U.device)
+        return (normal @ cholesky.T).to(dtype)  # (S, c)
+
+    def sample_logits(self, features: Tensor, n_samples: int,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+        """Posterior logit samples ``z_s = mean + sqrt(scale) * L g_s`` (S, N, c), one ``L g_s`` per sample index
+        shared across inputs (Meronen's ``2 c S + 2 p^2`` flops-per-input form). No temperature applied."""
+        mean, scale = self.logit_distribution(features)
+        directions = self._posterior_directions(n_samples, generator, features.dtype)  # (S, c)
+        return mean + scale.sqrt()[None, :, None] * directions[:, None, :]  # (S, N, c)
+
+    def predict(self, features: Tensor, n_samples: int = 50, link: str = "mc",
+                generator: Optional[torch.Generator] = None) -> Tensor:
+        """Predictive probabilities (N, c) with the logit temperature ``T`` applied.
+
+        ``link="mc"``: ``(1/S) sum_s softmax(z_s / T)``.  ``link="probit"``:
+        ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))`` (MacKay 1992; Meronen et al. 2023)."""
+        if link not in ("mc", "probit"):
+            raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
+        mean, scale = self.logit_distribution(features)
+        if link == "probit":
+            U, _ = self.factors()
+            variance = scale[:, None] * torch.diagonal(U).to(features.dtype)  # (N, c)
+            return _probit_softmax(mean, variance, self.temperature)
+        directions = self._posterior_directions(n_samples, generator, features.dtype)  # (S, c)
+        return _mc_softmax_mean(mean, scale, directions, self.temperature)
+
+
+def _probit_softmax(mean: Tensor, variance: Tensor, temperature: float) -> Tensor:
+    """Probit-approximated predictive ``softmax((mean/T) / sqrt(1 + pi/8 var / T^2))``: (N, c)."""
+    kappa = torch.rsqrt(1.0 + math.pi / 8.0 * variance / temperature ** 2)  # (N, c)
+    return torch.softmax(mean / temperature * kappa, dim=-1)
+
+
+def _mc_softmax_mean(mean: Tensor, scale: Tensor, directions: Tensor, temperature: float) -> Tensor:
+    """``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)`` in blocks of inputs that bound memory: (N, c)."""
+    n_samples, n_classes = directions.shape
+    block = max(1, (1 << 22) // (n_samples * n_classes))  # ~4M elements per block: cache-friendly
+    out = torch.empty_like(mean)
+    for start in range(0, mean.shape[0], block):
+        stop = start + block
+        logits = mean[None, start:stop] + scale[None, start:stop, None].sqrt() * directions[:, None, :]  # (S, B, c)
+        out[start:stop] = torch.softmax(logits / temperature, dim=-1).mean(0)
+    return out
+
+
+def _laplace_grid(laplace: KFACLaplace, features: Tensor, temperatures: Sequence[float],
+                  prior_variances: Sequence[float], n_samples: int, link: str,
+                  generator: Optional[torch.Generator]) -> Iterator[tuple[KFACLaplace, Tensor]]:
+    """Every ``(candidate, probs (N, c))`` over the grid; the eigen-projection of the features is done once and
+    one set of normal draws serves every candidate (common random numbers make the comparison fair)."""
+    laplace._check_features(features)
+    dtype = features.dtype
+    mean = laplace.logit_distribution(features)[0]  # (N, c)
+    squared_projection = laplace._projected_features(features).square()  # (N, p+1)
+    normal = torch.randn(n_samples, mean.shape[1], generator=generator, dtype=torch.float64, device=mean.device)
+    for prior_variance in prior_variances:
+        candidate = laplace.with_hyperparameters(prior_precision=1.0 / prior_variance)
+        u_diag, v_diag = candidate._damped_inverse_diagonals()
+        scale = squared_projection @ v_diag.to(dtype)  # (N,)
+        U = (candidate._eigvec_G * u_diag) @ candidate._eigvec_G.T  # (c, c)
+        if link == "probit":
+            variance = scale[:, None] * torch.diagonal(U).to(dtype)  # (N, c)
+        else:
+            directions = (normal @ torch.linalg.cholesky(U).T).to(dtype)  # (S, c)
+        for temperature in temperatures:
+            tuned = candidate.with_hyperparameters(temperature=temperature)
+            if link == "probit":
+                yield tuned, _probit_softmax(mean, variance, temperature)
+            else:
+                yield tuned, _mc_softmax_mean(mean, scale, directions, temperature)
+
+
+def _check_grid(temperatures: Sequence[float], prior_variances: Sequence[float], link: str) -> None:
+    if link not in ("mc", "probit"):
+        raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
+    if not temperatures or min(temperatures) <= 0:
+        raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {temperatures}")
+    if not prior_variances or min(prior_variances) <= 0:
+        raise ValueError(f"prior_variances must be a non-empty list of positive numbers, got {prior_variances}")
+
+
+def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor,
+                 temperatures: Sequence[float] = MERONEN_TEMPERATURES,
+                 prior_variances: Sequence[float] = MERONEN_PRIOR_VARIANCES,
+                 n_samples: int = 50, link: str = "mc",
+                 generator: Optional[torch.Generator] = None) -> KFACLaplace:
+    """Copy of ``laplace`` with the ``(T, sigma^2)`` of the grid that minimises validation NLL.
+
+    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)``; no refit (the factors are shared).
+    Meronen et al. (2023), section 4 and appendix: grids ``T in {0.3..3.0}``, ``sigma^2 in {0.5..4.0}``.
+    Shapes: ``features_val`` (N, p), ``y_val`` (N,).
+    """
+    _check_grid(temperatures, prior_variances, link)
+    if y_val.shape != features_val.shape[:1]:
+        raise ValueError(f"y_val must have shape ({features_val.shape[0]},), got {tuple(y_val.shape)}")
+    best, best_nll = laplace, math.inf
+    for candidate, probs in _laplace_grid(laplace, features_val, temperatures, prior_variances,
+                                          n_samples, link, generator):
+        nll = nlpd(probs, y_val)
+        if nll < best_nll:
+            best, best_nll = candidate, nll
+    return best
+
+
+def tune_laplace_ensemble(laplaces: Sequence[KFACLaplace], features_val: Sequence[Tensor], y_val: Tensor,
+                          flops: Sequence[float],
+                          temperatures: Sequence[float] = MERONEN_TEMPERATURES,
+                          prior_variances: Sequence[float] = MERONEN_PRIOR_VARIANCES,
+                          n_samples: int = 50, link: str = "mc",
+                          generator: Optional[torch.Generator] = None) -> list[KFACLaplace]:
+    """Greedy exit-by-exit tuning for the model-internal ensemble: exit ``k``'s ``(T, sigma^2)`` minimises the
+    validation NLL of the FLOPs-weighted ensemble of exits ``<= k``, earlier exits fixed.
+
+    Meronen et al. (2023), section 3.3 ("MIE + Laplace"). ``features_val[k]`` is (N, p_k); ``flops`` (K,).
+    """
+    _check_grid(temperatures, prior_variances, link)
+    if not len(laplaces) == len(features_val) == len(flops):
+        raise ValueError(f"laplaces, features_val and flops must have the same length K, got "
+                         f"{len(laplaces)}, {len(features_val)}, {len(flops)}")
+    tuned: list[KFACLaplace] = []
+    weighted_sum, weight_total = 0.0, 0.0  # running sum_m w_m p_m over the exits already fixed
+    for laplace, features, exit_flops in zip(laplaces, features_val, flops):
+        best, best_probs, best_nll = laplace, None, math.inf
+        for candidate, probs in _laplace_grid(laplace, features, temperatures, prior_variances,
+                                              n_samples, link, generator):
+            nll = nlpd((weighted_sum + exit_flops * probs) / (weight_total + exit_flops), y_val)
+            if nll < best_nll:
+                best, best_probs, best_nll = candidate, probs, nll
+        tuned.append(best)
+        weighted_sum, weight_total = weighted_sum + exit_flops * best_probs, weight_total + exit_flops
+    return tuned
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  5. Model-internal ensemble and budgeted early exit
+# ══════════════════════════════════════════════════════════════════════════════
+
+
+def mie_ensemble(probs: Tensor, flops: Tensor) -> Tensor:
+    """Model-internal ensemble: ``p_k^ens = sum_{m<=k} w_m p_m / sum_{m<=k} w_m`` with ``w_m`` = cumulative FLOPs.
+
+    Later (costlier, usually better) exits weigh more. Meronen et al. (2023), section 3.3, eq. (6).
+    Shapes: ``probs`` (K, N, c), ``flops`` (K,) -> (K, N, c).
+    """
+    flops = torch.as_tensor(flops, dtype=probs.dtype, device=probs.device)
+    if probs.dim() != 3 or flops.shape != probs.shape[:1]:
+        raise ValueError(f"mie_ensemble: probs (K, N, c) and flops (K,) expected, got {tuple(probs.shape)} "
+                         f"and {tuple(flops.shape)}")
+    weighted = torch.cumsum(flops[:, None, None] * probs, dim=0)  # (K, N, c)
+    return weighted / torch.cumsum(flops, dim=0)[:, None, None]
+
+
+def budget_thresholds(confidences_val: Tensor, level: float) -> Tensor:
+    """Per-exit confidence thresholds that make exit ``k`` take a share ``pi_k ∝ level^k`` of the validation set.
+
+    Walk the exits in order; among samples not yet exited, the ``floor(N pi_k)`` most confident exit at ``k``
+    and ``threshold_k`` is the confidence of the last of them (``+inf`` when none exit); the last exit
+    takes the rest (``-inf``). Huang et al. (ICLR 2018), MSDNet budgeted classification; Meronen et al.
+    (2023), section 4. Shapes: ``confidences_val`` (K, N) -> (K,).
+    """
+    if confidences_val.dim() != 2:
+        raise ValueError(f"budget_thresholds: confidences_val must be (K, N), got {tuple(confidences_val.shape)}")
+    if not level > 0:
+        raise ValueError(f"budget_thresholds: level must be > 0, got {level}")
+    n_exits, n = confidences_val.shape
+    shares = torch.tensor([level ** (k + 1) for k in range(n_exits)], dtype=torch.float64)
+    exit_counts = torch.floor(n * shares / shares.sum()).long().tolist()  # K numbers: a loop over exits only
+    thresholds = torch.full((n_exits,), math.inf, dtype=confidences_val.dtype, device=confidences_val.device)
+    exited = torch.zeros(n, dtype=torch.bool, device=confidences_val.device)
+    for k in range(n_exits - 1):
+        if exit_counts[k] < 1:
+            continue
+        remaining = torch.where(exited, -math.inf, confidences_val[k])  # (N,)
+        thresholds[k] = torch.sort(remaining, descending=True).values[exit_counts[k] - 1]
+        exited |= confidences_val[k] >= thresholds[k]
+    thresholds[-1] = -math.inf
+    return thresholds
+
+
+def early_exit(probs: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
+    """Budgeted early exit: each input leaves at the first exit ``k`` with ``max_c p_k >= threshold_k``.
+
+    The last exit takes everything that is left. Meronen et al. (2023), section 4.
+    Shapes: ``probs`` (K, N, c), ``thresholds`` (K,) -> ``exit_index`` (N,) int64, ``probs`` (N, c).
+    """
+    if probs.dim() != 3 or thresholds.shape != probs.shape[:1]:
+        raise ValueError(f"early_exit: probs (K, N, c) and thresholds (K,) expected, got {tuple(probs.shape)} "
+                         f"and {tuple(thresholds.shape)}")
+    confidence = probs.max(dim=-1).values  # (K, N)
+    leaves = confidence >= thresholds.to(confidence.dtype)[:, None]  # (K, N)
+    leaves[-1] = True
+    exit_index = leaves.int().argmax(dim=0)  # (N,): argmax returns the first maximum
+    return exit_index, probs[exit_index, torch.arange(probs.shape[1], device=probs.device)]
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  6. Anytime-valid nested prediction sets (AVCS)
+# ══════════════════════════════════════════════════════════════════════════════
+# Jazbec et al. (UAI 2024), *Early-Exit Neural Networks with Nested Prediction Sets*. The predictive-likelihood
+# ratio R_t(y) = prod_{l<=t} p_l(y) / p(y | W_l), W_l a posterior draw, is a martingale under the model, so by
+# Ville's inequality {y : R_t(y) <= 1/alpha} covers y at every exit simultaneously with prob >= 1 - alpha
+# (when the model is right; on real data coverage is an empirical property, hence the threshold tuning).
+
+
+def _log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """``log X`` with ``X ~ Gamma(concentration, 1)`` elementwise, float64, finite even for tiny concentrations.
+
+    Marsaglia & Tsang (2000) for shape ``a + 1 >= 1``, then the boost ``X = Y U^(1/a)`` taken in log space:
+    ``log X = log Y + log(U) / a`` never underflows, where a direct draw of ``Gamma(1e-3)`` is 0."""
+    shape = concentration.double() + 1.0
+    d = shape - 1.0 / 3.0
+    c = torch.rsqrt(9.0 * d)
+    log_y = torch.zeros_like(shape)
+    pending = torch.ones_like(shape, dtype=torch.bool)
+    while bool(pending.any()):  # acceptance >= 95% per round: a handful of rounds
+        x = torch.randn(shape.shape, generator=generator, dtype=shape.dtype, device=shape.device)
+        log_u = torch.log1p(-torch.rand(shape.shape, generator=generator, dtype=shape.dtype, device=shape.device))
+        v = (1.0 + c * x) ** 3
+        log_v = torch.log(v.clamp(min=1e-300))
+        accept = pending & (v > 0) & (log_u < 0.5 * x * x + d - d * v + d * log_v)
+        log_y = torch.where(accept, torch.log(d) + log_v, log_y)
+        pending &= ~accept
+    log_boost = torch.log1p(-torch.rand(shape.shape, generator=generator, dtype=shape.dtype, device=shape.device))
+    return log_y + log_boost / concentration.double()
+
+
+def _sets_from_log_ratios(log_ratios: Tensor, alpha: float, intersect: bool) -> Tensor:
+    """``C_t = {k : sum_{l<=t} log r_l(k) <= log(1/alpha)}``, optionally ``C_t ∩ C_{t-1} ∩ ...``: bool (K, N, c)."""
+    sets = torch.cumsum(log_ratios, dim=0) <= -math.log(alpha)  # (K, N, c)
+    if intersect:
+        sets = torch.cumprod(sets.to(torch.uint8), dim=0).bool()
+    return sets
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
+def _dirichlet_log_ratios(logits: Tensor, thresholds: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """``log r_t(k) = log p_t(k) - log pi_t(k)`` on the thresholded support, ``+inf`` off it: (K, N, c), float64."""
+    z = logits.double()
+    support = (z >= thresholds.double()[:, None, None]) & (z > 0)  # (K, N, c)
+    concentration = torch.where(support, z, torch.zeros_like(z))  # (K, N, c)
+    log_p = torch.log(concentration) - torch.log(concentration.sum(-1, keepdim=True).clamp(min=1e-300))
+    log_gamma = _log_gamma_variates(torch.where(support, z, torch.ones_like(z)), generator)  # (K, N, c)
+    log_gamma = torch.where(support, log_gamma, torch.full_like(log_gamma, -math.inf))
+    log_pi = log_gamma - torch.logsumexp(log_gamma, dim=-1, keepdim=True)  # Dirichlet draw, in log space
+    return torch.where(support, log_p - log_pi, torch.full_like(z, math.inf))
+
+
+def _check_logits_thresholds(logits: Tensor, thresholds: Tensor) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (K, N, c), got {tuple(logits.shape)}")
+    if thresholds.shape != logits.shape[:1]:
+        raise ValueError(f"thresholds must have shape ({logits.shape[0]},) to match K of logits, got "
+                         f"{tuple(thresholds.shape)}")
+    _check_finite("logits", logits)
+
+
+def avcs_sets(logits: Tensor, thresholds: Tensor, alpha: float = 0.05, intersect: bool = True,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+    """Anytime-valid prediction sets of an early-exit classifier from its exit logits (Dirichlet AVCS).
+
+    Per exit ``t``: ``a_t,k = z_t,k`` if ``z_t,k >= tau_t`` and ``z_t,k > 0`` else 0, support ``S_t = {a > 0}``,
+    ``p_t(k) = a_t,k / sum_j a_t,j``, one draw ``pi_t ~ Dir(a_t on S_t)``, ratio ``r_t(k) = p_t(k) / pi_t(k)``
+    (``+inf`` off ``S_t``), ``R_t = prod_{l<=t} r_l`` and ``C_t = {k : R_t(k) <= 1/alpha}``; empty support gives an
+    empty set. ``intersect=True`` returns the running intersection, nested by construction.
+    Jazbec et al. (UAI 2024), section 4.2, eq. (9)-(10). Shapes: ``logits`` (K, N, c), ``thresholds`` (K,)
+    -> bool (K, N, c).
+    """
+    _check_alpha(alpha)
+    _check_logits_thresholds(logits, thresholds)
+    return _sets_from_log_ratios(_dirichlet_log_ratios(logits, thresholds, generator), alpha, intersect)
+
+
+def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: float = 0.5,
+                         generator: Optional[torch.Generator] = None, intersect: bool = True) -> Tensor:
+    """Greedy per-exit thresholds for :func:`avcs_sets` on a calibration split.
+
+    Start at ``tau = 1`` everywhere; exit by exit, raise ``tau_t`` by ``step`` while the marginal coverage
+    stays ``>= 1 - alpha`` at all exits; undo the step that broke it. Every evaluation replays the same
+    random stream, so a repeat of ``avcs_sets`` with an identically seeded generator reproduces the tuned
+    coverage. Jazbec et al. (UAI 2024), appendix (their notebook tunes on test; use a held-out split).
+    Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,).
+    """
+    _check_alpha(alpha)
+    if not step > 0:
+        raise ValueError(f"step must be > 0, got {step}")
+    if logits.dim() != 3 or y.shape != logits.shape[1:2]:
+        raise ValueError(f"logits (K, N, c) and y (N,) expected, got {tuple(logits.shape)} and {tuple(y.shape)}")
+    _check_finite("logits", logits)
+    if generator is None:
+        generator = torch.Generator(device=logits.device)
+        generator.manual_seed(int(torch.randint(2 ** 62, (1,))))
+    start_state = generator.get_state()
+    labels = y[None, :, None].expand(logits.shape[0], -1, 1)  # (K, N, 1)
+
+    def covers(thresholds: Tensor) -> bool:
+        generator.set_state(start_state)
+        sets = avcs_sets(logits, thresholds, alpha, intersect, generator)  # (K, N, c)
+        coverage = sets.gather(-1, labels).squeeze(-1).double().mean(-1)  # (K,)
+        return bool((coverage >= 1.0 - alpha).all())
+
+    thresholds = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
+    ceiling = float(logits.max()) + step  # above every logit every set is empty: the loop must stop there
+    for t in range(logits.shape[0]):
+        while thresholds[t] < ceiling:
+            thresholds[t] += step
+            if not covers(thresholds):
+                thresholds[t] -= step
+                break
+    generator.set_state(start_state)
+    return thresholds
+
+
+def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor], alpha: float = 0.05,
+                      n_samples: int = 50, intersect: bool = True,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+    """Anytime-valid sets from the Laplace posterior of every exit (the seed slide's general form).
+
+    ``R_t(y) = prod_{l<=t} p_l(y | x, D) / p(y | x, W_l)``, ``W_l ~ p(W_l | D)``: numerator the Laplace MC
+    predictive of exit ``l``, denominator ``softmax(z_l / T)`` of one posterior logit draw (marginally exact
+    per input); ``C_t = {y : R_t(y) <= 1/alpha}``. Jazbec et al. (UAI 2024), eq. (5); posterior of
+    :class:`KFACLaplace`. ``features[k]`` is (N, p_k) -> bool (K, N, c).
+    """
+    _check_alpha(alpha)
+    if len(laplaces) != len(features) or not laplaces:
+        raise ValueError(f"laplaces and features must be non-empty lists of the same length, got "
+                         f"{len(laplaces)} and {len(features)}")
+    log_ratios = []
+    for laplace, exit_features in zip(laplaces, features):
+        predictive = laplace.predict(exit_features, n_samples, "mc", generator).double()  # (N, c)
+        draw = laplace.sample_logits(exit_features, 1, generator)[0].double()  # (N, c)
+        log_likelihood = torch.log_softmax(draw / laplace.temperature, dim=-1)  # (N, c)
+        log_ratios.append(torch.log(predictive.clamp(min=1e-300)) - log_likelihood)
+    if len({ratio.shape for ratio in log_ratios}) != 1:
+        raise ValueError(f"every exit must give the same (N, c), got {[tuple(r.shape) for r in log_ratios]}")
+    return _sets_from_log_ratios(torch.stack(log_ratios), alpha, intersect)
+
+
+@dataclass
+class BayesianLinearRegression:
+    """Gaussian posterior ``w ~ N(mean, covariance)`` of a linear-Gaussian model ``y = h^T w + eps``."""
+    mean: Tensor  # (p,)
+    covariance: Tensor  # (p, p)
+    noise_variance: float  # sigma^2 = 1 / beta
+    prior_precision: float  # alpha of the prior N(0, alpha^-1 I)
+
+
+def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 200,
+                                   tol: float = 1e-10) -> BayesianLinearRegression:
+    """Bayesian linear regression with evidence-maximised prior precision ``alpha`` and noise precision ``beta``.
+
+    MacKay's fixed point (Bishop, *PRML*, section 3.5.2, eq. 3.91-3.95), with ``lambda_i`` the eigenvalues
+    of ``H^T H``: ``S^-1 = alpha I + beta H^T H``, ``m = beta S H^T y``, ``gamma = sum_i beta lambda_i /
+    (alpha + beta lambda_i)``, ``alpha = gamma / m^T m``, ``beta = (N - gamma) / ||y - H m||^2``.
+    Shapes: ``features`` (N, p), ``y`` (N,). Everything in float64.
+    """
+    if features.dim() != 2 or y.shape != features.shape[:1]:
+        raise ValueError(f"features (N, p) and y (N,) expected, got {tuple(features.shape)} and {tuple(y.shape)}")
+    _check_finite("features", features)
+    _check_finite("y", y)
+    design, targets = features.double(), y.double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(design.T @ design)  # (p,), (p, p)
+    eigenvalues = eigenvalues.clamp(min=0)
+    projected_targets = eigenvectors.T @ (design.T @ targets)  # (p,)
+    n = design.shape[0]
+    alpha, beta = 1.0, 1.0 / max(float(targets.var()), 1e-12)
+    for _ in range(max_iter):
+        mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p,)
+        gamma = float((beta * eigenvalues / (alpha + beta * eigenvalues)).sum())
+        new_alpha = gamma / max(float(mean @ mean), 1e-300)
+        new_beta = (n - gamma) / max(float((targets - design @ mean).square().sum()), 1e-300)
+        done = abs(new_alpha - alpha) <= tol * alpha and abs(new_beta - beta) <= tol * beta
+        alpha, beta = new_alpha, new_beta
+        if done:
+            break
+    mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))
+    covariance = (eigenvectors / (alpha + beta * eigenvalues)) @ eigenvectors.T  # (p, p)
+    return BayesianLinearRegression(mean, covariance, 1.0 / beta, alpha)
+
+
+def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], features: Sequence[Tensor],
+                              alpha: float = 0.05, intersect: bool = True,
+                              generator: Optional[torch.Generator] = None) -> Tensor:
+    """Anytime-valid intervals of an early-exit regressor with a Bayesian last layer per exit.
+
+    Exit ``l``: numerator ``N(y; m_l, v_l)``, ``m_l = h^T mu_l``, ``v_l = h^T Sigma_l h + sigma_l^2``;
+    denominator ``N(y; d_l, sigma_l^2)``, ``d_l = h^T w_l``, one draw ``w_l ~ N(mu_l, Sigma_l)`` per exit.
+    ``R_t(y) <= 1/alpha`` is ``A y^2 + B y + G <= 0`` with ``A = 1/2 sum(1/sigma^2 - 1/v)``,
+    ``B = sum(m/v - d/sigma^2)``, ``G = sum(d^2/(2 sigma^2) - m^2/(2v) + log sigma - 1/2 log v) + log alpha``:
+    the interval ``[(-B -+ sqrt(B^2 - 4AG)) / 2A]``. Jazbec et al. (UAI 2024), section 4.1.
+    An empty interval is ``(+inf, -inf)`` (it stays empty under intersection). ``features[k]`` is
+    (N, p_k) -> (K, N, 2) float64.
+    """
+    _check_alpha(alpha)
+    if len(models) != len(features) or not models:
+        raise ValueError(f"models and features must be non-empty lists of the same length, got "
+                         f"{len(models)} and {len(features)}")
+    quadratic, linear, constant = [], [], []
+    for model, exit_features in zip(models, features):
+        h = exit_features.double()  # (N, p)
+        if h.dim() != 2 or h.shape[1] != model.mean.shape[0]:
+            raise ValueError(f"features must have shape (N, {model.mean.shape[0]}), got {tuple(h.shape)}")
+        noise = model.noise_variance
+        mean = h @ model.mean  # (N,)
+        variance = ((h @ model.covariance) * h).sum(-1) + noise  # (N,)
+        cholesky = torch.linalg.cholesky(model.covariance)
+        draw = model.mean + cholesky @ torch.randn(h.shape[1], generator=generator, dtype=h.dtype,
+                                                   device=h.device)  # (p,)
+        sampled = h @ draw  # (N,)
+        quadratic.append(0.5 * (1.0 / noise - 1.0 / variance))
+        linear.append(mean / variance - sampled / noise)
+        constant.append(sampled ** 2 / (2 * noise) - mean ** 2 / (2 * variance) + 0.5 * math.log(noise)
+                        - 0.5 * torch.log(variance))
+    A = torch.cumsum(torch.stack(quadratic), 0)  # (K, N)
+    B = torch.cumsum(torch.stack(linear), 0)  # (K, N)
+    G = torch.cumsum(torch.stack(constant), 0) + math.log(alpha)  # (K, N)
+    discriminant = B * B - 4 * A * G
+    empty = (discriminant < 0) | (A <= 0)
+    root = discriminant.clamp(min=0).sqrt()
+    lower = torch.where(empty, math.inf, (-B - root) / (2 * A))
+    upper = torch.where(empty, -math.inf, (-B + root) / (2 * A))
+    if intersect:
+        lower, upper = torch.cummax(lower, 0).values, torch.cummin(upper, 0).values
+    return torch.stack([lower, upper], dim=-1)
+
+
+def set_metrics(sets: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Size, coverage and nestedness of prediction sets per exit.
+
+    ``size(t) = mean_n |C_t|``, ``coverage(t) = mean_n [y_n in C_t]``, ``nestedness(t) = mean_n
+    |∩_{s<=t} C_s| / |C_t|`` (1 when both are empty). Jazbec et al. (UAI 2024), section 5.
+    Shapes: ``sets`` bool (K, N, c), ``y`` (N,) -> dict of (K,) tensors.
+    """
+    if sets.dim() != 3 or y.shape != sets.shape[1:2]:
+        raise ValueError(f"set_metrics: sets (K, N, c) and y (N,) expected, got {tuple(sets.shape)} and {tuple(y.shape)}")
+    sizes = sets.sum(-1).double()  # (K, N)
+    covered = sets.gather(-1, y[None, :, None].expand(sets.shape[0], -1, 1)).squeeze(-1).double()  # (K, N)
+    intersection_sizes = torch.cumprod(sets.to(torch.uint8), dim=0).sum(-1).double()  # (K, N)
+    nested = torch.where(sizes > 0, intersection_sizes / sizes.clamp(min=1), torch.ones_like(sizes))  # (K, N)
+    return {"size": sizes.mean(-1), "coverage": covered.mean(-1), "nestedness": nested.mean(-1)}
+
+
+def interval_metrics(intervals: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Length, coverage and nestedness of intervals per exit: the regression twin of :func:`set_metrics`.
+
+    ``size(t) = mean_n |I_t|``, ``coverage(t) = mean_n [lo <= y_n <= hi]``, ``nestedness(t) = mean_n
+    |∩_{s<=t} I_s| / |I_t|`` (1 when both are empty). Jazbec et al. (UAI 2024), section 5.
+    Shapes: ``intervals`` (K, N, 2), ``y`` (N,) -> dict of (K,) tensors.
+    """
+    if intervals.dim() != 3 or intervals.shape[-1] != 2 or y.shape != intervals.shape[1:2]:
+        raise ValueError(f"interval_metrics: intervals (K, N, 2) and y (N,) expected, got "
+                         f"{tuple(intervals.shape)} and {tuple(y.shape)}")
+    lower, upper = intervals[..., 0], intervals[..., 1]  # (K, N)
+    lengths = (upper - lower).clamp(min=0)  # (K, N): an empty (inf, -inf) interval has length 0
+    covered = ((lower <= y) & (y <= upper)).double()  # (K, N)
+    common = (torch.cummin(upper, 0).values - torch.cummax(lower, 0).values).clamp(min=0)  # (K, N)
+    nested = torch.where(lengths > 0, common / lengths.clamp(min=1e-300), torch.ones_like(lengths))
+    return {"size": lengths.mean(-1), "coverage": covered.mean(-1), "nestedness": nested.mean(-1)}
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  7. Metrics
+# ══════════════════════════════════════════════════════════════════════════════
+
+
+def group_accuracies(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+    """Accuracy within each group: ``acc_g = mean_{n : g_n = g} [pred_n = y_n]``, NaN for an empty group.
+
+    Sagawa et al. (ICLR 2020), section 2. Shapes: ``pred``, ``y``, ``groups`` (N,) -> (n_groups,) float64.
+    """
+    if not pred.shape == y.shape == groups.shape or pred.dim() != 1:
+        raise ValueError(f"group_accuracies: pred, y and groups must all be (N,), got {tuple(pred.shape)}, "
+                         f"{tuple(y.shape)}, {tuple(groups.shape)}")
+    correct = torch.bincount(groups, weights=(pred == y).double(), minlength=n_groups)  # (G,)
+    counts = torch.bincount(groups, minlength=n_groups).double()  # (G,)
+    return torch.where(counts > 0, correct / counts.clamp(min=1), torch.full_like(counts, math.nan))
+
+
+def worst_group_accuracy(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> float:
+    """Worst-group accuracy ``min_g acc_g`` over the non-empty groups (not the smallest group's accuracy).
+
+    Sagawa et al. (ICLR 2020), section 2. Shapes: ``pred``, ``y``, ``groups`` (N,)."""
+    accuracies = group_accuracies(pred, y, groups, n_groups)
+    return float(accuracies[~accuracies.isnan()].min())
+
+
+def expected_calibration_error(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
+    """ECE with equal-width confidence bins ``(b/B, (b+1)/B]``: ``sum_b (n_b / N) |acc_b - conf_b|``.
+
+    Confidence = max probability; a confidence of exactly 1.0 falls in the last bin, 0 in the first.
+    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, eq. (3). Shapes: ``probs`` (N, c), ``y`` (N,).
+    """
+    if probs.dim() != 2 or y.shape != probs.shape[:1]:
+        raise ValueError(f"expected_calibration_error: probs (N, c) and y (N,) expected, got "
+                         f"{tuple(probs.shape)} and {tuple(y.shape)}")
+    confidence, pred = probs.double().max(dim=-1)  # (N,), (N,)
+    inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=probs.device)[1:-1]  # (B-1,)
+    bins = torch.bucketize(confidence, inner_edges, right=False)  # (N,): edges[b-1] < conf <= edges[b]
+    counts = torch.bincount(bins, minlength=n_bins).double()  # (B,)
+    confidence_sums = torch.bincount(bins, weights=confidence, minlength=n_bins)  # (B,)
+    correct_sums = torch.bincount(bins, weights=(pred == y).double(), minlength=n_bins)  # (B,)
+    return float((correct_sums - confidence_sums).abs().sum() / probs.shape[0])
+
+
+def nlpd(probs: Tensor, y: Tensor) -> float:
+    """Negative log predictive density ``-(1/N) sum_n log p_hat(y_n | x_n)``, p clamped at 1e-12.
+
+    Shapes: ``probs`` (N, c), ``y`` (N,)."""
+    if probs.dim() != 2 or y.shape != probs.shape[:1]:
+        raise ValueError(f"nlpd: probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
+    return float(-torch.log(probs.gather(1, y[:, None]).clamp(min=1e-12)).mean())
+
+
+def top_k_accuracy(probs: Tensor, y: Tensor, k: int = 5) -> float:
+    """Fraction of inputs whose label is among the ``k`` most probable classes. Shapes: (N, c), (N,)."""
+    if probs.dim() != 2 or y.shape != probs.shape[:1] or not 1 <= k <= probs.shape[1]:
+        raise ValueError(f"top_k_accuracy: probs (N, c), y (N,) and 1 <= k <= c expected, got "
+                         f"{tuple(probs.shape)}, {tuple(y.shape)}, k={k}")
+    return float((probs.topk(k, dim=-1).indices == y[:, None]).any(-1).double().mean())
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  8. Running: device, batched inference, checkpoints
+# ══════════════════════════════════════════════════════════════════════════════
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The one place that chooses the device: ``"auto"`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the networks on ``device`` (losses and Laplace compute in fp32/fp64 themselves)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def split_to_device(split: Split, device: torch.device, max_fraction: float = 0.5) -> Split:
+    """Move a split's uint8 images to the device when they take at most ``max_fraction`` of its free memory,
+    so training never copies from the host; otherwise keep them where they are (memory or memmap)."""
+    labels, groups = split.labels.to(device), split.groups.to(device)
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        if split.images.numel() > max_fraction * free_bytes:
+            return Split(split.images, labels, groups)
+    return Split(split.images.to(device), labels, groups)
+
+
+def batch_images(split: Split, index: Tensor, device: torch.device) -> Tensor:
+    """The uint8 images at ``index`` on ``device``; a host-resident split is gathered on the host and copied
+    asynchronously (pinned), a device-resident one is indexed in place."""
+    if split.images.device == device:
+        return split.images[index.to(device)]
+    batch = split.images[index.cpu()]
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std: Sequence[float],
+                  device: torch.device, batch_size: int = 512, exits: Optional[Sequence[int]] = None,
+                  amp: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """One eval-mode pass over ``split``: logits (K', N, c) float32 and features [(N, p_k)] float32 of the
+    exits in ``exits`` (default all), on ``device``. BatchNorm uses running statistics (``model.eval()``)."""
+    was_training = model.training
+    model.eval()
+    exits = list(range(len(model.heads))) if exits is None else list(exits)
+    logits, features = [], []
+    for start in range(0, len(split), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(split)))
+        x = prepare_batch(batch_images(split, index, device), mean, std, channels_last=device.type == "cuda")
+        with autocast(device, amp):
+            exit_features = model.forward_features(x)
+            batch_features = [exit_features[k].float() for k in exits]
+            batch_logits = [model.heads[k].linear(f).float() for k, f in zip(exits, batch_features)]
+        logits.append(torch.stack(batch_logits))  # (K', B, c)
+        features.append(batch_features)
+    model.train(was_training)
+    return torch.cat(logits, dim=1), [torch.cat(parts) for parts in zip(*features)]
+
+
+def atomic_save(obj: object, path: Union[str, Path]) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_checkpoint(path: Union[str, Path]) -> dict:
+    """Load a checkpoint written by ``train.py`` (tensors and plain Python only: ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which, not a pickle traceback
+        raise ValueError(f"checkpoint {path} cannot be read: {error}") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
+        raise ValueError(f"checkpoint {path} is not a kdlaplace checkpoint (no model / model_config)")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict) -> EarlyExitNet:
+    """Rebuild the network described by ``checkpoint["model_config"]`` and load its weights."""
+    model = build_model(**checkpoint["model_config"])
+    model.load_state_dict(checkpoint["model"])
+    return model
