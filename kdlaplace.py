@@ -1377,7 +1377,8 @@ def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], featur
     denominator ``N(y; d_l, sigma_l^2)``, ``d_l = h^T w_l``, one draw ``w_l ~ N(mu_l, Sigma_l)`` per exit.
     ``R_t(y) <= 1/alpha`` is ``A y^2 + B y + G <= 0`` with ``A = 1/2 sum(1/sigma^2 - 1/v)``,
     ``B = sum(m/v - d/sigma^2)``, ``G = sum(d^2/(2 sigma^2) - m^2/(2v) + log sigma - 1/2 log v) + log alpha``:
-    the interval ``[(-B -+ sqrt(B^2 - 4AG)) / 2A]``. Jazbec et al. (UAI 2024), section 4.1.
+    the interval ``[(-B -+ sqrt(B^2 - 4AG)) / 2A]``, empty when ``B^2 < 4AG``; a half-line when rounding makes
+    ``A = 0``. Jazbec et al. (UAI 2024), section 4.1.
     An empty interval is ``(+inf, -inf)`` (it stays empty under intersection). ``features[k]`` is
     (N, p_k) -> (K, N, 2) float64.
     """
@@ -1405,10 +1406,15 @@ def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], featur
     B = torch.cumsum(torch.stack(linear), 0)  # (K, N)
     G = torch.cumsum(torch.stack(constant), 0) + math.log(alpha)  # (K, N)
     discriminant = B * B - 4 * A * G
-    empty = (discriminant < 0) | (A <= 0)
     root = discriminant.clamp(min=0).sqrt()
-    lower = torch.where(empty, math.inf, (-B - root) / (2 * A))
-    upper = torch.where(empty, -math.inf, (-B + root) / (2 * A))
+    # A > 0 mathematically (v > sigma^2), but a collapsed posterior (evidence maximisation sends the prior
+    # precision of uninformative features to infinity) rounds it to 0: then B y + G <= 0 is linear, a half-line
+    linear = A <= 0
+    safe_A, safe_B = torch.where(linear, 1.0, A), torch.where(B == 0, 1.0, B)
+    lower = torch.where(linear, torch.where(B < 0, -G / safe_B, -math.inf), (-B - root) / (2 * safe_A))
+    upper = torch.where(linear, torch.where(B > 0, -G / safe_B, math.inf), (-B + root) / (2 * safe_A))
+    empty = torch.where(linear, (B == 0) & (G > 0), discriminant < 0)
+    lower, upper = torch.where(empty, math.inf, lower), torch.where(empty, -math.inf, upper)
     if intersect:
         lower, upper = torch.cummax(lower, 0).values, torch.cummin(upper, 0).values
     return torch.stack([lower, upper], dim=-1)

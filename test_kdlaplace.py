@@ -1,0 +1,515 @@
+"""Tests for kdlaplace: every numerical routine against a brute-force float64 reference, then the networks,
+the data loaders on tiny datasets written in their real formats, and the two scripts end to end."""
+import csv
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdlaplace as K
+
+torch.set_num_threads(2)
+HERE = Path(__file__).resolve().parent
+f64 = torch.float64
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_head(n: int = 40, p: int = 6, c: int = 4, seed: int = 0, scale: float = 1.0):
+    g = seeded(seed)
+    features = torch.randn(n, p, generator=g, dtype=f64)
+    weight = scale * torch.randn(c, p, generator=g, dtype=f64)
+    bias = torch.randn(c, generator=g, dtype=f64)
+    y = torch.randint(0, c, (n,), generator=g)
+    return features, weight, bias, y
+
+
+# ──────────────────────────────────────────────────────────────────────────────
+# Losses
+# ──────────────────────────────────────────────────────────────────────────────
+
+def test_kd_loss_matches_hand_written_kl_and_its_gradient():
+    g = seeded(1)
+    student = torch.randn(5, 7, generator=g, dtype=f64, requires_grad=True)
+    teacher = torch.randn(5, 7, generator=g, dtype=f64)
+    T = 2.5
+    loss = K.kd_loss(student, teacher, T)
+    q_t = torch.exp(teacher / T) / torch.exp(teacher / T).sum(-1, keepdim=True)
+    q_s = torch.exp(student / T) / torch.exp(student / T).sum(-1, keepdim=True)
+    expected = T ** 2 * (q_t * (torch.log(q_t) - torch.log(q_s))).sum(-1)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    # d/dz_s of T^2 KL = T (q_s - q_t), per sample
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    torch.testing.assert_close(grad, T * (q_s - q_t).detach(), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(K.kd_loss(teacher, teacher, T), torch.zeros(5, dtype=f64), atol=1e-12)
+
+
+def test_kd_loss_runs_in_fp32_under_bf16_inputs():
+    g = seeded(2)
+    student, teacher = torch.randn(3, 4, generator=g).bfloat16(), torch.randn(3, 4, generator=g).bfloat16()
+    assert K.kd_loss(student, teacher, 3.0).dtype == torch.float32
+
+
+def test_kd_loss_rejects_bad_input():
+    with pytest.raises(ValueError, match="T must be > 0"):
+        K.kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), 0.0)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        K.kd_loss(torch.zeros(2, 3), torch.zeros(2, 4), 1.0)
+
+
+def test_confidence_margin_and_dedier_weights_hand_worked():
+    probs = torch.tensor([[0.7, 0.2, 0.1],    # right (y=0): weight 1
+                          [0.1, 0.6, 0.3],    # wrong (y=2): margin 0.3
+                          [0.25, 0.25, 0.5],  # wrong (y=1): margin 0.25
+                          [0.5, 0.5, 0.0]],   # argmax 0 = y: right
+                         dtype=f64)
+    y = torch.tensor([0, 2, 1, 0])
+    torch.testing.assert_close(K.confidence_margin(probs), torch.tensor([0.5, 0.3, 0.25, 0.0], dtype=f64))
+    weights = K.dedier_weights(probs, y, alpha=0.5, beta=2.0)
+    expected = torch.tensor([1.0, math.exp(2 * 0.3 ** 0.5), math.exp(2 * 0.25 ** 0.5), 1.0], dtype=f64)
+    torch.testing.assert_close(weights, expected, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="alpha"):
+        K.dedier_weights(probs, y, alpha=0.0, beta=1.0)
+
+
+def test_student_loss_is_weighted_mix_of_ce_and_kd():
+    g = seeded(3)
+    student, teacher = torch.randn(6, 3, generator=g, dtype=f64), torch.randn(6, 3, generator=g, dtype=f64)
+    y = torch.randint(0, 3, (6,), generator=g)
+    weights = torch.rand(6, generator=g, dtype=f64) + 0.5
+    lam, T = 0.3, 2.0
+    ce = -torch.log_softmax(student, -1)[torch.arange(6), y]
+    expected = (weights * ((1 - lam) * ce + lam * K.kd_loss(student, teacher, T))).mean()
+    torch.testing.assert_close(K.student_loss(student, teacher, y, weights, lam, T), expected)
+    unweighted = ((1 - lam) * ce + lam * K.kd_loss(student, teacher, T)).mean()
+    torch.testing.assert_close(K.student_loss(student, teacher, y, None, lam, T), unweighted)
+    with pytest.raises(ValueError, match="lam"):
+        K.student_loss(student, teacher, y, None, 1.5, T)
+
+
+def test_group_dro_loss_matches_explicit_update():
+    losses = torch.tensor([1.0, 3.0, 2.0, 4.0], dtype=f64)
+    groups = torch.tensor([0, 0, 2, 2])
+    weights = torch.full((3,), 1 / 3, dtype=f64)
+    loss, new = K.group_dro_loss(losses, groups, weights, step_size=0.1)
+    group_loss = torch.tensor([2.0, 0.0, 3.0], dtype=f64)
+    q = weights * torch.exp(0.1 * group_loss)
+    q = q / q.sum()
+    torch.testing.assert_close(new, q)
+    torch.testing.assert_close(loss, (q * group_loss).sum())
+
+
+# ──────────────────────────────────────────────────────────────────────────────
+# KFAC Laplace
+# ──────────────────────────────────────────────────────────────────────────────
+
+def test_kfac_factors_match_per_sample_loops():
+    features, weight, bias, _ = random_head()
+    laplace = K.KFACLaplace.fit(features, weight, bias)
+    A, G = torch.zeros(7, 7, dtype=f64), torch.zeros(4, 4, dtype=f64)
+    for n in range(features.shape[0]):
+        phi = torch.cat([features[n], torch.ones(1, dtype=f64)])
+        p = torch.softmax(weight @ features[n] + bias, -1)
+        A += torch.outer(phi, phi)
+        G += torch.diag(p) - torch.outer(p, p)
+    torch.testing.assert_close(laplace.A, A / 40, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(laplace.G, G / 40, rtol=1e-12, atol=1e-12)
+    assert laplace.n == 40 and laplace.weight.shape == (4, 7)
+
+
+def test_kfac_ggn_per_sample_is_the_exact_hessian():
+    # the closed form rests on this: for a softmax head the CE Hessian wrt vec(W~) is (diag p - p p^T) (x) phi~ phi~^T
+    features, weight, bias, y = random_head(n=1, p=3, c=3, seed=4)
+    phi = torch.cat([features[0], torch.ones(1, dtype=f64)])
+
+    def loss(flat):
+        w = flat.view(3, 4)
+        return F.cross_entropy((w @ phi)[None], y)
+
+    hessian = torch.autograd.functional.hessian(loss, torch.cat([weight, bias[:, None]], 1).reshape(-1))
+    p = torch.softmax(weight @ features[0] + bias, -1)
+    torch.testing.assert_close(hessian, torch.kron(torch.diag(p) - torch.outer(p, p), torch.outer(phi, phi)))
+
+
+def test_kfac_posterior_is_the_dense_kronecker_inverse():
+    features, weight, bias, _ = random_head()
+    laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=2.0)
+    U, V = laplace.factors()
+    n, tau = 40, 2.0
+    dense = torch.kron(math.sqrt(n) * laplace.G + math.sqrt(tau) * torch.eye(4, dtype=f64),
+                       math.sqrt(n) * laplace.A + math.sqrt(tau) * torch.eye(7, dtype=f64))
+    torch.testing.assert_close(torch.kron(U, V), torch.linalg.inv(dense), rtol=1e-9, atol=1e-12)
+
+
+def test_logit_distribution_matches_dense_weight_covariance():
+    features, weight, bias, _ = random_head(n=30, p=5, c=3, seed=5)
+    laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=0.7)
+    U, V = laplace.factors()
+    covariance = torch.kron(U, V)  # Cov(vec W~), row-major vec
+    mean, scale = laplace.logit_distribution(features[:4])
+    for i in range(4):
+        phi = torch.cat([features[i], torch.ones(1, dtype=f64)])
+        jacobian = torch.kron(torch.eye(3, dtype=f64), phi[None])  # f = (I (x) phi^T) vec W~
+        torch.testing.assert_close(jacobian @ covariance @ jacobian.T, scale[i] * U, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(mean[i], weight @ features[i] + bias)
+
+
+def test_sample_logits_covariance_is_scale_times_U():
+    features, weight, bias, _ = random_head(n=50, p=4, c=3, seed=6)
+    laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=0.5)
+    U, _ = laplace.factors()
+    samples = laplace.sample_logits(features[:2], 40000, generator=seeded(7))  # (S, 2, c)
+    assert samples.shape == (40000, 2, 3)
+    mean, scale = laplace.logit_distribution(features[:2])
+    for i in range(2):
+        centred = samples[:, i] - mean[i]
+        empirical = centred.T @ centred / centred.shape[0]
+        torch.testing.assert_close(empirical, scale[i] * U, rtol=0.05, atol=0.03 * float(scale[i] * U.diag().max()))
+        torch.testing.assert_close(samples[:, i].mean(0), mean[i], rtol=0, atol=0.03 * float((scale[i] * U.diag().max()).sqrt()))
+
+
+def test_probit_agrees_with_large_sample_mc_and_no_sample_predict_is_deterministic():
+    features, weight, bias, _ = random_head(n=60, p=4, c=3, seed=8, scale=0.5)
+    laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=1.0, temperature=1.5)
+    probit = laplace.predict(features[:10], link="probit")
+    mc = laplace.predict(features[:10], n_samples=20000, generator=seeded(9))
+    assert torch.allclose(probit.sum(-1), torch.ones(10, dtype=f64))
+    # the probit approximation is close, not exact: a few percent in probability
+    assert (probit - mc).abs().max() < 0.03
+    # exact check of the MC estimator: the same normals, drawn by hand
+    directions = torch.randn(50, 3, generator=seeded(10), dtype=f64) @ torch.linalg.cholesky(laplace.factors()[0]).T
+    mean, scale = laplace.logit_distribution(features[:10])
+    by_hand = torch.stack([torch.softmax((mean + scale.sqrt()[:, None] * d) / 1.5, -1) for d in directions]).mean(0)
+    torch.testing.assert_close(laplace.predict(features[:10], 50, generator=seeded(10)), by_hand)
+
+
+def test_huge_prior_collapses_to_the_map_softmax():
+    features, weight, bias, _ = random_head(seed=11)
+    laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=1e12, temperature=2.0)
+    expected = torch.softmax((features @ weight.T + bias) / 2.0, -1)
+    torch.testing.assert_close(laplace.predict(features, 10, generator=seeded(0)), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(laplace.predict(features, link="probit"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_laplace_edge_cases_two_classes_and_fewer_samples_than_features():
+    features, weight, bias, _ = random_head(n=5, p=20, c=2, seed=12)  # rank-1 G, singular A
+    laplace = K.KFACLaplace.fit(features, weight, bias)
+    U, V = laplace.factors()
+    assert torch.linalg.eigvalsh(U).min() > 0 and torch.linalg.eigvalsh(V).min() > 0
+    probs = laplace.predict(features, 30, generator=seeded(0))
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(5, dtype=f64))
+    # near one-hot probabilities: G ~ 0, U ~ I / sqrt(tau), still well defined
+    sharp = K.KFACLaplace.fit(features, 1e3 * weight, bias)
+    assert torch.isfinite(sharp.predict(features, 10, generator=seeded(0))).all()
+    # without a bias: phi~ = phi
+    no_bias = K.KFACLaplace.fit(features, weight, None)
+    assert no_bias.A.shape == (20, 20) and no_bias.weight.shape == (2, 20)
+
+
+def test_laplace_rejects_bad_input():
+    features, weight, bias, _ = random_head()
+    with pytest.raises(ValueError, match="share p"):
+        K.KFACLaplace.fit(features[:, :3], weight, bias)
+    with pytest.raises(ValueError, match="prior_precision"):
+        K.KFACLaplace.fit(features, weight, bias, prior_precision=0.0)
+    bad = features.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        K.KFACLaplace.fit(bad, weight, bias)
+    laplace = K.KFACLaplace.fit(features, weight, bias)
+    with pytest.raises(ValueError, match="features must have shape"):
+        laplace.predict(features[:, :2])
+    with pytest.raises(ValueError, match="link"):
+        laplace.predict(features, link="laplace")
+
+
+def test_tune_laplace_picks_the_grid_minimum_without_refit():
+    features, weight, bias, y = random_head(n=200, p=5, c=3, seed=13)
+    y = (features @ weight.T + bias + 1.5 * torch.randn(200, 3, generator=seeded(14), dtype=f64)).argmax(-1)
+    laplace = K.KFACLaplace.fit(features[:100], weight, bias)
+    temperatures, variances = (0.5, 1.0, 2.0), (0.5, 2.0)
+    tuned = K.tune_laplace(laplace, features[100:], y[100:], temperatures, variances, link="probit")
+    assert tuned.A is laplace.A  # a copy sharing the fitted factors
+    grid = {(t, v): K.nlpd(laplace.with_hyperparameters(1 / v, t).predict(features[100:], link="probit"), y[100:])
+            for t in temperatures for v in variances}
+    best = min(grid, key=grid.get)
+    assert (tuned.temperature, tuned.prior_precision) == (best[0], 1 / best[1])
+    tuned_mc = K.tune_laplace(laplace, features[100:], y[100:], temperatures, variances, n_samples=20,
+                              generator=seeded(0))
+    assert tuned_mc.temperature in temperatures
+
+
+def test_tune_laplace_ensemble_is_greedy_exit_by_exit():
+    features, weight, bias, y = random_head(n=120, p=5, c=3, seed=15)
+    laplaces = [K.KFACLaplace.fit(features, weight, bias), K.KFACLaplace.fit(features, 0.5 * weight, bias)]
+    tuned = K.tune_laplace_ensemble(laplaces, [features, features], y, [1.0, 3.0], (0.5, 1.0, 2.0), (1.0,),
+                                    link="probit")
+    first = K.tune_laplace(laplaces[0], features, y, (0.5, 1.0, 2.0), (1.0,), link="probit")
+    assert tuned[0].temperature == first.temperature
+    p0 = tuned[0].predict(features, link="probit")
+    losses = {t: K.nlpd((p0 + 3 * laplaces[1].with_hyperparameters(temperature=t).predict(features, link="probit")) / 4, y)
+              for t in (0.5, 1.0, 2.0)}
+    assert tuned[1].temperature == min(losses, key=losses.get)
+
+
+# ──────────────────────────────────────────────────────────────────────────────
+# Ensembles and budgeted exits
+# ──────────────────────────────────────────────────────────────────────────────
+
+def test_mie_ensemble_hand_worked():
+    probs = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.5, 0.5]]], dtype=f64)  # (K=3, N=1, c=2)
+    ensemble = K.mie_ensemble(probs, torch.tensor([1.0, 3.0, 4.0]))
+    expected = torch.tensor([[[1.0, 0.0]], [[0.25, 0.75]], [[3 / 8, 5 / 8]]], dtype=f64)
+    torch.testing.assert_close(ensemble, expected)
+
+
+def test_budget_thresholds_and_early_exit_match_an_explicit_walk():
+    g = seeded(16)
+    confidences = torch.rand(3, 200, generator=g, dtype=f64)
+    level = 0.7
+    thresholds = K.budget_thresholds(confidences, level)
+    # explicit per-sample walk, as in MSDNet's dynamic evaluation
+    shares = [level ** (k + 1) for k in range(3)]
+    counts = [math.floor(200 * s / sum(shares)) for s in shares]
+    exited, expected = set(), []
+    for k in range(2):
+        remaining = sorted((float(confidences[k, i]), i) for i in range(200) if i not in exited)[::-1]
+        threshold = remaining[counts[k] - 1][0]
+        expected.append(threshold)
+        exited |= {i for i in range(200) if confidences[k, i] >= threshold}
+    torch.testing.assert_close(thresholds[:2], torch.tensor(expected, dtype=f64))
+    assert thresholds[2] == -math.inf
+    probs = torch.stack([torch.stack([c, 1 - c], -1) for c in confidences]).clamp(0, 1)  # (3, 200, 2)
+    probs = torch.where(probs.max(-1, keepdim=True).values == probs, probs, probs)
+    exit_index, exit_probs = K.early_exit(probs, thresholds)
+    for i in range(200):
+        conf = probs[:, i].max(-1).values
+        first = next((k for k in range(3) if conf[k] >= thresholds[k]), 2)
+        assert exit_index[i] == first
+        torch.testing.assert_close(exit_probs[i], probs[first, i])
+
+
+# ──────────────────────────────────────────────────────────────────────────────
+# AVCS
+# ──────────────────────────────────────────────────────────────────────────────
+
+def test_log_gamma_sampler_mean_and_tiny_concentrations():
+    concentration = torch.tensor([0.3, 1.0, 4.0, 20.0], dtype=f64).repeat(20000, 1)
+    log_x = K._log_gamma_variates(concentration, seeded(17))
+    means = log_x.exp().mean(0)
+    torch.testing.assert_close(means, torch.tensor([0.3, 1.0, 4.0, 20.0], dtype=f64), rtol=0.03, atol=0)
+    variances = log_x.exp().var(0)
+    torch.testing.assert_close(variances, torch.tensor([0.3, 1.0, 4.0, 20.0], dtype=f64), rtol=0.08, atol=0)
+    tiny = K._log_gamma_variates(torch.full((1000,), 1e-4, dtype=f64), seeded(18))
+    assert torch.isfinite(tiny).all()  # a direct Gamma(1e-4) draw underflows to 0 far more often than not
+    assert (tiny.exp() == 0).float().mean() > 0.5
+
+
+def test_avcs_sets_match_an_explicit_loop():
+    g = seeded(19)
+    logits = 3 * torch.randn(3, 8, 5, generator=g, dtype=f64)
+    thresholds = torch.tensor([0.5, 1.0, 0.2], dtype=f64)
+    sets = K.avcs_sets(logits, thresholds, alpha=0.1, intersect=False, generator=seeded(20))
+    # replay the same Dirichlet draws through the module's sampler, then loop over exits, inputs, labels
+    support = (logits >= thresholds[:, None, None]) & (logits > 0)
+    log_gamma = K._log_gamma_variates(torch.where(support, logits, torch.ones_like(logits)), seeded(20))
+    for i in range(8):
+        log_R = torch.zeros(5, dtype=f64)
+        for t in range(3):
+            a = torch.where(support[t, i], logits[t, i], torch.zeros(5, dtype=f64))
+            for k in range(5):
+                if a[k] > 0:
+                    gammas = torch.where(support[t, i], log_gamma[t, i].exp(), torch.zeros(5, dtype=f64))
+                    pi = gammas[k] / gammas.sum()
+                    log_R[k] += math.log(a[k] / a.sum()) - math.log(pi)
+                else:
+                    log_R[k] = math.inf
+            expected = log_R <= math.log(1 / 0.1)
+            assert torch.equal(sets[t, i], expected), (t, i)
+
+
+def test_avcs_nested_with_intersection_and_empty_support():
+    g = seeded(21)
+    logits = 2 * torch.randn(4, 300, 10, generator=g, dtype=f64)
+    sets = K.avcs_sets(logits, torch.ones(4, dtype=f64), alpha=0.05, generator=seeded(22))
+    metrics = K.set_metrics(sets, torch.randint(0, 10, (300,), generator=g))
+    assert torch.equal(metrics["nestedness"], torch.ones(4, dtype=f64))
+    below = K.avcs_sets(-torch.rand(2, 5, 3, dtype=f64), torch.ones(2), generator=seeded(0))
+    assert not below.any()  # every logit below the threshold: empty support, empty set
+
+
+def test_tune_avcs_thresholds_reaches_coverage_on_its_data():
+    g = seeded(23)
+    y = torch.randint(0, 10, (400,), generator=g)
+    logits = torch.randn(3, 400, 10, generator=g, dtype=f64) * 1.5
+    logits[torch.arange(3)[:, None], torch.arange(400)[None], y[None]] += torch.tensor([4.0, 6.0, 8.0], dtype=f64)[:, None]
+    alpha = 0.1
+    thresholds = K.tune_avcs_thresholds(logits, y, alpha=alpha, generator=seeded(24))
+    assert thresholds.shape == (3,) and (thresholds >= 1).all() and (thresholds > 1).any()
+    sets = K.avcs_sets(logits, thresholds, alpha=alpha, generator=seeded(24))
+    assert (K.set_metrics(sets, y)["coverage"] >= 1 - alpha).all()
+    # one more step at any exit loses coverage somewhere, or reaches the top logit
+    for t in range(3):
+        raised = thresholds.clone()
+        raised[t] += 0.5
+        coverage = K.set_metrics(K.avcs_sets(logits, raised, alpha=alpha, generator=seeded(24)), y)["coverage"]
+        assert (coverage < 1 - alpha).any() or raised[t] >= logits.max()
+
+
+def test_avcs_rejects_bad_input():
+    logits = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="alpha"):
+        K.avcs_sets(logits, torch.ones(2), alpha=1.5)
+    with pytest.raises(ValueError, match="thresholds must have shape"):
+        K.avcs_sets(logits, torch.ones(3))
+    with pytest.raises(ValueError, match="NaN"):
+        K.avcs_sets(torch.full((2, 4, 3), float("inf")), torch.ones(2))
+    with pytest.raises(ValueError, match="y"):
+        K.tune_avcs_thresholds(logits, torch.zeros(5, dtype=torch.long))
+
+
+def test_set_metrics_hand_worked():
+    sets = torch.tensor([[[1, 1, 0], [0, 0, 0]],
+                         [[1, 0, 1], [0, 1, 0]]], dtype=torch.bool)  # (K=2, N=2, c=3)
+    metrics = K.set_metrics(sets, torch.tensor([0, 1]))
+    torch.testing.assert_close(metrics["size"], torch.tensor([1.0, 1.5], dtype=f64))
+    torch.testing.assert_close(metrics["coverage"], torch.tensor([0.5, 1.0], dtype=f64))
+    # exit 2: input 0 keeps {0} of {0, 2} -> 1/2; input 1: intersection empty, set not -> 0
+    torch.testing.assert_close(metrics["nestedness"], torch.tensor([1.0, 0.25], dtype=f64))
+
+
+def toy_laplaces(prior_precision: float = 1.0):
+    features, weight, bias, y = random_head(n=200, p=5, c=4, seed=25)
+    laplaces = [K.KFACLaplace.fit(features, s * weight, bias, prior_precision) for s in (0.5, 1.0, 2.0)]
+    return laplaces, [features] * 3, y
+
+
+def test_laplace_avcs_sets_nested_and_collapse_to_all_labels_with_huge_prior():
+    laplaces, features, y = toy_laplaces()
+    sets = K.laplace_avcs_sets(laplaces, features, alpha=0.05, n_samples=30, generator=seeded(26))
+    assert sets.shape == (3, 200, 4)
+    assert torch.equal(K.set_metrics(sets, y)["nestedness"], torch.ones(3, dtype=f64))
+    collapsed, features, y = toy_laplaces(prior_precision=1e14)
+    sets = K.laplace_avcs_sets(collapsed, features, alpha=0.05, n_samples=30, generator=seeded(27))
+    assert sets.all()  # every ratio ~ 1 <= 1/alpha: every label stays in every set
+
+
+def test_laplace_avcs_matches_explicit_ratio_product():
+    laplaces, features, _ = toy_laplaces()
+    generator = seeded(28)
+    sets = K.laplace_avcs_sets(laplaces, features, alpha=0.2, n_samples=10, intersect=False, generator=generator)
+    replay = seeded(28)
+    log_R = torch.zeros(200, 4, dtype=f64)
+    for t, laplace in enumerate(laplaces):
+        predictive = laplace.predict(features[t], 10, generator=replay)
+        draw = laplace.sample_logits(features[t], 1, generator=replay)[0]
+        log_R += torch.log(predictive) - torch.log(torch.softmax(draw, -1))
+        assert torch.equal(sets[t], log_R <= math.log(5.0))
+
+
+def test_bayesian_linear_regression_maximises_the_evidence():
+    g = seeded(29)
+    features = torch.randn(80, 4, generator=g, dtype=f64)
+    y = features @ torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=f64) + 0.3 * torch.randn(80, generator=g, dtype=f64)
+    model = K.fit_bayesian_linear_regression(features, y)
+
+    def log_evidence(log_alpha, log_beta):  # Bishop PRML eq. (3.86), dense
+        alpha, beta = math.exp(log_alpha), math.exp(log_beta)
+        covariance = alpha * torch.eye(4, dtype=f64) + beta * features.T @ features
+        mean = beta * torch.linalg.solve(covariance, features.T @ y)
+        energy = beta / 2 * ((y - features @ mean) ** 2).sum() + alpha / 2 * mean @ mean
+        return float(2 * math.log(alpha) + 40 * math.log(beta) - energy - 0.5 * torch.logdet(covariance))
+
+    point = (math.log(model.prior_precision), -math.log(model.noise_variance))
+    for axis in range(2):
+        step = [0.0, 0.0]
+        step[axis] = 1e-4
+        up = log_evidence(point[0] + step[0], point[1] + step[1])
+        down = log_evidence(point[0] - step[0], point[1] - step[1])
+        assert abs(up - down) / 2e-4 < 1e-4  # stationary
+        assert up < log_evidence(*point) and down < log_evidence(*point)  # a maximum
+    precision = model.prior_precision * torch.eye(4, dtype=f64) + features.T @ features / model.noise_variance
+    torch.testing.assert_close(model.covariance, torch.linalg.inv(precision))
+
+
+def test_regression_interval_equals_grid_search_of_the_ratio():
+    g = seeded(30)
+    features = [torch.randn(60, 3, generator=g, dtype=f64) for _ in range(3)]
+    target = features[2] @ torch.tensor([1.0, 0.5, -1.0], dtype=f64) + 0.5 * torch.randn(60, generator=g, dtype=f64)
+    models = [K.fit_bayesian_linear_regression(f, target) for f in features]
+    h = [f[:5] for f in features]
+    alpha = 0.05
+    intervals = K.avcs_regression_intervals(models, h, alpha, intersect=False, generator=seeded(31))
+    replay = seeded(31)
+    draws = [m.mean + torch.linalg.cholesky(m.covariance) @ torch.randn(3, generator=replay, dtype=f64) for m in models]
+    grid = torch.linspace(-15, 15, 300001, dtype=f64)
+    bounded = 0
+    for i in range(5):
+        log_R = torch.zeros_like(grid)
+        for t, model in enumerate(models):
+            mean = float(h[t][i] @ model.mean)
+            variance = float(h[t][i] @ model.covariance @ h[t][i]) + model.noise_variance
+            log_R += (torch.distributions.Normal(mean, math.sqrt(variance)).log_prob(grid)
+                      - torch.distributions.Normal(float(h[t][i] @ draws[t]), math.sqrt(model.noise_variance)).log_prob(grid))
+            inside = grid[log_R <= math.log(1 / alpha)]
+            lower, upper = intervals[t, i]
+            if inside.numel() == 0:
+                assert lower == math.inf and upper == -math.inf
+            else:
+                for found, edge, end in ((inside.min(), lower, -15.0), (inside.max(), upper, 15.0)):
+                    if float(found) == end:  # the set reaches the grid's end: the interval must reach past it
+                        assert abs(float(edge)) >= 15.0
+                    else:
+                        assert abs(float(found) - float(edge)) < 2e-4
+                bounded += int(float(inside.min()) > -15.0 and float(inside.max()) < 15.0)
+    assert bounded >= 5  # most intervals are bounded: the closed-form roots were really compared
+    nested = K.avcs_regression_intervals(models, h, alpha, generator=seeded(31))
+    assert torch.equal(K.interval_metrics(nested, target[:5])["nestedness"], torch.ones(3, dtype=f64))
+
+
+# ──────────────────────────────────────────────────────────────────────────────
+# Metrics
+# ──────────────────────────────────────────────────────────────────────────────
+
+def test_group_and_worst_group_accuracy():
+    pred = torch.tensor([0, 1, 1, 0, 1, 1])
+    y = torch.tensor([0, 1, 0, 0, 1, 0])
+    groups = torch.tensor([0, 1, 2, 2, 3, 3])
+    accuracies = K.group_accuracies(pred, y, groups, 5)
+    torch.testing.assert_close(accuracies[:4], torch.tensor([1.0, 1.0, 0.5, 0.5], dtype=f64))
+    assert math.isnan(accuracies[4])  # an empty group has no accuracy
+    assert K.worst_group_accuracy(pred, y, groups, 5) == 0.5
+
+
+def test_ece_matches_explicit_loop_with_confidence_one():
+    g = seeded(32)
+    probs = torch.softmax(3 * torch.randn(500, 4, generator=g, dtype=f64), -1)
+    probs[:20] = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=f64)  # confidence exactly 1.0 must be counted
+    y = torch.randint(0, 4, (500,), generator=g)
+    confidence, pred = probs.max(-1)
+    edges = torch.linspace(0, 1, 16, dtype=f64)
+    total = 0.0
+    for b in range(15):
+        in_bin = [i for i in range(500) if (edges[b] < confidence[i] <= edges[b + 1]) or (b == 0 and confidence[i] == 0)]
+        if in_bin:
+            accuracy = sum(float(pred[i] == y[i]) for i in in_bin) / len(in_bin)
+            mean_confidence = sum(float(confidence[i]) for i in in_bin) / len(in_bin)
+            total += len(in_bin) / 500 * abs(accuracy - mean_confidence)
+    assert K.expected_calibration_error(probs, y) == pytest.approx(total, abs=1e-12)
+
+
+def test_nlpd_and_top_k():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.0, 0.1, 0.9]], dtype=f64)
+    y = torch.tensor([1, 0])
+    assert K.nlpd(probs, y) == pytest.approx(-(math.log(0.3) + math.log(1e-12)) / 2)
+    assert K.top_k_accuracy(probs, y, 2) == 0.5
