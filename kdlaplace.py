@@ -629,15 +629,19 @@ class EarlyExitNet(nn.Module):
         self.detach_exits, self.input_size = detach_exits, input_size
         self.exit_flops = self._count_exit_flops()
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        features, h = [], x
+    def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None) -> list[Tensor]:
+        """Features (N, p_k) of every exit, or of ``exits`` only: stages past the last one asked for are skipped
+        (a readout pass costs one stage and one head)."""
         last = len(self.heads) - 1
-        for k, modules in enumerate(self.backbone.stage_modules()):
+        wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
+        features, h = {}, x
+        for k, modules in enumerate(self.backbone.stage_modules()[:max(wanted) + 1]):
             for module in modules:
                 h = module(h)
-            head_input = h.detach() if self.detach_exits and k < last else h
-            features.append(self.heads[k].features(head_input))  # (N, p_k)
-        return features
+            if k in wanted:
+                head_input = h.detach() if self.detach_exits and k < last else h
+                features[k] = self.heads[k].features(head_input)  # (N, p_k)
+        return [features[k % (last + 1)] for k in (sorted(wanted) if exits is None else exits)]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return [head.linear(f) for head, f in zip(self.heads, self.forward_features(x))]  # K x (N, c)
@@ -1480,21 +1484,28 @@ def worst_group_accuracy(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int)
     return float(accuracies[~accuracies.isnan()].min())
 
 
-def expected_calibration_error(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
-    """ECE with equal-width confidence bins ``(b/B, (b+1)/B]``: ``sum_b (n_b / N) |acc_b - conf_b|``.
-
-    Confidence = max probability; a confidence of exactly 1.0 falls in the last bin, 0 in the first.
-    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, eq. (3). Shapes: ``probs`` (N, c), ``y`` (N,).
-    """
+def reliability_bins(probs: Tensor, y: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+    """Equal-width confidence bins ``(b/B, (b+1)/B]`` (0 in the first, exactly 1.0 in the last): per bin the count
+    ``n_b``, the summed confidence and the number correct, each (B,) float64. Confidence = max probability.
+    Guo et al. (ICML 2017), section 2 (reliability diagrams). Shapes: ``probs`` (N, c), ``y`` (N,)."""
     if probs.dim() != 2 or y.shape != probs.shape[:1]:
-        raise ValueError(f"expected_calibration_error: probs (N, c) and y (N,) expected, got "
-                         f"{tuple(probs.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
     confidence, pred = probs.double().max(dim=-1)  # (N,), (N,)
     inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=probs.device)[1:-1]  # (B-1,)
     bins = torch.bucketize(confidence, inner_edges, right=False)  # (N,): edges[b-1] < conf <= edges[b]
     counts = torch.bincount(bins, minlength=n_bins).double()  # (B,)
     confidence_sums = torch.bincount(bins, weights=confidence, minlength=n_bins)  # (B,)
     correct_sums = torch.bincount(bins, weights=(pred == y).double(), minlength=n_bins)  # (B,)
+    return counts, confidence_sums, correct_sums
+
+
+def expected_calibration_error(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
+    """ECE with equal-width confidence bins: ``sum_b (n_b / N) |acc_b - conf_b| = sum_b |correct_b - conf_sum_b| / N``.
+
+    Bins of :func:`reliability_bins` (a confidence of exactly 1.0 counts, in the last bin).
+    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, eq. (3). Shapes: ``probs`` (N, c), ``y`` (N,).
+    """
+    _, confidence_sums, correct_sums = reliability_bins(probs, y, n_bins)
     return float((correct_sums - confidence_sums).abs().sum() / probs.shape[0])
 
 
@@ -1572,8 +1583,7 @@ def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std:
         index = torch.arange(start, min(start + batch_size, len(split)))
         x = prepare_batch(batch_images(split, index, device), mean, std, channels_last=device.type == "cuda")
         with autocast(device, amp):
-            exit_features = model.forward_features(x)
-            batch_features = [exit_features[k].float() for k in exits]
+            batch_features = [f.float() for f in model.forward_features(x, exits)]  # K' x (B, p_k)
             batch_logits = [model.heads[k].linear(f).float() for k, f in zip(exits, batch_features)]
         logits.append(torch.stack(batch_logits))  # (K', B, c)
         features.append(batch_features)

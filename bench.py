@@ -1,0 +1,216 @@
+"""Benchmarks: the methods must cost what their mathematics costs.
+
+    python bench.py [--quick] [--json PATH]      # speed: one row per case, median of repeats after a warm-up
+    python bench.py --table [--seeds 0 1 2 3 4]  # the README's synth benchmark table (trains 20 students)
+
+Speed cases and their baselines: ``kfac_fit`` vs the bare ``features.T @ features``; ``predict_mc`` /
+``predict_probit`` vs the per-input ``c x c`` covariance + Cholesky that a generic library does; ``avcs`` vs
+``torch.distributions.Dirichlet`` draws (which underflow for small concentrations); ``train_epoch`` per
+weighting vs plain KD; ``data`` images/s through uint8 -> device -> normalise/augment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import kdlaplace as K
+import train
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up (synchronising CUDA)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def per_input_covariance_predict(laplace: K.KFACLaplace, features: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """Baseline: what a generic library does per input: form ``v_n U`` (c x c), factor it, sample, average."""
+    mean, scale = laplace.logit_distribution(features)
+    U = laplace.factors()[0].to(features.dtype)
+    out = []
+    for n in range(features.shape[0]):  # the per-input loop this project avoids
+        cholesky = torch.linalg.cholesky(scale[n] * U)  # (c, c)
+        logits = mean[n] + torch.randn(n_samples, U.shape[0], dtype=features.dtype) @ cholesky.T  # (S, c)
+        out.append(torch.softmax(logits, -1).mean(0))
+    return torch.stack(out)
+
+
+def speed_cases(quick: bool, device: torch.device) -> list[dict]:
+    rows = []
+    repeats = 3 if quick else 5
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def add(case: str, sizes: str, seconds: float, items: int, baseline: float, unit: str) -> None:
+        rows.append({"case": case, "device": device.type, "sizes": sizes, "seconds": seconds,
+                     "throughput": items / seconds, "unit": unit, "baseline_seconds": baseline,
+                     "ratio": seconds / baseline if baseline else None})
+
+    n, p, c = (10000 if quick else 50000), 512, 100
+    features = torch.randn(n, p, device=device, generator=g)
+    weight, bias = 0.05 * torch.randn(c, p, device=device, generator=g), torch.randn(c, device=device, generator=g)
+    baseline = timed(lambda: features.T @ features, repeats, device)
+    seconds = timed(lambda: K.KFACLaplace.fit(features, weight, bias), repeats, device)
+    add("kfac_fit", f"N={n} p={p} c={c}", seconds, n, baseline, "samples/s")
+
+    laplace = K.KFACLaplace.fit(features, weight, bias)
+    n_predict, n_baseline = (2000 if quick else 10000), 300
+    inputs = features[:n_predict]
+    baseline = timed(lambda: per_input_covariance_predict(laplace, inputs[:n_baseline].cpu(), 50), 1,
+                     torch.device("cpu")) * n_predict / n_baseline  # scaled from a subset: it is that slow
+    for link in ("mc", "probit"):
+        seconds = timed(lambda: laplace.predict(inputs, 50, link, generator=g), repeats, device)
+        add(f"predict_{link}", f"N={n_predict} p={p} c={c} S=50", seconds, n_predict, baseline, "inputs/s")
+
+    n_sets = 2000 if quick else 10000
+    logits = 3 * torch.randn(4, n_sets, c, device=device, generator=g)
+    thresholds = torch.ones(4, device=device)
+    concentration = torch.where(logits > 1, logits, torch.full_like(logits, 1e-3))
+    baseline = timed(lambda: torch.distributions.Dirichlet(concentration).sample(), repeats, device)
+    seconds = timed(lambda: K.avcs_sets(logits, thresholds, generator=g), repeats, device)
+    add("avcs", f"K=4 N={n_sets} c={c}", seconds, n_sets, baseline, "inputs/s")
+
+    rows += train_epoch_cases(quick, device)
+
+    for augment, size in (("flip", 32), ("pad", 32), ("crop", 32), ("crop", 224)):
+        n_images = 256 if size == 224 else 4096
+        images = torch.randint(0, 256, (n_images, 3, size, size), dtype=torch.uint8)
+        split = K.split_to_device(K.Split(images, torch.zeros(n_images, dtype=torch.long),
+                                          torch.zeros(n_images, dtype=torch.long)), device)
+        cpu_generator = torch.Generator().manual_seed(0)
+
+        def pipeline() -> None:
+            for index in torch.arange(n_images).split(128):
+                K.prepare_batch(K.batch_images(split, index, device), (0.5,) * 3, (0.25,) * 3, augment,
+                                cpu_generator, channels_last=device.type == "cuda")
+
+        seconds = timed(pipeline, repeats, device)
+        add("data", f"{augment} {size}x{size} batch=128", seconds, n_images, 0.0, "images/s")
+    return rows
+
+
+def train_epoch_cases(quick: bool, device: torch.device) -> list[dict]:
+    """One student epoch on synth per weighting (with its end-of-epoch readout pass), against plain KD."""
+    rows, seconds_of = [], {}
+    for weighting in ("none", "dedier", "laplace"):
+        cfg = train.parse_args(["--weighting", weighting, "--synth-n-train", "1200" if quick else "4800",
+                                "--device", device.type])
+        data = train.load_data(cfg)
+        splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
+        torch.manual_seed(0)
+        teacher = train.new_model(cfg, "teacher", data, device).eval()
+        targets = train.teacher_targets(cfg, teacher, splits["train"], splits["val"], data, device)
+        with tempfile.TemporaryDirectory() as out:
+            def epoch() -> None:
+                cfg.epochs = 1
+                student = train.new_model(cfg, "student", data, device)
+                refresher = train.weight_refresher(cfg, splits, data, device)
+                extra = {}
+                if refresher:  # a realistic epoch: the weights of the previous epoch are in use
+                    refresher(student, 0, extra)
+                train.train_phase(cfg, "student", student, data, splits, device, 1,
+                                  train.student_batch_loss(cfg, splits, targets), refresher,
+                                  {"phase": None, "extra": extra}, Path(out), lambda record: None)
+            seconds_of[weighting] = timed(epoch, 1 if quick else 2, device)
+        rows.append({"case": f"train_epoch_{weighting}", "device": device.type,
+                     "sizes": f"synth N={len(data.train)} cnn w={cfg.width}", "seconds": seconds_of[weighting],
+                     "throughput": len(data.train) / seconds_of[weighting], "unit": "images/s",
+                     "baseline_seconds": seconds_of["none"], "ratio": seconds_of[weighting] / seconds_of["none"]})
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'case':22s} {'device':6s} {'sizes':32s} {'median s':>10s} {'throughput':>22s} {'baseline s':>11s} {'ratio':>8s}")
+    for r in rows:
+        ratio = f"{r['ratio']:8.3f}" if r["ratio"] is not None else f"{'-':>8s}"
+        baseline = f"{r['baseline_seconds']:11.4f}" if r["baseline_seconds"] else f"{'-':>11s}"
+        print(f"{r['case']:22s} {r['device']:6s} {r['sizes']:32s} {r['seconds']:10.4f} "
+              f"{r['throughput']:12.0f} {r['unit']:>9s} {baseline} {ratio}")
+
+
+# ── The synth benchmark table ────────────────────────────────────────────────────────────────────────────
+
+VARIANTS = {  # name -> extra train.py flags; all share the seed's teacher (trained by the "none" run)
+    "none": ["--weighting", "none"],
+    "dedier": ["--weighting", "dedier"],
+    "dedier a=1 b=2": ["--weighting", "dedier", "--alpha", "1", "--beta", "2"],
+    "laplace": ["--weighting", "laplace"],
+}
+
+
+def run_dir(root: Path, name: str, seed: int) -> Path:
+    return root / f"{name.replace(' ', '_').replace('=', '')}-seed{seed}"
+
+
+def run_table(seeds: list[int], root: Path) -> None:
+    """Train every variant for every seed (skipping finished runs), then print the mean and std over seeds."""
+    for seed in seeds:
+        for name, flags in VARIANTS.items():
+            out = run_dir(root, name, seed)
+            if (out / "metrics.json").exists():
+                continue
+            teacher = [] if name == "none" else ["--teacher", str(root / f"none-seed{seed}" / "teacher.pt")]
+            command = [sys.executable, "train.py", *flags, *teacher, "--seed", str(seed), "--out", str(out)]
+            print(" ".join(command), flush=True)
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    lines = ["| weighting | teacher avg | teacher worst-group | student avg | student worst-group | "
+             "readout ECE softmax | readout ECE Laplace |", "|---|---|---|---|---|---|---|"]
+
+    def cell(values: list[float]) -> str:
+        return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 \
+            else f"{100 * values[0]:.1f}"
+
+    per_seed = []
+    for name in VARIANTS:
+        runs = [json.loads((run_dir(root, name, s) / "metrics.json").read_text()) for s in seeds]
+        values = [[r["teacher"]["test"]["avg_acc"] for r in runs], [r["teacher"]["test"]["worst_group_acc"] for r in runs],
+                  [r["student"]["test"]["avg_acc"] for r in runs], [r["student"]["test"]["worst_group_acc"] for r in runs],
+                  [r["student"]["readout"]["map"]["ece"] for r in runs],
+                  [r["student"]["readout"]["laplace"]["ece"] for r in runs]]
+        lines.append(f"| {name} | " + " | ".join(cell(v) for v in values) + " |")
+        per_seed.append(f"{name}: " + " ".join(f"{100 * v:.0f}" for v in values[3]))
+    table = "\n".join(lines + ["", "student worst-group accuracy per seed (%): " + "; ".join(per_seed)])
+    print(table)
+    (root / "table.md").write_text(table + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--table", action="store_true", help="run the synth benchmark table instead")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds of --table")
+    parser.add_argument("--out", default="runs/table", help="run folder of --table (default: runs/table)")
+    args = parser.parse_args()
+    if args.table:
+        run_table(args.seeds, Path(args.out))
+        return
+    torch.set_num_threads(torch.get_num_threads())
+    rows = []
+    for device in [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []):
+        rows += speed_cases(args.quick, device)
+    print_rows(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
