@@ -141,7 +141,7 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
 
     def split(n: int, group_shares: Tensor) -> Split:
         counts = torch.floor(n * group_shares / group_shares.sum()).long().clamp(min=1)
-        counts[0] += n - counts.sum()  # the rounding remainder goes to the largest group
+        counts[:int(n - counts.sum())] += 1  # the rounding remainder (< 4), one each, keeps val/test balanced
         groups = torch.repeat_interleave(torch.arange(4), counts)
         groups = groups[torch.randperm(n, generator=generator)]
         labels, places = groups // 2, groups % 2

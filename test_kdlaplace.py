@@ -516,3 +516,303 @@ def test_nlpd_and_top_k():
     y = torch.tensor([1, 0])
     assert K.nlpd(probs, y) == pytest.approx(-(math.log(0.3) + math.log(1e-12)) / 2)
     assert K.top_k_accuracy(probs, y, 2) == 0.5
+
+
+# ──────────────────────────────────────────────────────────────────────────────
+# Networks
+# ──────────────────────────────────────────────────────────────────────────────
+
+
+# torchvision resnet18().state_dict().keys(), in order
+RESNET18_KEYS = """
+conv1.weight bn1.weight bn1.bias bn1.running_mean bn1.running_var bn1.num_batches_tracked layer1.0.conv1.weight
+layer1.0.bn1.weight layer1.0.bn1.bias layer1.0.bn1.running_mean layer1.0.bn1.running_var
+layer1.0.bn1.num_batches_tracked layer1.0.conv2.weight layer1.0.bn2.weight layer1.0.bn2.bias
+layer1.0.bn2.running_mean layer1.0.bn2.running_var layer1.0.bn2.num_batches_tracked layer1.1.conv1.weight
+layer1.1.bn1.weight layer1.1.bn1.bias layer1.1.bn1.running_mean layer1.1.bn1.running_var
+layer1.1.bn1.num_batches_tracked layer1.1.conv2.weight layer1.1.bn2.weight layer1.1.bn2.bias
+layer1.1.bn2.running_mean layer1.1.bn2.running_var layer1.1.bn2.num_batches_tracked layer2.0.conv1.weight
+layer2.0.bn1.weight layer2.0.bn1.bias layer2.0.bn1.running_mean layer2.0.bn1.running_var
+layer2.0.bn1.num_batches_tracked layer2.0.conv2.weight layer2.0.bn2.weight layer2.0.bn2.bias
+layer2.0.bn2.running_mean layer2.0.bn2.running_var layer2.0.bn2.num_batches_tracked layer2.0.downsample.0.weight
+layer2.0.downsample.1.weight layer2.0.downsample.1.bias layer2.0.downsample.1.running_mean
+layer2.0.downsample.1.running_var layer2.0.downsample.1.num_batches_tracked layer2.1.conv1.weight
+layer2.1.bn1.weight layer2.1.bn1.bias layer2.1.bn1.running_mean layer2.1.bn1.running_var
+layer2.1.bn1.num_batches_tracked layer2.1.conv2.weight layer2.1.bn2.weight layer2.1.bn2.bias
+layer2.1.bn2.running_mean layer2.1.bn2.running_var layer2.1.bn2.num_batches_tracked layer3.0.conv1.weight
+layer3.0.bn1.weight layer3.0.bn1.bias layer3.0.bn1.running_mean layer3.0.bn1.running_var
+layer3.0.bn1.num_batches_tracked layer3.0.conv2.weight layer3.0.bn2.weight layer3.0.bn2.bias
+layer3.0.bn2.running_mean layer3.0.bn2.running_var layer3.0.bn2.num_batches_tracked layer3.0.downsample.0.weight
+layer3.0.downsample.1.weight layer3.0.downsample.1.bias layer3.0.downsample.1.running_mean
+layer3.0.downsample.1.running_var layer3.0.downsample.1.num_batches_tracked layer3.1.conv1.weight
+layer3.1.bn1.weight layer3.1.bn1.bias layer3.1.bn1.running_mean layer3.1.bn1.running_var
+layer3.1.bn1.num_batches_tracked layer3.1.conv2.weight layer3.1.bn2.weight layer3.1.bn2.bias
+layer3.1.bn2.running_mean layer3.1.bn2.running_var layer3.1.bn2.num_batches_tracked layer4.0.conv1.weight
+layer4.0.bn1.weight layer4.0.bn1.bias layer4.0.bn1.running_mean layer4.0.bn1.running_var
+layer4.0.bn1.num_batches_tracked layer4.0.conv2.weight layer4.0.bn2.weight layer4.0.bn2.bias
+layer4.0.bn2.running_mean layer4.0.bn2.running_var layer4.0.bn2.num_batches_tracked layer4.0.downsample.0.weight
+layer4.0.downsample.1.weight layer4.0.downsample.1.bias layer4.0.downsample.1.running_mean
+layer4.0.downsample.1.running_var layer4.0.downsample.1.num_batches_tracked layer4.1.conv1.weight
+layer4.1.bn1.weight layer4.1.bn1.bias layer4.1.bn1.running_mean layer4.1.bn1.running_var
+layer4.1.bn1.num_batches_tracked layer4.1.conv2.weight layer4.1.bn2.weight layer4.1.bn2.bias
+layer4.1.bn2.running_mean layer4.1.bn2.running_var layer4.1.bn2.num_batches_tracked fc.weight fc.bias
+""".split()
+
+
+@pytest.mark.parametrize("arch,size", [("cnn", 32), ("resnet18-cifar", 32), ("resnet18", 64), ("resnet50", 64)])
+def test_forward_features_and_heads_reproduce_forward(arch, size):
+    torch.manual_seed(0)
+    model = K.build_model(arch, 5, width=8, input_size=size).double().eval()
+    x = torch.randn(2, 3, size, size, dtype=f64)
+    logits, features = model(x), model.forward_features(x)
+    assert len(logits) == len(features) == len(model.heads) == len(model.exit_flops)
+    for head, f, z in zip(model.heads, features, logits):
+        assert f.shape == (2, head.linear.in_features)
+        torch.testing.assert_close(head.linear(f), z)
+    assert all(a < b for a, b in zip(model.exit_flops, model.exit_flops[1:]))
+    assert model.heads[-1].linear is model.backbone.fc  # the last exit is the network's own classifier
+    torch.testing.assert_close(model.forward_features(x, exits=[0])[0], features[0])
+
+
+def test_exit_flops_count_the_modules():
+    model = K.build_model("cnn", 2, width=4, input_size=16)
+    w = 4  # stage 1: conv 3->w stride 2 (8x8 out), conv w->w; head 1: two w->w convs at 8x8 + linear w->2
+    stage1 = 8 * 8 * w * 3 * 9 + 8 * 8 * w * w * 9
+    head1 = 2 * 8 * 8 * w * w * 9 + w * 2
+    assert model.exit_flops[0] == stage1 + head1
+
+
+def test_detached_exits_leave_the_backbone_gradients_untouched():
+    torch.manual_seed(1)
+    model = K.build_model("cnn", 3, width=4)
+    x = torch.randn(4, 3, 32, 32)
+    model(x)[0].sum().backward()  # a loss on the readout only
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.heads[0].parameters())
+    joint = K.build_model("cnn", 3, width=4, detach_exits=False)
+    joint(x)[0].sum().backward()
+    assert joint.backbone.stages[0][0].weight.grad is not None
+
+
+def test_resnet18_keys_are_torchvision_names_and_reload_through_pretrained_path(tmp_path):
+    model = K.build_model("resnet18", 10)
+    assert list(model.backbone.state_dict().keys()) == RESNET18_KEYS
+    torch.save(model.backbone.state_dict(), tmp_path / "weights.pth")
+    reloaded = K.build_model("resnet18", 10, pretrained=tmp_path / "weights.pth")
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(reloaded.backbone.state_dict()[key], value), key
+    other = K.build_model("resnet18", 3, pretrained=tmp_path / "weights.pth")  # another class count: new fc
+    assert other.backbone.fc.weight.shape == (3, 512)
+    torch.testing.assert_close(other.backbone.layer1[0].conv1.weight, model.backbone.layer1[0].conv1.weight)
+    broken = dict(model.backbone.state_dict())
+    broken["layer9.weight"] = broken.pop("layer1.0.conv1.weight")
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="layer1.0.conv1.weight"):
+        K.build_model("resnet18", 10, pretrained=tmp_path / "broken.pth")
+
+
+def test_build_model_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown arch 'vgg'"):
+        K.build_model("vgg", 10)
+    with pytest.raises(ValueError, match="no pretrained"):
+        K.build_model("cnn", 10, pretrained=True)
+
+
+def test_one_training_step_under_cpu_bf16_autocast():
+    torch.manual_seed(2)
+    model = K.build_model("cnn", 2, width=4)
+    data = K.make_synth(32, 8, 8, seed=0)
+    x = K.prepare_batch(data.train.images[:16], data.mean, data.std, "flip", seeded(0))
+    with K.autocast(torch.device("cpu"), True):
+        logits = model(x)
+        loss = K.student_loss(logits[-1], torch.randn(16, 2), data.train.labels[:16], torch.ones(16), 0.5, 3.0)
+    assert logits[-1].dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert torch.isfinite(model.backbone.fc.weight.grad).all()
+
+
+# ──────────────────────────────────────────────────────────────────────────────
+# Data
+# ──────────────────────────────────────────────────────────────────────────────
+
+def test_synth_is_deterministic_with_waterbirds_proportions():
+    a, b = K.make_synth(480, 120, 240, seed=3), K.make_synth(480, 120, 240, seed=3)
+    assert torch.equal(a.train.images, b.train.images) and a.train.images.dtype == torch.uint8
+    assert a.train.images.shape == (480, 3, 32, 32)
+    counts = torch.bincount(a.train.groups, minlength=4).tolist()
+    assert counts[0] > counts[3] > counts[1] > counts[2] >= 1  # 3498 : 1057 : 184 : 56
+    torch.testing.assert_close(a.train.groups, 2 * a.train.labels + a.train.groups % 2)
+    test_counts = torch.bincount(a.test.groups, minlength=4)
+    assert abs(int(test_counts[0] - test_counts[1])) <= 1 and abs(int(test_counts[2] - test_counts[3])) <= 1  # balanced backgrounds
+
+
+def test_synth_shortcut_is_learned_by_short_erm():
+    torch.manual_seed(0)
+    data = K.make_synth(1200, 200, 800, seed=0)
+    model = K.build_model("cnn", 2, width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = seeded(0)
+    for _ in range(3):
+        for index in torch.randperm(1200, generator=generator).split(64):
+            x = K.prepare_batch(data.train.images[index], data.mean, data.std, "flip", generator)
+            loss = F.cross_entropy(model(x)[-1], data.train.labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    logits, _ = K.predict_split(model, data.test, data.mean, data.std, torch.device("cpu"), exits=[-1])
+    accuracies = K.group_accuracies(logits[0].argmax(-1), data.test.labels, data.test.groups, 4)
+    # the majority groups (background agrees with the class) are solved, a minority group is not
+    assert accuracies[0] > 0.9 and accuracies[3] > 0.9
+    assert min(accuracies[1], accuracies[2]) < 0.5
+
+
+def test_pad_crop_flip_matches_explicit_crops():
+    images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    out = K.pad_crop_flip(images, seeded(4), padding=2)
+    replay = seeded(4)
+    offsets = torch.randint(0, 5, (2, 2), generator=replay)
+    flips = torch.rand(2, generator=replay) < 0.5
+    padded = F.pad(images, (2, 2, 2, 2))
+    for i in range(2):
+        r, c = offsets[i].tolist()
+        crop = padded[i, :, r:r + 5, c:c + 5]
+        if flips[i]:
+            crop = padded[i, :, r:r + 5, :].flip(-1)[:, :, 4 - c:4 - c + 5]  # flipped image, shifted
+            crop = padded[i].flip(-1)[:, r:r + 5, 4 - c:9 - c]
+        assert torch.equal(out[i], crop), i
+
+
+def test_random_resized_crop_full_area_is_identity_or_mirror():
+    images = torch.rand(4, 3, 8, 8)
+    out = K.random_resized_crop_flip(images, seeded(5), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    for i in range(4):
+        assert torch.allclose(out[i], images[i], atol=1e-5) or torch.allclose(out[i], images[i].flip(-1), atol=1e-5)
+
+
+def write_jpeg(path: Path, colour, size=(40, 30)):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, tuple(colour)).save(path, quality=95)
+
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (40, 220, 220), (220, 40, 220)]
+
+
+def make_waterbirds(root: Path, n: int = 12) -> list[dict]:
+    rows = []
+    for i in range(n):
+        y, place, split = i % 2, (i // 2) % 2, [0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2][i]
+        name = f"{i:03d}.Bird_{y}/img_{i}.jpg"
+        write_jpeg(root / name, COLOURS[i % 6])
+        rows.append({"img_id": i, "img_filename": name, "y": y, "split": split, "place": place,
+                     "place_filename": f"/x/{i}.jpg"})
+    with open(root / "metadata.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def test_waterbirds_loader_reads_the_real_layout_and_caches(tmp_path, monkeypatch):
+    rows = make_waterbirds(tmp_path / "wb")
+    data = K.load_dataset("waterbirds", tmp_path / "wb", image_size=16, cache_dir=tmp_path / "cache")
+    assert (len(data.train), len(data.val), len(data.test)) == (6, 3, 3)
+    assert data.train.images.shape == (6, 3, 16, 16) and data.train.images.dtype == torch.uint8
+    for split, ids in ((data.train, range(0, 6)), (data.val, range(6, 9)), (data.test, range(9, 12))):
+        assert split.labels.tolist() == [rows[i]["y"] for i in ids]
+        assert split.groups.tolist() == [2 * rows[i]["y"] + rows[i]["place"] for i in ids]
+        for image, i in zip(split.images, ids):  # solid colours survive resize, crop and JPEG to within a few levels
+            assert (image.float().mean((1, 2)) - torch.tensor(COLOURS[i % 6]).float()).abs().max() < 6
+    assert not any((tmp_path / "wb").rglob("*.u8"))  # the cache never goes into the data folder
+    monkeypatch.setattr(K, "_decode_image", lambda *a: pytest.fail("second load decoded an image"))
+    again = K.load_dataset("waterbirds", tmp_path / "wb", image_size=16, cache_dir=tmp_path / "cache")
+    assert torch.equal(again.test.images, data.test.images)
+
+
+def test_waterbirds_loader_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metadata.csv"):
+        K.load_dataset("waterbirds", tmp_path, cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        K.load_dataset("waterbirds", tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="unknown dataset 'birds'"):
+        K.load_dataset("birds", tmp_path)
+    rows = make_waterbirds(tmp_path / "wb")
+    (tmp_path / "wb" / rows[3]["img_filename"]).unlink()
+    with pytest.raises(FileNotFoundError, match=rows[3]["img_filename"].split("/")[1]):
+        K.load_dataset("waterbirds", tmp_path / "wb", image_size=16, cache_dir=tmp_path / "cache")
+    (tmp_path / "wb" / rows[3]["img_filename"]).write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="cannot decode image .*img_3.jpg"):
+        K.load_dataset("waterbirds", tmp_path / "wb", image_size=16, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())  # a failed build leaves nothing that looks like a cache
+    text = (tmp_path / "wb" / "metadata.csv").read_text().replace("place,", "location,")
+    (tmp_path / "wb" / "metadata.csv").write_text(text)
+    with pytest.raises(ValueError, match="missing column.*place"):
+        K.load_dataset("waterbirds", tmp_path / "wb", image_size=16, cache_dir=tmp_path / "cache")
+
+
+ATTRIBUTES = ["5_o_Clock_Shadow", "Blond_Hair", "Male", "Young"]
+
+
+def make_celeba(root: Path, kaggle: bool) -> tuple[list[int], list[int], list[int]]:
+    names = [f"{i + 1:06d}.jpg" for i in range(9)]
+    blond, male, split = [1, 0, 0, 1, 1, 0, 0, 1, 0], [0, 1, 0, 1, 0, 1, 0, 0, 1], [0, 0, 0, 0, 1, 1, 2, 2, 2]
+    images = root / ("img_align_celeba/img_align_celeba" if kaggle else "img_align_celeba")
+    for i, name in enumerate(names):
+        write_jpeg(images / name, COLOURS[i % 6], size=(30, 36))
+    sign = lambda v: 1 if v else -1  # noqa: E731
+    if kaggle:
+        with open(root / "list_attr_celeba.csv", "w") as handle:
+            handle.write("image_id," + ",".join(ATTRIBUTES) + "\n")
+            for i, name in enumerate(names):
+                handle.write(f"{name},-1,{sign(blond[i])},{sign(male[i])},1\n")
+        with open(root / "list_eval_partition.csv", "w") as handle:
+            handle.write("image_id,partition\n" + "".join(f"{n},{s}\n" for n, s in zip(names, split)))
+    else:
+        with open(root / "list_attr_celeba.txt", "w") as handle:
+            handle.write(f"{len(names)}\n" + " ".join(ATTRIBUTES) + "\n")
+            for i, name in enumerate(names):
+                handle.write(f"{name} -1  {sign(blond[i])} {sign(male[i])}  1\n")
+        (root / "list_eval_partition.txt").write_text("".join(f"{n} {s}\n" for n, s in zip(names, split)))
+    return blond, male, split
+
+
+@pytest.mark.parametrize("kaggle", [False, True])
+def test_celeba_loader_reads_both_distributions(tmp_path, kaggle):
+    blond, male, split = make_celeba(tmp_path / "celeba", kaggle)
+    data = K.load_dataset("celeba", tmp_path / "celeba", image_size=8, cache_dir=tmp_path / "cache")
+    assert (len(data.train), len(data.val), len(data.test)) == (4, 2, 3)
+    rows = {0: range(0, 4), 1: range(4, 6), 2: range(6, 9)}
+    for part, split_data in enumerate((data.train, data.val, data.test)):
+        assert split_data.labels.tolist() == [blond[i] for i in rows[part]]
+        assert split_data.groups.tolist() == [2 * blond[i] + male[i] for i in rows[part]]
+        for image, i in zip(split_data.images, rows[part]):
+            assert (image.float().mean((1, 2)) - torch.tensor(COLOURS[i % 6]).float()).abs().max() < 6
+    (tmp_path / "celeba" / ("list_attr_celeba.csv" if kaggle else "list_attr_celeba.txt")).unlink()
+    with pytest.raises(FileNotFoundError, match="list_attr_celeba"):
+        K.load_dataset("celeba", tmp_path / "celeba", cache_dir=tmp_path / "cache")
+
+
+def test_cifar100_loader_reads_the_pickles(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name, n in (("train", 20), ("test", 6)):
+        batches[name] = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "fine_labels": rng.integers(0, 100, n).tolist(), "coarse_labels": rng.integers(0, 20, n).tolist()}
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batches[name], handle)
+    with open(folder / "meta", "wb") as handle:
+        pickle.dump({"coarse_label_names": [f"super{i}" for i in range(20)]}, handle)
+    data = K.load_dataset("cifar100", tmp_path, val_size=5, seed=0)
+    assert (len(data.train), len(data.val), len(data.test)) == (15, 5, 6)
+    assert data.n_classes == 100 and data.n_groups == 20 and data.group_names[3] == "super3"
+    raw = batches["test"]["data"][2]
+    assert data.test.images[2, 0, 0, :].tolist() == raw[:32].tolist()  # R plane first, row-major
+    assert data.test.images[2, 2, 31, 31] == raw[3071]
+    assert data.test.labels.tolist() == batches["test"]["fine_labels"]
+    everything = torch.cat([data.train.labels, data.val.labels]).sort().values
+    assert everything.tolist() == sorted(batches["train"]["fine_labels"])
+    (folder / "test").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a CIFAR-100 pickle"):
+        K.load_dataset("cifar100", tmp_path)
