@@ -816,3 +816,140 @@ def test_cifar100_loader_reads_the_pickles(tmp_path):
     (folder / "test").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a CIFAR-100 pickle"):
         K.load_dataset("cifar100", tmp_path)
+
+
+# ──────────────────────────────────────────────────────────────────────────────
+# train.py and eval.py end to end
+# ──────────────────────────────────────────────────────────────────────────────
+import train  # noqa: E402  (the scripts are importable: their work happens in main())
+import eval as evaluate_script  # noqa: E402
+
+TINY = ["--synth-n-train", "64", "--epochs", "2", "--teacher-epochs", "1", "--width", "4", "--teacher-width", "4",
+        "--batch-size", "32", "--device", "cpu"]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """One tiny synth run per weighting (the first trains the teacher, the others reuse it)."""
+    root = tmp_path_factory.mktemp("runs")
+    results = {}
+    for weighting in ("none", "dedier", "laplace"):
+        teacher = [] if weighting == "none" else ["--teacher", str(root / "none" / "teacher.pt")]
+        extra = ["--teacher-targets", "laplace"] if weighting == "laplace" else []
+        results[weighting] = run_script("train.py", *TINY, "--weighting", weighting, *teacher, *extra,
+                                        "--out", str(root / weighting))
+    return root, results
+
+
+@pytest.mark.parametrize("weighting", ["none", "dedier", "laplace"])
+def test_train_smoke_writes_every_output(tiny_runs, weighting):
+    root, results = tiny_runs
+    result = results[weighting]
+    assert result.returncode == 0, result.stderr
+    out = root / weighting
+    for name in ("student.pt", "last.pt", "log.jsonl", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert (out / "teacher.pt").is_file() == (weighting == "none")
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == (["teacher"] if weighting == "none" else []) + ["student"] * 2
+    for record in records:
+        assert {"phase", "epoch", "seconds", "train_loss", "val_avg_acc", "val_worst_group_acc"} <= record.keys()
+    if weighting != "none":
+        assert "upweighted" in records[-1]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weighting"] == weighting and metrics["dataset"] == "synth" and metrics["seed"] == 0
+    for role in ("teacher", "student"):
+        m = metrics[role]["test"]
+        assert 0 <= m["worst_group_acc"] <= m["avg_acc"] <= 1 and len(m["group_acc"]) == 4
+    assert "worst-group" in result.stdout and "student epoch   2/2" in result.stdout
+
+
+def test_eval_reports_every_exit_and_the_budget_curve(tiny_runs, tmp_path):
+    root, _ = tiny_runs
+    result = run_script("eval.py", str(root / "laplace"), "--n-samples", "5", "--json", str(tmp_path / "r.json"),
+                        "--plot", str(tmp_path / "figures"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["exits"]) == 3 and len(report["budget_curve"]) == 2 * 39
+    for e in report["exits"]:
+        for method in ("MAP", "Laplace", "MIE", "MIE+Laplace"):
+            assert {"top1", "nlpd", "ece", "worst_group_acc"} <= e[method].keys()
+        assert e["avcs"]["nestedness"] == 1.0 and 0 <= e["avcs"]["coverage"] <= 1
+        assert e["laplace_avcs"]["nestedness"] == 1.0
+    assert "MIE+Laplace" in result.stdout and "prediction sets" in result.stdout
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "figures" / "reliability.png").is_file()
+    except ImportError:
+        assert "pip install matplotlib" in result.stderr
+
+
+def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    args = TINY + ["--epochs", "3", "--weighting", "laplace"]
+    train.main(args + ["--out", str(tmp_path / "full")])
+    real_save, saves = K.atomic_save, []
+
+    def interrupt_after_first_student_epoch(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "last.pt" and obj.get("phase") == "student":
+            raise KeyboardInterrupt  # Ctrl-C right after the epoch's checkpoint
+
+    monkeypatch.setattr(K, "atomic_save", interrupt_after_first_student_epoch)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args + ["--out", str(tmp_path / "cut")])
+    assert stopped.value.code == 130
+    monkeypatch.setattr(K, "atomic_save", real_save)
+    assert K.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    train.main(args + ["--out", str(tmp_path / "cut"), "--resume"])
+    full, cut = K.load_checkpoint(tmp_path / "full" / "last.pt"), K.load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert cut["epoch"] == full["epoch"] == 3
+    for key, value in full["model"].items():
+        assert torch.equal(cut["model"][key], value), key
+    assert torch.equal(cut["extra"]["weights"], full["extra"]["weights"])
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text()) == json.loads((tmp_path / "full" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lam", "1.5"], "--lam must be in [0, 1]"),
+    (["--alpha", "0"], "--alpha must be > 0"),
+    (["--beta", "-1"], "--beta must be >= 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--weighting", "softmax"], "invalid choice: 'softmax'"),
+    (["--dataset", "waterbirds"], "--data-root is required"),
+])
+def test_train_rejects_bad_flags_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(flags)
+    assert stopped.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_train_rejects_bad_runs_without_a_traceback(tiny_runs, tmp_path, capsys):
+    root, _ = tiny_runs
+    cases = [(["--resume", "--out", str(tmp_path / "empty")], "no " + str(tmp_path / "empty" / "last.pt")),
+             (["--dataset", "waterbirds", "--data-root", str(tmp_path / "nowhere")], "does not exist"),
+             (["--resume", "--arch", "resnet18-cifar", "--out", str(root / "none")], "is a run of dataset synth with arch cnn"),
+             (["--readout-exit", "2", "--out", str(tmp_path / "r")], "--readout-exit 2")]
+    saved = K.load_checkpoint(root / "none" / "teacher.pt")
+    saved["dataset"] = "cifar100"
+    torch.save(saved, tmp_path / "cifar_teacher.pt")
+    cases.append((["--teacher", str(tmp_path / "cifar_teacher.pt"), "--out", str(tmp_path / "t")], "another dataset"))
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as stopped:
+            train.main(TINY + flags)
+        assert stopped.value.code == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        evaluate_script.main([str(tmp_path / "missing")])
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_a_bad_flag_in_a_real_process_prints_one_line():
+    result = run_script("train.py", "--lam", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--lam must be in [0, 1]" in result.stderr
