@@ -232,9 +232,16 @@ def _require_columns(header: Sequence[str], required: Sequence[str], path: Path)
                          f"{', '.join(required)}")
 
 
-def _splits_from_cache(images: np.ndarray, split_ids: np.ndarray, labels: np.ndarray,
-                       groups: np.ndarray) -> tuple[Split, Split, Split]:
-    """Train/val/test as zero-copy views: the cache stores images sorted by split id 0, 1, 2."""
+def _jpeg_splits(name: str, paths: list[Path], split_ids: np.ndarray, labels: np.ndarray, attribute: np.ndarray,
+                 listing: Path, image_size: int, cache_dir: Optional[Union[str, Path]]) -> tuple[Split, Split, Split]:
+    """Train/val/test of a JPEG dataset with ``g = 2 y + a``: images sorted by split id (0, 1, 2) and cached,
+    so each split is a zero-copy view of the memmap."""
+    missing = [path for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) listed in {listing} are missing, first: {missing[0]}")
+    order = np.argsort(split_ids, kind="stable")
+    images = _cached_images(name, [paths[i] for i in order], image_size, name, cache_dir)
+    split_ids, labels, groups = split_ids[order], labels[order], 2 * labels[order] + attribute[order]
     out = []
     for split_id in range(3):
         rows = np.flatnonzero(split_ids == split_id)
@@ -242,12 +249,6 @@ def _splits_from_cache(images: np.ndarray, split_ids: np.ndarray, labels: np.nda
         out.append(Split(torch.from_numpy(images[start:stop]), torch.from_numpy(labels[start:stop]).long(),
                          torch.from_numpy(groups[start:stop]).long()))
     return tuple(out)
-
-
-def _check_image_paths(paths: list[Path], listing: Path) -> None:
-    missing = [path for path in paths if not path.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) listed in {listing} are missing, first: {missing[0]}")
 
 
 def _load_waterbirds(root: Path, image_size: int = 224, cache_dir: Optional[str] = None) -> SpuriousDataset:
@@ -268,12 +269,8 @@ def _load_waterbirds(root: Path, image_size: int = 224, cache_dir: Optional[str]
         allowed = (0, 1, 2) if column == "split" else (0, 1)
         if not np.isin(values, allowed).all():
             raise ValueError(f"{metadata}: column {column} must hold values in {allowed}")
-    order = np.argsort(split_ids, kind="stable")  # cache sorted by split: each split is a contiguous view
-    paths = [root / rows[i]["img_filename"] for i in order]
-    _check_image_paths(paths, metadata)
-    images = _cached_images("waterbirds", paths, image_size, "waterbirds", cache_dir)
-    labels, places, split_ids = labels[order], places[order], split_ids[order]
-    train, val, test = _splits_from_cache(images, split_ids, labels, 2 * labels + places)
+    paths = [root / row["img_filename"] for row in rows]
+    train, val, test = _jpeg_splits("waterbirds", paths, split_ids, labels, places, metadata, image_size, cache_dir)
     return SpuriousDataset("waterbirds", train, val, test, n_classes=2, n_groups=4,
                            group_names=["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"],
                            mean=IMAGENET_MEAN, std=IMAGENET_STD, class_name="waterbird",
@@ -336,12 +333,8 @@ def _load_celeba(root: Path, image_size: int = 224, cache_dir: Optional[str] = N
     split_ids = np.array([split_of[name] for name in names])
     labels = (attributes[:, columns.index(target)] > 0).astype(np.int64)
     male = (attributes[:, columns.index(spurious)] > 0).astype(np.int64)
-    order = np.argsort(split_ids, kind="stable")
-    paths = [image_folder / names[i] for i in order]
-    _check_image_paths(paths, attribute_file)
-    images = _cached_images("celeba", paths, image_size, "celeba", cache_dir)
-    labels, male, split_ids = labels[order], male[order], split_ids[order]
-    train, val, test = _splits_from_cache(images, split_ids, labels, 2 * labels + male)
+    paths = [image_folder / name for name in names]
+    train, val, test = _jpeg_splits("celeba", paths, split_ids, labels, male, attribute_file, image_size, cache_dir)
     return SpuriousDataset("celeba", train, val, test, n_classes=2, n_groups=4,
                            group_names=["non-blond/female", "non-blond/male", "blond/female", "blond/male"],
                            mean=IMAGENET_MEAN, std=IMAGENET_STD, class_name=target, spurious_name=spurious,

@@ -675,10 +675,8 @@ def test_pad_crop_flip_matches_explicit_crops():
     padded = F.pad(images, (2, 2, 2, 2))
     for i in range(2):
         r, c = offsets[i].tolist()
-        crop = padded[i, :, r:r + 5, c:c + 5]
-        if flips[i]:
-            crop = padded[i, :, r:r + 5, :].flip(-1)[:, :, 4 - c:4 - c + 5]  # flipped image, shifted
-            crop = padded[i].flip(-1)[:, r:r + 5, 4 - c:9 - c]
+        # a flip mirrors the crop window too: column j of the output reads padded column c + (4 - j)
+        crop = padded[i].flip(-1)[:, r:r + 5, 4 - c:9 - c] if flips[i] else padded[i, :, r:r + 5, c:c + 5]
         assert torch.equal(out[i], crop), i
 
 
