@@ -119,16 +119,16 @@ def train_epoch_cases(quick: bool, device: torch.device) -> list[dict]:
         teacher = train.new_model(cfg, "teacher", data, device).eval()
         targets = train.teacher_targets(cfg, teacher, splits["train"], splits["val"], data, device)
         with tempfile.TemporaryDirectory() as out:
+            student = train.new_model(cfg, "student", data, device)
+            refresher = train.weight_refresher(cfg, splits, data, device)
+            extra = {}
+            if refresher:  # a realistic epoch: last epoch's weights are in use, this epoch's are computed at its end
+                refresher(student, 0, extra)
+
             def epoch() -> None:
-                cfg.epochs = 1
-                student = train.new_model(cfg, "student", data, device)
-                refresher = train.weight_refresher(cfg, splits, data, device)
-                extra = {}
-                if refresher:  # a realistic epoch: the weights of the previous epoch are in use
-                    refresher(student, 0, extra)
                 train.train_phase(cfg, "student", student, data, splits, device, 1,
-                                  train.student_batch_loss(cfg, splits, targets), refresher,
-                                  {"phase": None, "extra": extra}, Path(out), lambda record: None)
+                                  train.student_batch_loss(cfg, splits, targets), refresher, {"extra": extra},
+                                  Path(out), lambda record: None)
             seconds_of[weighting] = timed(epoch, 1 if quick else 2, device)
         rows.append({"case": f"train_epoch_{weighting}", "device": device.type,
                      "sizes": f"synth N={len(data.train)} cnn w={cfg.width}", "seconds": seconds_of[weighting],

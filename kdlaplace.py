@@ -885,10 +885,17 @@ class KFACLaplace:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weight, self.A, self.G, self.n, self.has_bias = weight, A, G, n, has_bias
         self.prior_precision, self.temperature = float(prior_precision), float(temperature)
-        # decompose once: every prior precision afterwards costs a diagonal rescale, no refit
-        eig_A, self._eigvec_A = torch.linalg.eigh(A)  # (p+1,), (p+1, p+1)
-        eig_G, self._eigvec_G = torch.linalg.eigh(G)  # (c,), (c, c)
-        self._eig_A, self._eig_G = eig_A.clamp(min=0), eig_G.clamp(min=0)  # round-off can dip below 0
+        self._eigen: Optional[dict] = None  # filled on first use, shared by every copy
+
+    def _eigendecomposition(self) -> dict:
+        """``A = Q_A diag(l_A) Q_A^T``, ``G = Q_G diag(l_G) Q_G^T``, computed once on first use (a fit that is only
+        inspected never pays for it); every prior precision afterwards costs a diagonal rescale, no refit."""
+        if self._eigen is None:
+            eig_A, eigvec_A = torch.linalg.eigh(self.A)  # (p+1,), (p+1, p+1)
+            eig_G, eigvec_G = torch.linalg.eigh(self.G)  # (c,), (c, c)
+            # round-off can dip below 0; a dict (not attributes) so copies made before first use share it
+            self._eigen = {"eig_A": eig_A.clamp(min=0), "Q_A": eigvec_A, "eig_G": eig_G.clamp(min=0), "Q_G": eigvec_G}
+        return self._eigen
 
     @classmethod
     def fit(cls, features: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -938,15 +945,14 @@ class KFACLaplace:
 
     def _damped_inverse_diagonals(self) -> tuple[Tensor, Tensor]:
         """Eigenvalues of U and V: ``1 / (sqrt(N) lambda + sqrt(tau))``, float64."""
-        root_n, root_tau = math.sqrt(self.n), math.sqrt(self.prior_precision)
-        return 1.0 / (root_n * self._eig_G + root_tau), 1.0 / (root_n * self._eig_A + root_tau)  # (c,), (p+1,)
+        eigen, root_n, root_tau = self._eigendecomposition(), math.sqrt(self.n), math.sqrt(self.prior_precision)
+        return 1.0 / (root_n * eigen["eig_G"] + root_tau), 1.0 / (root_n * eigen["eig_A"] + root_tau)  # (c,), (p+1,)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """Posterior covariance factors ``(U (c, c), V (p+1, p+1))`` with ``Cov(vec W~) = U (x) V`` (row-major vec)."""
         u_diag, v_diag = self._damped_inverse_diagonals()
-        U = (self._eigvec_G * u_diag) @ self._eigvec_G.T  # (c, c)
-        V = (self._eigvec_A * v_diag) @ self._eigvec_A.T  # (p+1, p+1)
-        return U, V
+        Q_G, Q_A = self._eigendecomposition()["Q_G"], self._eigendecomposition()["Q_A"]
+        return (Q_G * u_diag) @ Q_G.T, (Q_A * v_diag) @ Q_A.T  # U (c, c), V (p+1, p+1)
 
     def _check_features(self, features: Tensor) -> None:
         width = self.weight.shape[1] - int(self.has_bias)
@@ -956,7 +962,7 @@ class KFACLaplace:
 
     def _projected_features(self, features: Tensor) -> Tensor:
         """``phi~^T Q_A`` (N, p+1) without building ``phi~``: the feature part times Q plus Q's bias row."""
-        eigvec = self._eigvec_A.to(features.dtype)
+        eigvec = self._eigendecomposition()["Q_A"].to(features.dtype)
         if self.has_bias:
             return features @ eigvec[:-1] + eigvec[-1]  # (N, p+1)
         return features @ eigvec  # (N, p)
@@ -1039,9 +1045,9 @@ def _laplace_grid(laplace: KFACLaplace, features: Tensor, temperatures: Sequence
     normal = torch.randn(n_samples, mean.shape[1], generator=generator, dtype=torch.float64, device=mean.device)
     for prior_variance in prior_variances:
         candidate = laplace.with_hyperparameters(prior_precision=1.0 / prior_variance)
-        u_diag, v_diag = candidate._damped_inverse_diagonals()
+        _, v_diag = candidate._damped_inverse_diagonals()
         scale = squared_projection @ v_diag.to(dtype)  # (N,)
-        U = (candidate._eigvec_G * u_diag) @ candidate._eigvec_G.T  # (c, c)
+        U, _ = candidate.factors()  # (c, c); V is never formed: scale comes from the projection
         if link == "probit":
             variance = scale[:, None] * torch.diagonal(U).to(dtype)  # (N, c)
         else:

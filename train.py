@@ -277,9 +277,8 @@ def train_phase(cfg: Config, phase: str, model: K.EarlyExitNet, data: K.Spurious
         generator.set_state(state["generator"])
         start_epoch, best = state["epoch"] + 1, state["best"]
         state["extra"] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state["extra"].items()}
-    else:
-        state.clear()
-        state["extra"] = {}
+    else:  # a fresh phase: only the per-sample/per-group extras the caller passed in carry over
+        state.setdefault("extra", {})
     step = torch.compile(model) if cfg.compile else model
     amp = device.type == "cuda"
     for epoch in range(start_epoch, epochs + 1):
@@ -399,9 +398,10 @@ def run(cfg: Config) -> dict:
     targets = teacher_targets(cfg, teacher, splits["train"], splits["val"], data, device)
 
     # 2. Student: weighted KD on the last exit, readouts trained on the side, weights refreshed every epoch
+    student_state = state if state.get("phase") == "student" else {}  # the teacher's state stays behind
     student = train_phase(cfg, "student", student, data, splits, device, cfg.epochs,
                           student_batch_loss(cfg, splits, targets), weight_refresher(cfg, splits, data, device),
-                          state, out, log)
+                          student_state, out, log)
 
     # 3. Summary on the test split
     metrics = {"dataset": data.name, "weighting": cfg.weighting, "seed": cfg.seed,
