@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 import kdlaplace as K
-from train import Config, load_data  # the same data set-up as training: one definition
+from train import Config, load_data, to_device  # the same set-up as training: one definition
 
 BUDGET_LEVELS = [j / 20 for j in range(1, 40)]  # Meronen et al.'s budget levels q
 
@@ -86,7 +86,7 @@ def report(args: argparse.Namespace) -> dict:
     data = load_data(cfg)
     if checkpoint["model_config"]["n_classes"] != data.n_classes:
         raise ValueError(f"{path} has {checkpoint['model_config']['n_classes']} classes; {data.name} has {data.n_classes}")
-    model = K.model_from_checkpoint(checkpoint).to(device)
+    model = to_device(K.model_from_checkpoint(checkpoint), device)
     n_exits, flops = len(model.heads), model.exit_flops
     generator = torch.Generator(device=device).manual_seed(args.seed)
     splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}

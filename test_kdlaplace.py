@@ -951,3 +951,12 @@ def test_train_rejects_bad_runs_without_a_traceback(tiny_runs, tmp_path, capsys)
 def test_a_bad_flag_in_a_real_process_prints_one_line():
     result = run_script("train.py", "--lam", "2")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--lam must be in [0, 1]" in result.stderr
+
+
+def test_resume_with_more_epochs_continues_the_run(tmp_path):
+    args = TINY + ["--weighting", "dedier", "--out", str(tmp_path / "run")]
+    train.main(args)
+    train.main(args[:args.index("--epochs")] + ["--epochs", "3"] + args[args.index("--epochs") + 2:] + ["--resume"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in records] == [("teacher", 1), ("student", 1), ("student", 2), ("student", 3)]
+    assert K.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3

@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -140,7 +141,11 @@ def model_config(cfg: Config, role: str, data: K.SpuriousDataset) -> dict:
 
 def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
     pretrained = {"none": False, "imagenet": True}.get(cfg.pretrained, cfg.pretrained)
-    model = K.build_model(**model_config(cfg, role, data), pretrained=pretrained)
+    return to_device(K.build_model(**model_config(cfg, role, data), pretrained=pretrained), device)
+
+
+def to_device(model: K.EarlyExitNet, device: torch.device) -> K.EarlyExitNet:
+    """Move a network to the device; channels_last on CUDA (faster convolutions with bf16)."""
     return model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
 
 
@@ -227,7 +232,12 @@ def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, train: K.Split, val: K
     laplace = K.KFACLaplace.fit(train_features, linear.weight, linear.bias)
     laplace = K.tune_laplace(laplace, val_features, val.labels, link="probit")
     print(f"teacher Laplace targets: T={laplace.temperature}, prior precision={laplace.prior_precision:.3g}")
-    return lambda x: torch.log(laplace.predict(teacher.forward_features(x, exits=[last])[0].float(), link="probit"))
+
+    def laplace_targets(x: torch.Tensor) -> torch.Tensor:
+        features = teacher.forward_features(x, exits=[last])[0]  # (B, p), bf16 under CUDA autocast
+        with torch.autocast(x.device.type, enabled=False):  # the Laplace predictive in fp32
+            return torch.log(laplace.predict(features.float(), link="probit"))  # (B, c)
+    return laplace_targets
 
 
 def student_batch_loss(cfg: Config, splits: dict, targets: Callable) -> Callable:
@@ -273,7 +283,13 @@ def train_phase(cfg: Config, phase: str, model: K.EarlyExitNet, data: K.Spurious
     if state.get("phase") == phase:  # resuming this phase
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if state["scheduler"]["total_steps"] == scheduler.total_steps:
+            scheduler.load_state_dict(state["scheduler"])
+        else:  # --epochs changed on resume: follow the new schedule from the step reached
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+                for _ in range(state["epoch"] * steps_per_epoch):
+                    scheduler.step()
         generator.set_state(state["generator"])
         start_epoch, best = state["epoch"] + 1, state["best"]
         state["extra"] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state["extra"].items()}
@@ -379,7 +395,7 @@ def run(cfg: Config) -> dict:
     if cfg.teacher or (cfg.resume and state.get("phase") == "student"):
         saved = K.load_checkpoint(teacher_path)
         check_compatible(saved, cfg, "teacher", data, teacher_path)
-        teacher = K.model_from_checkpoint(saved).to(device)
+        teacher = to_device(K.model_from_checkpoint(saved), device)
     else:
         def teacher_loss(model, x, index, extra):
             logits = model(x)
