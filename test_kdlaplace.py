@@ -890,7 +890,7 @@ def test_eval_reports_every_exit_and_the_budget_curve(tiny_runs, tmp_path):
 def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     args = TINY + ["--epochs", "3", "--weighting", "laplace"]
     train.main(args + ["--out", str(tmp_path / "full")])
-    real_save, saves = K.atomic_save, []
+    real_save = K.atomic_save
 
     def interrupt_after_first_student_epoch(obj, path):
         real_save(obj, path)
