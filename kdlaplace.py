@@ -127,9 +127,11 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
     (3498 : 184 : 56 : 1057, ``g = 2 y + place``). In val and test the backgrounds are balanced within each
     class (as in Waterbirds), so worst-group accuracy exposes a background shortcut.
 
-    The shortcut is real: the small CNN of :func:`build_model` trained with plain ERM (``python train.py
-    --teacher-objective erm --teacher-arch cnn``, 20 epochs) reaches high average accuracy with a worst-group accuracy far below it
-    (measured figures in the README), while group DRO closes most of the gap.
+    The shortcut is real (measured, README): plain ERM first learns a pure background classifier (validation
+    accuracy 0.50, worst-group 0, for several epochs); after 3 epochs a width-8 CNN has the majority groups above
+    90% and a minority group below 50% (a test pins this). Fully trained with model selection on validation
+    worst-group accuracy, the width-64 CNN reaches 97.9 ± 0.8% average but 88.8 ± 3.9% worst-group accuracy
+    with ERM, against 98.3 ± 1.5% / 96.1 ± 2.1% with group DRO (5 seeds, ``python bench.py --table``).
     """
     if min(n_train, n_val, n_test) < 8 or image_size < 16:
         raise ValueError(f"synth: every split needs >= 8 images and image_size >= 16, got n_train={n_train}, "
