@@ -210,7 +210,6 @@ def main() -> None:
     if args.table:
         run_table(args.seeds, Path(args.out))
         return
-    torch.set_num_threads(torch.get_num_threads())
     rows = []
     for device in [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []):
         rows += speed_cases(args.quick, device)

@@ -955,7 +955,8 @@ class KFACLaplace:
     def factors(self) -> tuple[Tensor, Tensor]:
         """Posterior covariance factors ``(U (c, c), V (p+1, p+1))`` with ``Cov(vec W~) = U (x) V`` (row-major vec)."""
         u_diag, v_diag = self._damped_inverse_diagonals()
-        Q_G, Q_A = self._eigendecomposition()["Q_G"], self._eigendecomposition()["Q_A"]
+        eigen = self._eigendecomposition()
+        Q_G, Q_A = eigen["Q_G"], eigen["Q_A"]
         return (Q_G * u_diag) @ Q_G.T, (Q_A * v_diag) @ Q_A.T  # U (c, c), V (p+1, p+1)
 
     def _check_features(self, features: Tensor) -> None:
