@@ -116,7 +116,7 @@ def train_epoch_cases(quick: bool, device: torch.device) -> list[dict]:
         splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
         torch.manual_seed(0)
         teacher = train.new_model(cfg, "teacher", data, device).eval()
-        targets = train.teacher_targets(cfg, teacher, splits["train"], splits["val"], data, device)
+        targets = train.teacher_targets(cfg, teacher, splits, data, device)
         with tempfile.TemporaryDirectory() as out:
             student = train.new_model(cfg, "student", data, device)
             refresher = train.weight_refresher(cfg, splits, data, device)

@@ -28,13 +28,16 @@ BUDGET_LEVELS = [j / 20 for j in range(1, 40)]  # Meronen et al.'s budget levels
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a run folder (its student.pt is used) or a .pt checkpoint")
-    parser.add_argument("--data-root", help="dataset folder (default: the one the run was trained on)")
+    parser.add_argument("--data-root", help="dataset folder (default: the run's, if it still exists, else "
+                                            "$KDLAPLACE_DATA/<dataset> or ./data/<dataset>)")
     parser.add_argument("--n-samples", type=int, default=50, help="MC samples of the Laplace predictive (default: 50)")
     parser.add_argument("--alpha", type=float, default=0.05, help="miscoverage level of the sets (default: 0.05)")
     parser.add_argument("--json", help="write the tables to this JSON file")
     parser.add_argument("--plot", help="write PNG figures to this folder (needs matplotlib)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the MC samples and Dirichlet draws (default: 0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the MC samples and Dirichlet draws (default: the run's seed, so the readout's "
+                             "figures equal its metrics.json)")
     args = parser.parse_args(argv)
     if not 0 < args.alpha < 1:
         parser.error("--alpha must be in (0, 1)")
@@ -82,28 +85,30 @@ def report(args: argparse.Namespace) -> dict:
     cfg = Config(**{k: v for k, v in checkpoint.get("config", {}).items() if k in names})
     if args.data_root:
         cfg.data_root = args.data_root
+    elif cfg.data_root and not Path(cfg.data_root).expanduser().is_dir():  # the run moved: the default rule
+        cfg.data_root = None
+    seed = cfg.seed if args.seed is None else args.seed
     device = K.pick_device(args.device)
     data = load_data(cfg)
     if checkpoint["model_config"]["n_classes"] != data.n_classes:
         raise ValueError(f"{path} has {checkpoint['model_config']['n_classes']} classes; {data.name} has {data.n_classes}")
     model = to_device(K.model_from_checkpoint(checkpoint), device)
     n_exits, flops = len(model.heads), model.exit_flops
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
     outputs = {name: K.predict_split(model, split, data.mean, data.std, device, amp=device.type == "cuda")
                for name, split in splits.items()}  # name -> (logits (K, N, c), [features (N, p_k)])
     val, test = splits["val"], splits["test"]
 
     # Laplace per exit: fit on train, tune on val alone (+Laplace) and greedily within the ensemble (+MIE+Laplace)
-    laplaces = [K.KFACLaplace.fit(outputs["train"][1][k], model.heads[k].linear.weight.detach(),
-                                  model.heads[k].linear.bias.detach()) for k in range(n_exits)]
-    tuned = [K.tune_laplace(lap, outputs["val"][1][k], val.labels, n_samples=args.n_samples, generator=generator)
-             for k, lap in enumerate(laplaces)]
-    tuned_mie = K.tune_laplace_ensemble(laplaces, outputs["val"][1], val.labels, flops, n_samples=args.n_samples,
-                                        generator=generator)
+    # (every random computation starts from its own K.seeded_generator(seed): the figures of one exit never depend
+    # on what ran before, and the readout's equal train.py's metrics.json)
+    tuned = [K.tuned_exit_laplace(model.heads[k].linear, outputs["train"][1][k], outputs["val"][1][k], val.labels,
+                                  args.n_samples, seed) for k in range(n_exits)]
+    tuned_mie = K.tune_laplace_ensemble(tuned, outputs["val"][1], val.labels, flops, n_samples=args.n_samples,
+                                        generator=K.seeded_generator(seed, device))
 
     def laplace_probs(models: list[K.KFACLaplace], split: str) -> torch.Tensor:
-        return torch.stack([m.predict(outputs[split][1][k], args.n_samples, generator=generator)
+        return torch.stack([m.predict(outputs[split][1][k], args.n_samples, generator=K.seeded_generator(seed, device))
                             for k, m in enumerate(models)])  # (K, N, c)
 
     probs = {split: {"MAP": torch.softmax(outputs[split][0], -1), "Laplace": laplace_probs(tuned, split),
@@ -113,10 +118,14 @@ def report(args: argparse.Namespace) -> dict:
     methods = ["MAP", "Laplace", "MIE", "MIE+Laplace"]
 
     # Anytime-valid sets: Dirichlet AVCS (thresholds tuned on val) and Laplace-AVCS, on test
-    thresholds = K.tune_avcs_thresholds(outputs["val"][0], val.labels, args.alpha, generator=generator)
-    avcs = K.set_metrics(K.avcs_sets(outputs["test"][0], thresholds, args.alpha, True, generator), test.labels)
-    avcs_plain = K.set_metrics(K.avcs_sets(outputs["test"][0], thresholds, args.alpha, False, generator), test.labels)
-    laplace_sets = K.laplace_avcs_sets(tuned, outputs["test"][1], args.alpha, args.n_samples, True, generator)
+    thresholds = K.tune_avcs_thresholds(outputs["val"][0], val.labels, args.alpha,
+                                        generator=K.seeded_generator(seed, device))
+    avcs = K.set_metrics(K.avcs_sets(outputs["test"][0], thresholds, args.alpha, True,
+                                     K.seeded_generator(seed, device)), test.labels)
+    avcs_plain = K.set_metrics(K.avcs_sets(outputs["test"][0], thresholds, args.alpha, False,
+                                           K.seeded_generator(seed, device)), test.labels)
+    laplace_sets = K.laplace_avcs_sets(tuned, outputs["test"][1], args.alpha, args.n_samples, True,
+                                       K.seeded_generator(seed, device))
     laplace_avcs = K.set_metrics(laplace_sets, test.labels)
 
     exits = []
@@ -133,6 +142,7 @@ def report(args: argparse.Namespace) -> dict:
                             for m in ("MAP", "Laplace")}})  # per bin: count, confidence sum, correct count
     curves = {m: budget_curve(probs["val"][m], probs["test"][m], test.labels, flops) for m in ("MAP", "MIE+Laplace")}
     return {"checkpoint": str(path), "dataset": data.name, "alpha": args.alpha, "n_samples": args.n_samples,
+            "seed": seed,
             "exits": exits, "budget_curve": [{"method": m, **point} for m, points in curves.items() for point in points]}
 
 

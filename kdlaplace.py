@@ -353,14 +353,13 @@ def _unpickle(path: Path) -> dict:
 
 
 def _load_cifar100(root: Path, val_size: int = 5000, seed: int = 0) -> SpuriousDataset:
-    """CIFAR-100 (Krizhevsky 2009) from ``root/cifar-100-python/{train,test,meta}`` (or ``root`` itself holding
-    them); ``data`` is (N, 3072) uint8 in R, G, B planes. Groups are the 20 superclasses; ``val_size``
+    """CIFAR-100 (Krizhevsky 2009) from ``root/{train,test,meta}`` (the ``cifar-100-python`` folder); ``data``
+    is (N, 3072) uint8 in R, G, B planes. Groups are the 20 superclasses; ``val_size``
     training images are held out (seeded) for validation."""
-    folder = root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
-    meta = _unpickle(folder / "meta")
+    meta = _unpickle(root / "meta")
 
     def read(name: str) -> tuple[Tensor, Tensor, Tensor]:
-        path = folder / name
+        path = root / name
         batch = _unpickle(path)
         for key in ("data", "fine_labels", "coarse_labels"):
             if key not in batch:
@@ -387,28 +386,57 @@ def _load_cifar100(root: Path, val_size: int = 5000, seed: int = 0) -> SpuriousD
 
 
 DATASETS = ("synth", "waterbirds", "celeba", "cifar100")
+# Folders the distributions unpack to, tried inside the data root, and a file that marks each layout.
+DATASET_FOLDERS = {
+    "waterbirds": (["", "waterbird_complete95_forest2water2", "waterbirds_v1.0"], ["metadata.csv"]),
+    "celeba": (["", "celeba", "celeba-dataset", "CelebA"],
+               ["list_attr_celeba.txt", "Anno/list_attr_celeba.txt", "list_attr_celeba.csv"]),
+    "cifar100": (["", "cifar-100-python"], ["meta"]),
+}
+DATASET_SOURCES = {
+    "waterbirds": "the waterbird_complete95_forest2water2 tarball (Sagawa et al.'s group_DRO repository) or WILDS' "
+                  "waterbirds_v1.0",
+    "celeba": "the aligned & cropped CelebA images with list_eval_partition and list_attr_celeba (official page or "
+              "Kaggle's celeba-dataset)",
+    "cifar100": "the CIFAR-100 python version (cifar-100-python.tar.gz, Alex Krizhevsky's page)",
+}
+
+
+def default_data_root(name: str) -> Path:
+    """Where a dataset lives when no root is given: ``$KDLAPLACE_DATA/<name>`` if that variable is set, else
+    ``./data/<name>``."""
+    return Path(os.environ.get("KDLAPLACE_DATA") or "data") / name
+
+
+def resolve_data_root(name: str, root: Optional[Union[str, Path]] = None) -> Path:
+    """The folder that holds dataset ``name`` in its distributed layout: ``root`` (default
+    :func:`default_data_root`) itself or the folder the distribution unpacks to inside it
+    (``waterbird_complete95_forest2water2``, ``waterbirds_v1.0``, ``cifar-100-python``, ``celeba``, ...).
+    When none holds the dataset's marker file, one error lists every place looked at and where to get the data."""
+    base = Path(root).expanduser() if root is not None else default_data_root(name)
+    subfolders, markers = DATASET_FOLDERS[name]
+    candidates = [base / sub if sub else base for sub in subfolders]
+    for folder in candidates:
+        if any((folder / marker).is_file() for marker in markers):
+            return folder
+    looked = ", ".join(str(folder / markers[0]) for folder in candidates)
+    how = "--data-root DIR" + ("" if root is not None else " or $KDLAPLACE_DATA")
+    raise FileNotFoundError(f"{name}: no dataset found; looked for {looked}. Get {DATASET_SOURCES[name]}, unpack it "
+                            f"there or point {how} at it (README, 'Real datasets')")
 
 
 def load_dataset(name: str, root: Optional[Union[str, Path]] = None, **options) -> SpuriousDataset:
     """Load ``name`` in ``("synth", "waterbirds", "celeba", "cifar100")``.
 
     ``synth`` is generated (options: ``n_train``, ``n_val``, ``n_test``, ``image_size``, ``seed``); the others
-    read ``root`` in their distributed layout (options: ``image_size``, ``cache_dir`` for the JPEG datasets;
-    ``val_size``, ``seed`` for CIFAR-100)."""
+    read their distributed layout under ``root`` (see :func:`resolve_data_root`; options: ``image_size``,
+    ``cache_dir`` for the JPEG datasets; ``val_size``, ``seed`` for CIFAR-100)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "synth":
         return make_synth(**options)
-    if root is None:
-        raise ValueError(f"{name}: a data root is needed (--data-root DIR); see the README for the layout")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"{name}: data root {root} does not exist or is not a folder")
     loader = {"waterbirds": _load_waterbirds, "celeba": _load_celeba, "cifar100": _load_cifar100}[name]
-    try:
-        return loader(root, **options)
-    except TypeError as error:  # an option this loader does not take
-        raise ValueError(f"{name}: {error}") from None
+    return loader(resolve_data_root(name, root), **options)
 
 
 def random_resized_crop_flip(images: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.7, 1.0),
@@ -624,9 +652,12 @@ class EarlyExitNet(nn.Module):
         self.detach_exits, self.input_size = detach_exits, input_size
         self.exit_flops = self._count_exit_flops()
 
-    def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None) -> list[Tensor]:
+    def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None,
+                         float32_heads: bool = False) -> list[Tensor]:
         """Features (N, p_k) of every exit, or of ``exits`` only: stages past the last one asked for are skipped
-        (a readout pass costs one stage and one head)."""
+        (a readout pass costs one stage and one head). ``float32_heads=True`` runs the heads in float32 on
+        float32 stage outputs even under bf16 autocast (the backbone stays bf16): what the Laplace fit, the
+        DEDIER weights and the sets read must not carry bf16's 3 significant digits."""
         last = len(self.heads) - 1
         wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
         features, h = {}, x
@@ -635,7 +666,11 @@ class EarlyExitNet(nn.Module):
                 h = module(h)
             if k in wanted:
                 head_input = h.detach() if self.detach_exits and k < last else h
-                features[k] = self.heads[k].features(head_input)  # (N, p_k)
+                if float32_heads:
+                    with torch.autocast(x.device.type, enabled=False):
+                        features[k] = self.heads[k].features(head_input.float())  # (N, p_k) float32
+                else:
+                    features[k] = self.heads[k].features(head_input)  # (N, p_k)
         return [features[k % (last + 1)] for k in (sorted(wanted) if exits is None else exits)]
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -1008,34 +1043,57 @@ class KFACLaplace:
         """Predictive probabilities (N, c) with the logit temperature ``T`` applied.
 
         ``link="mc"``: ``(1/S) sum_s softmax(z_s / T)``.  ``link="probit"``:
-        ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))`` (MacKay 1992; Meronen et al. 2023)."""
+        ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))`` (MacKay 1992; Meronen et al. 2023).
+        Probabilities that underflow are 0: where their logarithm matters (KD targets, likelihood ratios)
+        use :meth:`log_predict`."""
+        return self._predictive(features, n_samples, link, generator, log=False)
+
+    def log_predict(self, features: Tensor, n_samples: int = 50, link: str = "mc",
+                    generator: Optional[torch.Generator] = None) -> Tensor:
+        """Log predictive probabilities (N, c), computed in log space so that they never underflow to -inf.
+
+        ``link="mc"``: ``logsumexp_s log_softmax(z_s / T) - log S``; ``link="probit"``: ``log_softmax`` of the
+        probit-scaled mean logits. Same draws as :meth:`predict` for the same generator state. Pass float64
+        features for log-probabilities below float32's range (about -87 below the top class)."""
+        return self._predictive(features, n_samples, link, generator, log=True)
+
+    def _predictive(self, features: Tensor, n_samples: int, link: str, generator: Optional[torch.Generator],
+                    log: bool) -> Tensor:
         if link not in ("mc", "probit"):
             raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
         mean, scale = self.logit_distribution(features)
         if link == "probit":
             U, _ = self.factors()
             variance = scale[:, None] * torch.diagonal(U).to(features.dtype)  # (N, c)
-            return _probit_softmax(mean, variance, self.temperature)
+            return self.probit_softmax(mean, variance, self.temperature, log)
         directions = self._posterior_directions(n_samples, generator, features.dtype)  # (S, c)
-        return _mc_softmax_mean(mean, scale, directions, self.temperature)
+        return self.mc_softmax_mean(mean, scale, directions, self.temperature, log)
 
+    @staticmethod
+    def probit_softmax(mean: Tensor, variance: Tensor, temperature: float, log: bool = False) -> Tensor:
+        """Probit-approximated predictive ``softmax((mean/T) / sqrt(1 + pi/8 var / T^2))`` (N, c), or its
+        ``log_softmax`` when ``log``. Shapes: ``mean``, ``variance`` (N, c)."""
+        kappa = torch.rsqrt(1.0 + math.pi / 8.0 * variance / temperature ** 2)  # (N, c)
+        scaled_logits = mean / temperature * kappa  # (N, c)
+        return torch.log_softmax(scaled_logits, dim=-1) if log else torch.softmax(scaled_logits, dim=-1)
 
-def _probit_softmax(mean: Tensor, variance: Tensor, temperature: float) -> Tensor:
-    """Probit-approximated predictive ``softmax((mean/T) / sqrt(1 + pi/8 var / T^2))``: (N, c)."""
-    kappa = torch.rsqrt(1.0 + math.pi / 8.0 * variance / temperature ** 2)  # (N, c)
-    return torch.softmax(mean / temperature * kappa, dim=-1)
-
-
-def _mc_softmax_mean(mean: Tensor, scale: Tensor, directions: Tensor, temperature: float) -> Tensor:
-    """``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)`` in blocks of inputs that bound memory: (N, c)."""
-    n_samples, n_classes = directions.shape
-    block = max(1, (1 << 22) // (n_samples * n_classes))  # ~4M elements per block: cache-friendly
-    out = torch.empty_like(mean)
-    for start in range(0, mean.shape[0], block):
-        stop = start + block
-        logits = mean[None, start:stop] + scale[None, start:stop, None].sqrt() * directions[:, None, :]  # (S, B, c)
-        out[start:stop] = torch.softmax(logits / temperature, dim=-1).mean(0)
-    return out
+    @staticmethod
+    def mc_softmax_mean(mean: Tensor, scale: Tensor, directions: Tensor, temperature: float,
+                        log: bool = False) -> Tensor:
+        """``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)`` (N, c), or its logarithm by a logsumexp over
+        ``s`` when ``log``, in blocks of inputs that bound memory. Shapes: ``mean`` (N, c), ``scale`` (N,),
+        ``directions`` ``L g_s`` (S, c)."""
+        n_samples, n_classes = directions.shape
+        block = max(1, (1 << 22) // (n_samples * n_classes))  # ~4M elements per block: cache-friendly
+        out = torch.empty_like(mean)
+        for start in range(0, mean.shape[0], block):
+            stop = start + block
+            logits = mean[None, start:stop] + scale[None, start:stop, None].sqrt() * directions[:, None, :]  # (S, B, c)
+            if log:
+                out[start:stop] = torch.logsumexp(torch.log_softmax(logits / temperature, dim=-1), 0) - math.log(n_samples)
+            else:
+                out[start:stop] = torch.softmax(logits / temperature, dim=-1).mean(0)
+        return out
 
 
 def _laplace_grid(laplace: KFACLaplace, features: Tensor, temperatures: Sequence[float],
@@ -1060,9 +1118,9 @@ def _laplace_grid(laplace: KFACLaplace, features: Tensor, temperatures: Sequence
         for temperature in temperatures:
             tuned = candidate.with_hyperparameters(temperature=temperature)
             if link == "probit":
-                yield tuned, _probit_softmax(mean, variance, temperature)
+                yield tuned, KFACLaplace.probit_softmax(mean, variance, temperature)
             else:
-                yield tuned, _mc_softmax_mean(mean, scale, directions, temperature)
+                yield tuned, KFACLaplace.mc_softmax_mean(mean, scale, directions, temperature)
 
 
 def _check_grid(temperatures: Sequence[float], prior_variances: Sequence[float], link: str) -> None:
@@ -1072,6 +1130,22 @@ def _check_grid(temperatures: Sequence[float], prior_variances: Sequence[float],
         raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {temperatures}")
     if not prior_variances or min(prior_variances) <= 0:
         raise ValueError(f"prior_variances must be a non-empty list of positive numbers, got {prior_variances}")
+
+
+def tune_temperature(logits_val: Tensor, y_val: Tensor,
+                     temperatures: Sequence[float] = MERONEN_TEMPERATURES) -> float:
+    """Temperature scaling: the ``T`` of the grid that minimises the validation NLL of ``softmax(z / T)``.
+
+    ``argmin_T -(1/N) sum_n log softmax(z_n / T)_{y_n}`` over the same grid and criterion as :func:`tune_laplace`,
+    with no posterior: the baseline that isolates what the Laplace adds to a tuned temperature.
+    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, section 4.2 (here on a grid).
+    Shapes: ``logits_val`` (N, c), ``y_val`` (N,).
+    """
+    grid = torch.tensor(list(temperatures), dtype=torch.float64, device=logits_val.device)  # (G,)
+    log_probs = torch.log_softmax(logits_val.double()[None] / grid[:, None, None], dim=-1)  # (G, N, c)
+    log_p_true = log_probs.gather(-1, y_val[None, :, None].expand(len(grid), -1, 1))  # (G, N, 1)
+    nll = -log_p_true.clamp(min=math.log(1e-12)).mean((1, 2))  # (G,): clamped as in nlpd, the same criterion
+    return float(grid[int(nll.argmin())])
 
 
 def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor,
@@ -1150,7 +1224,8 @@ def budget_thresholds(confidences_val: Tensor, level: float) -> Tensor:
 
     Walk the exits in order; among samples not yet exited, the ``floor(N pi_k)`` most confident exit at ``k``
     and ``threshold_k`` is the confidence of the last of them (``+inf`` when none exit); the last exit
-    takes the rest (``-inf``). Huang et al. (ICLR 2018), MSDNet budgeted classification; Meronen et al.
+    takes the rest (``-inf``). Ties at a threshold exit together, so an exit may take more than its quota;
+    a later exit then takes at most what remains (its threshold is never ``-inf``). Huang et al. (ICLR 2018), MSDNet budgeted classification; Meronen et al.
     (2023), section 4. Shapes: ``confidences_val`` (K, N) -> (K,).
     """
     if confidences_val.dim() != 2:
@@ -1165,8 +1240,12 @@ def budget_thresholds(confidences_val: Tensor, level: float) -> Tensor:
     for k in range(n_exits - 1):
         if exit_counts[k] < 1:
             continue
-        remaining = torch.where(exited, -math.inf, confidences_val[k])  # (N,)
-        thresholds[k] = torch.sort(remaining, descending=True).values[exit_counts[k] - 1]
+        n_remaining = n - int(exited.sum())
+        if n_remaining < 1:  # ties at earlier exits already took every sample
+            continue
+        remaining = torch.where(exited, -math.inf, confidences_val[k])  # (N,): exited samples sort last
+        # ties can make earlier exits take more than their quota: the last exiter is among those still present
+        thresholds[k] = torch.sort(remaining, descending=True).values[min(exit_counts[k], n_remaining) - 1]
         exited |= confidences_val[k] >= thresholds[k]
     thresholds[-1] = -math.inf
     return thresholds
@@ -1312,11 +1391,12 @@ def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: f
 def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor], alpha: float = 0.05,
                       n_samples: int = 50, intersect: bool = True,
                       generator: Optional[torch.Generator] = None) -> Tensor:
-    """Anytime-valid sets from the Laplace posterior of every exit (the seed slide's general form).
+    """Anytime-valid sets from the Laplace posterior of every exit (the general form of the AVCS ratio).
 
     ``R_t(y) = prod_{l<=t} p_l(y | x, D) / p(y | x, W_l)``, ``W_l ~ p(W_l | D)``: numerator the Laplace MC
     predictive of exit ``l``, denominator ``softmax(z_l / T)`` of one posterior logit draw (marginally exact
-    per input); ``C_t = {y : R_t(y) <= 1/alpha}``. Jazbec et al. (UAI 2024), eq. (5); posterior of
+    per input); ``C_t = {y : R_t(y) <= 1/alpha}``. Both terms are computed as float64 log-probabilities
+    (``logsumexp`` over the MC samples), so a label far below the top class can still be excluded. Jazbec et al. (UAI 2024), eq. (5); posterior of
     :class:`KFACLaplace`. ``features[k]`` is (N, p_k) -> bool (K, N, c).
     """
     _check_alpha(alpha)
@@ -1325,10 +1405,13 @@ def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor
                          f"{len(laplaces)} and {len(features)}")
     log_ratios = []
     for laplace, exit_features in zip(laplaces, features):
-        predictive = laplace.predict(exit_features, n_samples, "mc", generator).double()  # (N, c)
-        draw = laplace.sample_logits(exit_features, 1, generator)[0].double()  # (N, c)
+        # float64 and log space throughout: a float32 probability underflows below ~1e-45, and every label
+        # below that would share one log-ratio, so none could be excluded
+        features64 = exit_features.double()  # (N, p)
+        log_predictive = laplace.log_predict(features64, n_samples, "mc", generator)  # (N, c)
+        draw = laplace.sample_logits(features64, 1, generator)[0]  # (N, c)
         log_likelihood = torch.log_softmax(draw / laplace.temperature, dim=-1)  # (N, c)
-        log_ratios.append(torch.log(predictive.clamp(min=1e-300)) - log_likelihood)
+        log_ratios.append(log_predictive - log_likelihood)
     if len({ratio.shape for ratio in log_ratios}) != 1:
         raise ValueError(f"every exit must give the same (N, c), got {[tuple(r.shape) for r in log_ratios]}")
     return _sets_from_log_ratios(torch.stack(log_ratios), alpha, intersect)
@@ -1336,34 +1419,39 @@ def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor
 
 @dataclass
 class BayesianLinearRegression:
-    """Gaussian posterior ``w ~ N(mean, covariance)`` of a linear-Gaussian model ``y = h^T w + eps``."""
-    mean: Tensor  # (p,)
-    covariance: Tensor  # (p, p)
+    """Gaussian posterior ``w~ ~ N(mean, covariance)`` of ``y = h~^T w~ + eps`` with ``h~ = [h, 1]``: the last
+    entry of ``mean`` is the intercept."""
+    mean: Tensor  # (p+1,)
+    covariance: Tensor  # (p+1, p+1)
     noise_variance: float  # sigma^2 = 1 / beta
-    prior_precision: float  # alpha of the prior N(0, alpha^-1 I)
+    prior_precision: float  # alpha of the prior N(0, alpha^-1 I), intercept included
 
 
 def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 200,
                                    tol: float = 1e-10) -> BayesianLinearRegression:
-    """Bayesian linear regression with evidence-maximised prior precision ``alpha`` and noise precision ``beta``.
+    """Bayesian linear regression with an intercept and evidence-maximised prior precision ``alpha`` and
+    noise precision ``beta``.
 
+    The design is ``H~ = [H, 1]`` (a column of ones, as in the AVCS authors' regressor, so data with an
+    offset are not forced through 0); the isotropic prior ``N(0, alpha^-1 I)`` covers the intercept too.
     MacKay's fixed point (Bishop, *PRML*, section 3.5.2, eq. 3.91-3.95), with ``lambda_i`` the eigenvalues
-    of ``H^T H``: ``S^-1 = alpha I + beta H^T H``, ``m = beta S H^T y``, ``gamma = sum_i beta lambda_i /
-    (alpha + beta lambda_i)``, ``alpha = gamma / m^T m``, ``beta = (N - gamma) / ||y - H m||^2``.
-    Shapes: ``features`` (N, p), ``y`` (N,). Everything in float64.
+    of ``H~^T H~``: ``S^-1 = alpha I + beta H~^T H~``, ``m = beta S H~^T y``, ``gamma = sum_i beta lambda_i /
+    (alpha + beta lambda_i)``, ``alpha = gamma / m^T m``, ``beta = (N - gamma) / ||y - H~ m||^2``.
+    Shapes: ``features`` (N, p), ``y`` (N,) -> mean (p+1,), covariance (p+1, p+1). Everything in float64.
     """
     if features.dim() != 2 or y.shape != features.shape[:1]:
         raise ValueError(f"features (N, p) and y (N,) expected, got {tuple(features.shape)} and {tuple(y.shape)}")
-    _check_finite("features", features)
-    _check_finite("y", y)
-    design, targets = features.double(), y.double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(design.T @ design)  # (p,), (p, p)
+    if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(y).all())):
+        raise ValueError("fit_bayesian_linear_regression: features and y must be finite")
+    design = torch.cat([features.double(), features.new_ones(features.shape[0], 1, dtype=torch.float64)], 1)  # (N, p+1)
+    targets = y.double()  # (N,)
+    eigenvalues, eigenvectors = torch.linalg.eigh(design.T @ design)  # (p+1,), (p+1, p+1)
     eigenvalues = eigenvalues.clamp(min=0)
-    projected_targets = eigenvectors.T @ (design.T @ targets)  # (p,)
+    projected_targets = eigenvectors.T @ (design.T @ targets)  # (p+1,)
     n = design.shape[0]
-    alpha, beta = 1.0, 1.0 / max(float(targets.var()), 1e-12)
+    alpha, beta = 1.0, 1.0 / max(float(targets.var()), 1e-12) if n > 1 else 1.0
     for _ in range(max_iter):
-        mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p,)
+        mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p+1,)
         gamma = float((beta * eigenvalues / (alpha + beta * eigenvalues)).sum())
         new_alpha = gamma / max(float(mean @ mean), 1e-300)
         new_beta = (n - gamma) / max(float((targets - design @ mean).square().sum()), 1e-300)
@@ -1371,8 +1459,8 @@ def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 
         alpha, beta = new_alpha, new_beta
         if done:
             break
-    mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))
-    covariance = (eigenvectors / (alpha + beta * eigenvalues)) @ eigenvectors.T  # (p, p)
+    mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p+1,)
+    covariance = (eigenvectors / (alpha + beta * eigenvalues)) @ eigenvectors.T  # (p+1, p+1)
     return BayesianLinearRegression(mean, covariance, 1.0 / beta, alpha)
 
 
@@ -1381,8 +1469,9 @@ def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], featur
                               generator: Optional[torch.Generator] = None) -> Tensor:
     """Anytime-valid intervals of an early-exit regressor with a Bayesian last layer per exit.
 
-    Exit ``l``: numerator ``N(y; m_l, v_l)``, ``m_l = h^T mu_l``, ``v_l = h^T Sigma_l h + sigma_l^2``;
-    denominator ``N(y; d_l, sigma_l^2)``, ``d_l = h^T w_l``, one draw ``w_l ~ N(mu_l, Sigma_l)`` per exit.
+    Exit ``l``, with ``h = [features, 1]`` (the models carry an intercept, see
+    :func:`fit_bayesian_linear_regression`): numerator ``N(y; m_l, v_l)``, ``m_l = h^T mu_l``,
+    ``v_l = h^T Sigma_l h + sigma_l^2``; denominator ``N(y; d_l, sigma_l^2)``, ``d_l = h^T w_l``, one draw ``w_l ~ N(mu_l, Sigma_l)`` per exit.
     ``R_t(y) <= 1/alpha`` is ``A y^2 + B y + G <= 0`` with ``A = 1/2 sum(1/sigma^2 - 1/v)``,
     ``B = sum(m/v - d/sigma^2)``, ``G = sum(d^2/(2 sigma^2) - m^2/(2v) + log sigma - 1/2 log v) + log alpha``:
     the interval ``[(-B -+ sqrt(B^2 - 4AG)) / 2A]``, empty when ``B^2 < 4AG``; a half-line when rounding makes
@@ -1396,9 +1485,10 @@ def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], featur
                          f"{len(models)} and {len(features)}")
     quadratic, linear, constant = [], [], []
     for model, exit_features in zip(models, features):
-        h = exit_features.double()  # (N, p)
-        if h.dim() != 2 or h.shape[1] != model.mean.shape[0]:
-            raise ValueError(f"features must have shape (N, {model.mean.shape[0]}), got {tuple(h.shape)}")
+        if exit_features.dim() != 2 or exit_features.shape[1] != model.mean.shape[0] - 1:
+            raise ValueError(f"features must have shape (N, {model.mean.shape[0] - 1}), got {tuple(exit_features.shape)}")
+        h = torch.cat([exit_features.double(), exit_features.new_ones(exit_features.shape[0], 1, dtype=torch.float64)],
+                      1)  # (N, p+1): the intercept's column of ones
         noise = model.noise_variance
         mean = h @ model.mean  # (N,)
         variance = ((h @ model.covariance) * h).sum(-1) + noise  # (N,)
@@ -1447,19 +1537,27 @@ def set_metrics(sets: Tensor, y: Tensor) -> dict[str, Tensor]:
 def interval_metrics(intervals: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Length, coverage and nestedness of intervals per exit: the regression twin of :func:`set_metrics`.
 
-    ``size(t) = mean_n |I_t|``, ``coverage(t) = mean_n [lo <= y_n <= hi]``, ``nestedness(t) = mean_n
-    |∩_{s<=t} I_s| / |I_t|`` (1 when both are empty). Jazbec et al. (UAI 2024), section 5.
-    Shapes: ``intervals`` (K, N, 2), ``y`` (N,) -> dict of (K,) tensors.
+    ``coverage(t) = mean_n [lo <= y_n <= hi]`` over every interval. An unbounded interval (a half-line or the
+    whole line: :func:`avcs_regression_intervals` returns one when a posterior collapses) is a legitimate
+    answer whose length is infinite, so it is counted apart: ``unbounded(t)`` = how many intervals at exit ``t``
+    are unbounded, and ``size(t) = mean |I_t|`` and ``nestedness(t) = mean |∩_{s<=t} I_s| / |I_t|`` average over
+    the bounded ones only (nestedness 1 when both are empty). Convention at an exit with no bounded interval:
+    ``size = inf``, ``nestedness = 1`` (no finite interval to compare). Never NaN.
+    Jazbec et al. (UAI 2024), section 5. Shapes: ``intervals`` (K, N, 2), ``y`` (N,) -> dict of (K,) tensors.
     """
-    if intervals.dim() != 3 or intervals.shape[-1] != 2 or y.shape != intervals.shape[1:2]:
-        raise ValueError(f"interval_metrics: intervals (K, N, 2) and y (N,) expected, got "
-                         f"{tuple(intervals.shape)} and {tuple(y.shape)}")
-    lower, upper = intervals[..., 0], intervals[..., 1]  # (K, N)
-    lengths = (upper - lower).clamp(min=0)  # (K, N): an empty (inf, -inf) interval has length 0
+    lower, upper = intervals[..., 0].double(), intervals[..., 1].double()  # (K, N)
+    bounded = torch.isfinite(lower) & torch.isfinite(upper) | (lower > upper)  # (K, N): empty (inf, -inf) is bounded
+    lengths = torch.where(bounded, (upper - lower).clamp(min=0), torch.zeros_like(lower))  # (K, N)
     covered = ((lower <= y) & (y <= upper)).double()  # (K, N)
     common = (torch.cummin(upper, 0).values - torch.cummax(lower, 0).values).clamp(min=0)  # (K, N)
-    nested = torch.where(lengths > 0, common / lengths.clamp(min=1e-300), torch.ones_like(lengths))
-    return {"size": lengths.mean(-1), "coverage": covered.mean(-1), "nestedness": nested.mean(-1)}
+    common = torch.where(bounded, common, torch.zeros_like(common))  # inside a bounded I_t: finite
+    nested = torch.where(lengths > 0, common / lengths.clamp(min=1e-300), torch.ones_like(lengths))  # (K, N)
+    n_bounded = bounded.sum(-1)  # (K,)
+    size = torch.where(n_bounded > 0, lengths.sum(-1) / n_bounded.clamp(min=1), torch.full_like(lengths[:, 0], math.inf))
+    nestedness = torch.where(n_bounded > 0, (nested * bounded).sum(-1) / n_bounded.clamp(min=1),
+                             torch.ones_like(lengths[:, 0]))
+    return {"size": size, "coverage": covered.mean(-1), "nestedness": nestedness,
+            "unbounded": (~bounded).sum(-1)}
 
 
 # ══════════════════════════════════════════════════════════════════════════════
@@ -1486,6 +1584,15 @@ def worst_group_accuracy(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int)
     Sagawa et al. (ICLR 2020), section 2. Shapes: ``pred``, ``y``, ``groups`` (N,)."""
     accuracies = group_accuracies(pred, y, groups, n_groups)
     return float(accuracies[~accuracies.isnan()].min())
+
+
+def adjusted_average_accuracy(group_accuracy: Tensor, train_group_counts: Tensor) -> float:
+    """Waterbirds' adjusted average: per-group test accuracies weighted by the training group shares,
+    ``sum_g n_g acc_g / sum_g n_g`` (an empty test group counts 0). The convention behind the 97-98% averages of
+    the literature (train counts 3498, 184, 56, 1057), where the plain mean weighs the balanced test groups
+    equally. Sagawa et al. (ICLR 2020), appendix; Idrissi et al. (2022). Shapes: (G,), (G,)."""
+    counts = train_group_counts.double().to(group_accuracy.device)  # (G,)
+    return float((torch.nan_to_num(group_accuracy.double()) * counts).sum() / counts.sum())
 
 
 def reliability_bins(probs: Tensor, y: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
@@ -1578,7 +1685,8 @@ def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std:
                   device: torch.device, batch_size: int = 512, exits: Optional[Sequence[int]] = None,
                   amp: bool = False) -> tuple[Tensor, list[Tensor]]:
     """One eval-mode pass over ``split``: logits (K', N, c) float32 and features [(N, p_k)] float32 of the
-    exits in ``exits`` (default all), on ``device``. BatchNorm uses running statistics (``model.eval()``)."""
+    exits in ``exits`` (default all), on ``device``. BatchNorm uses running statistics (``model.eval()``).
+    With ``amp`` the backbone runs under bf16 autocast but every head in float32 (see ``forward_features``)."""
     was_training = model.training
     model.eval()
     exits = list(range(len(model.heads))) if exits is None else list(exits)
@@ -1586,13 +1694,32 @@ def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std:
     for start in range(0, len(split), batch_size):
         index = torch.arange(start, min(start + batch_size, len(split)))
         x = prepare_batch(batch_images(split, index, device), mean, std, channels_last=device.type == "cuda")
-        with autocast(device, amp):
-            batch_features = [f.float() for f in model.forward_features(x, exits)]  # K' x (B, p_k)
-            batch_logits = [model.heads[k].linear(f).float() for k, f in zip(exits, batch_features)]
+        with autocast(device, amp):  # the backbone in bf16 when amp; heads and linears in float32
+            batch_features = model.forward_features(x, exits, float32_heads=True)  # K' x (B, p_k) float32
+            with torch.autocast(device.type, enabled=False):
+                batch_logits = [model.heads[k].linear(f) for k, f in zip(exits, batch_features)]  # K' x (B, c)
         logits.append(torch.stack(batch_logits))  # (K', B, c)
         features.append(batch_features)
     model.train(was_training)
     return torch.cat(logits, dim=1), [torch.cat(parts) for parts in zip(*features)]
+
+
+def seeded_generator(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A fresh generator on ``device`` seeded with ``seed``: the one seeding rule of the scripts. Every MC or
+    Dirichlet computation starts from its own fresh generator, so a number never depends on what ran before it
+    (``train.py``'s metrics.json and ``eval.py`` report the same figures for the same checkpoint and seed)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def tuned_exit_laplace(linear: nn.Linear, train_features: Tensor, val_features: Tensor, y_val: Tensor,
+                       n_samples: int = 50, seed: int = 0) -> KFACLaplace:
+    """The Laplace of one exit as every script uses it: :meth:`KFACLaplace.fit` on the training features (N, p),
+    then ``(T, sigma^2)`` tuned on validation NLL (:func:`tune_laplace`, MC draws from ``seeded_generator(seed)``).
+    Predict with ``laplace.predict(features, n_samples, generator=seeded_generator(seed, device))``."""
+    bias = None if linear.bias is None else linear.bias.detach()
+    laplace = KFACLaplace.fit(train_features, linear.weight.detach(), bias)
+    return tune_laplace(laplace, val_features, y_val, n_samples=n_samples,
+                        generator=seeded_generator(seed, val_features.device))
 
 
 def atomic_save(obj: object, path: Union[str, Path]) -> None:

@@ -233,20 +233,63 @@ def test_laplace_rejects_bad_input():
         laplace.predict(features, link="laplace")
 
 
+def dense_posterior(features, weight, bias, prior_precision):
+    """Reference factors from per-sample loops and dense inverses: (W~ (c, p+1), U (c, c), V (p+1, p+1))."""
+    n = features.shape[0]
+    phi = torch.cat([features, torch.ones(n, 1, dtype=f64)], 1)  # (N, p+1)
+    A = sum(torch.outer(row, row) for row in phi) / n
+    probs = torch.softmax(features @ weight.T + bias, -1)
+    G = sum(torch.diag(p) - torch.outer(p, p) for p in probs) / n
+    root_tau = math.sqrt(prior_precision)
+    U = torch.linalg.inv(math.sqrt(n) * G + root_tau * torch.eye(G.shape[0], dtype=f64))
+    V = torch.linalg.inv(math.sqrt(n) * A + root_tau * torch.eye(A.shape[0], dtype=f64))
+    return torch.cat([weight, bias[:, None]], 1), U, V
+
+
+def reference_predictive(features, weight_tilde, U, V, temperature, normal=None):
+    """Probit (normal=None) or MC predictive by an explicit loop over inputs and samples, float64."""
+    out = []
+    for phi in torch.cat([features, torch.ones(features.shape[0], 1, dtype=f64)], 1):
+        mean, v = weight_tilde @ phi, float(phi @ V @ phi)
+        if normal is None:
+            kappa = 1 / torch.sqrt(1 + math.pi / 8 * v * torch.diagonal(U) / temperature ** 2)
+            out.append(torch.softmax(mean / temperature * kappa, -1))
+        else:
+            L = torch.linalg.cholesky(U)
+            out.append(sum(torch.softmax((mean + math.sqrt(v) * L @ g) / temperature, -1) for g in normal) / len(normal))
+    return torch.stack(out)
+
+
 def test_tune_laplace_picks_the_grid_minimum_without_refit():
     features, weight, bias, y = random_head(n=200, p=5, c=3, seed=13)
     y = (features @ weight.T + bias + 1.5 * torch.randn(200, 3, generator=seeded(14), dtype=f64)).argmax(-1)
     laplace = K.KFACLaplace.fit(features[:100], weight, bias)
     temperatures, variances = (0.5, 1.0, 2.0), (0.5, 2.0)
-    tuned = K.tune_laplace(laplace, features[100:], y[100:], temperatures, variances, link="probit")
-    assert tuned.A is laplace.A  # a copy sharing the fitted factors
-    grid = {(t, v): K.nlpd(laplace.with_hyperparameters(1 / v, t).predict(features[100:], link="probit"), y[100:])
-            for t in temperatures for v in variances}
-    best = min(grid, key=grid.get)
-    assert (tuned.temperature, tuned.prior_precision) == (best[0], 1 / best[1])
-    tuned_mc = K.tune_laplace(laplace, features[100:], y[100:], temperatures, variances, n_samples=20,
-                              generator=seeded(0))
-    assert tuned_mc.temperature in temperatures
+    val, y_val = features[100:], y[100:]
+    for link in ("probit", "mc"):
+        tuned = K.tune_laplace(laplace, val, y_val, temperatures, variances, n_samples=20, link=link,
+                               generator=seeded(0))
+        assert tuned.A is laplace.A  # a copy sharing the fitted factors
+        normal = None if link == "probit" else torch.randn(20, 3, generator=seeded(0), dtype=f64)  # the grid's draws
+        grid = {}
+        for v in variances:
+            weight_tilde, U, V = dense_posterior(features[:100], weight, bias, 1 / v)
+            for t in temperatures:
+                probs = reference_predictive(val, weight_tilde, U, V, t, normal)
+                grid[(t, v)] = float(-torch.log(probs[torch.arange(100), y_val]).mean())
+        best = min(grid, key=grid.get)
+        assert sorted(grid.values())[1] - grid[best] > 1e-6  # a unique minimum: the comparison can fail
+        assert (tuned.temperature, tuned.prior_precision) == (best[0], 1 / best[1]), link
+
+
+def test_tune_temperature_is_the_grid_minimum_of_softmax_nll():
+    g = seeded(41)
+    logits = 4 * torch.randn(300, 3, generator=g, dtype=f64)
+    y = (logits + 3 * torch.randn(300, 3, generator=g, dtype=f64)).argmax(-1)  # overconfident logits
+    grid = (0.3, 0.5, 1.0, 2.0, 3.0)
+    nll = {t: -sum(math.log(math.exp(z[k] / t) / sum(math.exp(v / t) for v in z))
+                   for z, k in zip(logits.tolist(), y.tolist())) / 300 for t in grid}
+    assert K.tune_temperature(logits.float(), y, grid) == min(nll, key=nll.get) > 1.0
 
 
 def test_tune_laplace_ensemble_is_greedy_exit_by_exit():
@@ -289,14 +332,32 @@ def test_budget_thresholds_and_early_exit_match_an_explicit_walk():
         exited |= {i for i in range(200) if confidences[k, i] >= threshold}
     torch.testing.assert_close(thresholds[:2], torch.tensor(expected, dtype=f64))
     assert thresholds[2] == -math.inf
-    probs = torch.stack([torch.stack([c, 1 - c], -1) for c in confidences]).clamp(0, 1)  # (3, 200, 2)
-    probs = torch.where(probs.max(-1, keepdim=True).values == probs, probs, probs)
+    probs = torch.stack([torch.stack([c, 1 - c], -1) for c in confidences])  # (3, 200, 2); max = max(c, 1 - c)
     exit_index, exit_probs = K.early_exit(probs, thresholds)
     for i in range(200):
         conf = probs[:, i].max(-1).values
         first = next((k for k in range(3) if conf[k] >= thresholds[k]), 2)
         assert exit_index[i] == first
         torch.testing.assert_close(exit_probs[i], probs[first, i])
+
+
+def test_budget_thresholds_with_ties_beyond_the_quota():
+    # 800 of 1000 validation samples tied at confidence 1.0 at every exit; q = 0.5 asks exit 0 for 571 and
+    # exit 1 for 285: exit 0 takes all 800 ties, exit 1 the 200 that remain
+    confidences = torch.cat([torch.ones(3, 800, dtype=f64), torch.rand(3, 200, generator=seeded(42), dtype=f64) * 0.9], 1)
+    thresholds = K.budget_thresholds(confidences, 0.5)
+    assert thresholds[0] == 1.0
+    assert thresholds[1] == confidences[1, 800:].min()  # the last exiter among those still present
+    assert thresholds[2] == -math.inf and torch.isfinite(thresholds[:2]).all()
+    # an explicit walk: how many test samples like the validation ones leave at each exit
+    exited, counts = torch.zeros(1000, dtype=torch.bool), []
+    for k in range(3):
+        leaves = ~exited & (confidences[k] >= thresholds[k])
+        counts.append(int(leaves.sum()))
+        exited |= leaves
+    assert counts == [800, 200, 0]
+    everything_tied = K.budget_thresholds(torch.ones(3, 50, dtype=f64), 0.5)
+    assert everything_tied.tolist() == [1.0, math.inf, -math.inf]  # nothing left for exit 1: none exit there
 
 
 # ──────────────────────────────────────────────────────────────────────────────
@@ -315,14 +376,17 @@ def test_log_gamma_sampler_mean_and_tiny_concentrations():
     assert (tiny.exp() == 0).float().mean() > 0.5
 
 
-def test_avcs_sets_match_an_explicit_loop():
+def test_avcs_sets_match_an_explicit_loop(monkeypatch):
     g = seeded(19)
     logits = 3 * torch.randn(3, 8, 5, generator=g, dtype=f64)
     thresholds = torch.tensor([0.5, 1.0, 0.2], dtype=f64)
-    sets = K.avcs_sets(logits, thresholds, alpha=0.1, intersect=False, generator=seeded(20))
-    # replay the same Dirichlet draws through the module's sampler, then loop over exits, inputs, labels
+    # the Gamma variates come from numpy (the sampler is tested on its own): the loop below shares no code
+    # with the module's ratio, support and set construction
+    log_gamma = torch.from_numpy(np.log(np.random.default_rng(20).gamma(np.abs(logits.numpy()) + 0.1)))
+    monkeypatch.setattr(K, "_log_gamma_variates", lambda concentration, generator: log_gamma)
+    sets = K.avcs_sets(logits, thresholds, alpha=0.1, intersect=False)
+    intersected = K.avcs_sets(logits, thresholds, alpha=0.1, intersect=True)
     support = (logits >= thresholds[:, None, None]) & (logits > 0)
-    log_gamma = K._log_gamma_variates(torch.where(support, logits, torch.ones_like(logits)), seeded(20))
     for i in range(8):
         log_R = torch.zeros(5, dtype=f64)
         for t in range(3):
@@ -336,14 +400,26 @@ def test_avcs_sets_match_an_explicit_loop():
                     log_R[k] = math.inf
             expected = log_R <= math.log(1 / 0.1)
             assert torch.equal(sets[t, i], expected), (t, i)
+            assert torch.equal(intersected[t, i], sets[:t + 1, i].all(0)), (t, i)
+    assert 0 < sets.sum() < sets.numel()  # labels both in and out of the sets
 
 
-def test_avcs_nested_with_intersection_and_empty_support():
+def test_avcs_nestedness_without_intersection_matches_an_explicit_loop():
     g = seeded(21)
     logits = 2 * torch.randn(4, 300, 10, generator=g, dtype=f64)
-    sets = K.avcs_sets(logits, torch.ones(4, dtype=f64), alpha=0.05, generator=seeded(22))
-    metrics = K.set_metrics(sets, torch.randint(0, 10, (300,), generator=g))
-    assert torch.equal(metrics["nestedness"], torch.ones(4, dtype=f64))
+    sets = K.avcs_sets(logits, torch.ones(4, dtype=f64), alpha=0.05, intersect=False, generator=seeded(22))
+    nestedness = K.set_metrics(sets, torch.randint(0, 10, (300,), generator=g))["nestedness"]
+    expected = []
+    for t in range(4):
+        ratios = []
+        for i in range(300):
+            current = {k for k in range(10) if sets[t, i, k]}
+            common = set.intersection(*({k for k in range(10) if sets[s, i, k]} for s in range(t + 1)))
+            ratios.append(1.0 if not current else len(common) / len(current))
+        expected.append(sum(ratios) / 300)
+    torch.testing.assert_close(nestedness, torch.tensor(expected, dtype=f64))
+    sizes = sets.sum(-1)
+    assert sizes.min() < sizes.max()  # sets of several sizes: the ratio |common| / |current| is exercised
     below = K.avcs_sets(-torch.rand(2, 5, 3, dtype=f64), torch.ones(2), generator=seeded(0))
     assert not below.any()  # every logit below the threshold: empty support, empty set
 
@@ -394,41 +470,64 @@ def toy_laplaces(prior_precision: float = 1.0):
     return laplaces, [features] * 3, y
 
 
-def test_laplace_avcs_sets_nested_and_collapse_to_all_labels_with_huge_prior():
-    laplaces, features, y = toy_laplaces()
-    sets = K.laplace_avcs_sets(laplaces, features, alpha=0.05, n_samples=30, generator=seeded(26))
-    assert sets.shape == (3, 200, 4)
-    assert torch.equal(K.set_metrics(sets, y)["nestedness"], torch.ones(3, dtype=f64))
+def test_laplace_avcs_sets_collapse_to_all_labels_with_huge_prior():
     collapsed, features, y = toy_laplaces(prior_precision=1e14)
     sets = K.laplace_avcs_sets(collapsed, features, alpha=0.05, n_samples=30, generator=seeded(27))
     assert sets.all()  # every ratio ~ 1 <= 1/alpha: every label stays in every set
+    features, weight, bias, _ = random_head(n=20, p=5, c=4, seed=25)
+    uncertain = [K.KFACLaplace.fit(features, s * weight, bias, 1e-2) for s in (0.5, 1.0, 2.0)]
+    assert not K.laplace_avcs_sets(uncertain, [features] * 3, alpha=0.05, n_samples=30, generator=seeded(26)).all()
 
 
 def test_laplace_avcs_matches_explicit_ratio_product():
-    laplaces, features, _ = toy_laplaces()
-    generator = seeded(28)
-    sets = K.laplace_avcs_sets(laplaces, features, alpha=0.2, n_samples=10, intersect=False, generator=generator)
-    replay = seeded(28)
-    log_R = torch.zeros(200, 4, dtype=f64)
-    for t, laplace in enumerate(laplaces):
-        predictive = laplace.predict(features[t], 10, generator=replay)
-        draw = laplace.sample_logits(features[t], 1, generator=replay)[0]
-        log_R += torch.log(predictive) - torch.log(torch.softmax(draw, -1))
-        assert torch.equal(sets[t], log_R <= math.log(5.0))
+    features, weight, bias, _ = random_head(n=20, p=5, c=4, seed=25)  # few samples: a wide posterior
+    temperatures, scales = (0.7, 1.0, 1.6), (0.5, 1.0, 2.0)
+    laplaces = [K.KFACLaplace.fit(features, s * weight, bias, 1.0, t) for s, t in zip(scales, temperatures)]
+    x = features[:20]
+    for intersect in (False, True):
+        sets = K.laplace_avcs_sets(laplaces, [x] * 3, alpha=0.2, n_samples=10, intersect=intersect,
+                                   generator=seeded(28))
+        replay, log_R, running = seeded(28), torch.zeros(20, 4, dtype=f64), torch.ones(20, 4, dtype=torch.bool)
+        for t, (s, temperature) in enumerate(zip(scales, temperatures)):
+            weight_tilde, U, V = dense_posterior(features, s * weight, bias, 1.0)
+            normal = torch.randn(10, 4, generator=replay, dtype=f64)  # the predictive's draws, then one posterior draw
+            draw_normal = torch.randn(1, 4, generator=replay, dtype=f64)[0]
+            predictive = reference_predictive(x, weight_tilde, U, V, temperature, normal)  # (20, 4)
+            for i, phi in enumerate(torch.cat([x, torch.ones(20, 1, dtype=f64)], 1)):
+                draw = weight_tilde @ phi + math.sqrt(float(phi @ V @ phi)) * torch.linalg.cholesky(U) @ draw_normal
+                log_R[i] += torch.log(predictive[i]) - torch.log_softmax(draw / temperature, -1)
+            running &= log_R <= math.log(5.0)
+            assert torch.equal(sets[t], running if intersect else log_R <= math.log(5.0)), (t, intersect)
+        assert 0 < sets.sum() < sets.numel()
+
+
+def test_laplace_avcs_excludes_far_labels_with_float32_features():
+    # a logit gap of 130 with a wide posterior: the far label's predictive is ~1e-40 or below, under float32's
+    # range; the sets must not depend on the dtype of the features
+    features = 0.05 * torch.randn(4, 3, generator=seeded(43))
+    weight = torch.zeros(2, 3)
+    weight[0, 0] = 130.0
+    laplace = K.KFACLaplace.fit(features, weight, torch.zeros(2), prior_precision=1e-2)
+    x = torch.tensor([[1.0, 0.0, 0.0]]).repeat(500, 1)
+    sets32 = K.laplace_avcs_sets([laplace], [x], 0.05, 20, generator=seeded(44))
+    sets64 = K.laplace_avcs_sets([laplace], [x.double()], 0.05, 20, generator=seeded(44))
+    assert torch.equal(sets32, sets64)
+    assert 1 - sets64[0, :, 1].double().mean() > 0.5  # label 1 is excluded (a float32 numerator kept it always)
 
 
 def test_bayesian_linear_regression_maximises_the_evidence():
     g = seeded(29)
     features = torch.randn(80, 4, generator=g, dtype=f64)
-    y = features @ torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=f64) + 0.3 * torch.randn(80, generator=g, dtype=f64)
+    y = features @ torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=f64) + 2.0 + 0.3 * torch.randn(80, generator=g, dtype=f64)
     model = K.fit_bayesian_linear_regression(features, y)
+    design = torch.cat([features, torch.ones(80, 1, dtype=f64)], 1)  # the intercept's column of ones
 
-    def log_evidence(log_alpha, log_beta):  # Bishop PRML eq. (3.86), dense
+    def log_evidence(log_alpha, log_beta):  # Bishop PRML eq. (3.86), dense, M = 5 weights
         alpha, beta = math.exp(log_alpha), math.exp(log_beta)
-        covariance = alpha * torch.eye(4, dtype=f64) + beta * features.T @ features
-        mean = beta * torch.linalg.solve(covariance, features.T @ y)
-        energy = beta / 2 * ((y - features @ mean) ** 2).sum() + alpha / 2 * mean @ mean
-        return float(2 * math.log(alpha) + 40 * math.log(beta) - energy - 0.5 * torch.logdet(covariance))
+        covariance = alpha * torch.eye(5, dtype=f64) + beta * design.T @ design
+        mean = beta * torch.linalg.solve(covariance, design.T @ y)
+        energy = beta / 2 * ((y - design @ mean) ** 2).sum() + alpha / 2 * mean @ mean
+        return float(2.5 * math.log(alpha) + 40 * math.log(beta) - energy - 0.5 * torch.logdet(covariance))
 
     point = (math.log(model.prior_precision), -math.log(model.noise_variance))
     for axis in range(2):
@@ -438,8 +537,34 @@ def test_bayesian_linear_regression_maximises_the_evidence():
         down = log_evidence(point[0] - step[0], point[1] - step[1])
         assert abs(up - down) / 2e-4 < 1e-4  # stationary
         assert up < log_evidence(*point) and down < log_evidence(*point)  # a maximum
-    precision = model.prior_precision * torch.eye(4, dtype=f64) + features.T @ features / model.noise_variance
+    precision = model.prior_precision * torch.eye(5, dtype=f64) + design.T @ design / model.noise_variance
     torch.testing.assert_close(model.covariance, torch.linalg.inv(precision))
+
+
+def test_bayesian_linear_regression_fits_the_intercept_like_the_avcs_authors():
+    rng = np.random.default_rng(45)
+    X = rng.normal(size=(300, 2))
+    y = X @ np.array([1.0, -1.0]) + 2.0 + np.sqrt(0.147) * rng.normal(size=300)
+    model = K.fit_bayesian_linear_regression(torch.from_numpy(X), torch.from_numpy(y))
+    # the AVCS authors' fixed point, written out: ones column, explicit inverse every step, from 1e-5
+    design = np.hstack([X, np.ones((300, 1))])
+    eigenvalues = np.linalg.eigvalsh(design.T @ design)
+    alpha = beta = 1e-5
+    for _ in range(1000):
+        S = np.linalg.inv(alpha * np.eye(3) + beta * design.T @ design)
+        m = beta * S @ design.T @ y
+        gamma = np.sum(beta * eigenvalues / (beta * eigenvalues + alpha))
+        new_alpha, new_beta = gamma / np.sum(m ** 2), (300 - gamma) / np.sum((y - design @ m) ** 2)
+        converged = np.isclose(alpha, new_alpha, rtol=1e-12) and np.isclose(beta, new_beta, rtol=1e-12)
+        alpha, beta = new_alpha, new_beta
+        if converged:
+            break
+    S = np.linalg.inv(alpha * np.eye(3) + beta * design.T @ design)
+    np.testing.assert_allclose(model.noise_variance, 1 / beta, rtol=1e-6)
+    np.testing.assert_allclose(model.prior_precision, alpha, rtol=1e-6)
+    np.testing.assert_allclose(model.mean.numpy(), beta * S @ design.T @ y, rtol=1e-6)
+    np.testing.assert_allclose(model.covariance.numpy(), S, rtol=1e-6)
+    assert abs(model.mean[-1] - 2.0) < 0.1 and 0.12 < model.noise_variance < 0.18  # without the bias: 4.26
 
 
 def test_regression_interval_equals_grid_search_of_the_ratio():
@@ -454,16 +579,17 @@ def test_regression_interval_equals_grid_search_of_the_ratio():
     alpha = 0.05
     intervals = K.avcs_regression_intervals(models, h, alpha, intersect=False, generator=seeded(31))
     replay = seeded(31)
-    draws = [m.mean + torch.linalg.cholesky(m.covariance) @ torch.randn(3, generator=replay, dtype=f64) for m in models]
+    draws = [m.mean + torch.linalg.cholesky(m.covariance) @ torch.randn(4, generator=replay, dtype=f64) for m in models]
+    h_bias = [torch.cat([x, torch.ones(5, 1, dtype=f64)], 1) for x in h]  # the intercept's column
     grid = torch.linspace(-15, 15, 300001, dtype=f64)
     bounded = 0
     for i in range(5):
         log_R = torch.zeros_like(grid)
         for t, model in enumerate(models):
-            mean = float(h[t][i] @ model.mean)
-            variance = float(h[t][i] @ model.covariance @ h[t][i]) + model.noise_variance
+            mean = float(h_bias[t][i] @ model.mean)
+            variance = float(h_bias[t][i] @ model.covariance @ h_bias[t][i]) + model.noise_variance
             log_R += (torch.distributions.Normal(mean, math.sqrt(variance)).log_prob(grid)
-                      - torch.distributions.Normal(float(h[t][i] @ draws[t]), math.sqrt(model.noise_variance)).log_prob(grid))
+                      - torch.distributions.Normal(float(h_bias[t][i] @ draws[t]), math.sqrt(model.noise_variance)).log_prob(grid))
             inside = grid[log_R <= math.log(1 / alpha)]
             lower, upper = intervals[t, i]
             if inside.numel() == 0:
@@ -477,7 +603,25 @@ def test_regression_interval_equals_grid_search_of_the_ratio():
                 bounded += int(float(inside.min()) > -15.0 and float(inside.max()) < 15.0)
     assert bounded >= 8  # most intervals are bounded: the closed-form roots were really compared
     nested = K.avcs_regression_intervals(models, h, alpha, generator=seeded(31))
-    assert torch.equal(K.interval_metrics(nested, target[:5])["nestedness"], torch.ones(3, dtype=f64))
+    for t in range(3):  # the running intersection, endpoint by endpoint
+        torch.testing.assert_close(nested[t, :, 0], intervals[:t + 1, :, 0].max(0).values)
+        torch.testing.assert_close(nested[t, :, 1], intervals[:t + 1, :, 1].min(0).values)
+    metrics = K.interval_metrics(intervals, target[:5])
+    assert all(torch.isfinite(value).all() for value in metrics.values())
+
+
+def test_interval_metrics_count_unbounded_intervals_apart():
+    inf = math.inf
+    intervals = torch.tensor([[[0.0, 2.0], [-inf, 1.0], [1.0, 3.0]],
+                              [[1.0, 2.0], [0.0, 4.0], [inf, -inf]],
+                              [[-inf, inf], [-inf, inf], [-inf, 5.0]]], dtype=f64)  # (K=3, N=3, 2)
+    metrics = K.interval_metrics(intervals, torch.tensor([1.5, 0.5, 2.0], dtype=f64))
+    assert metrics["unbounded"].tolist() == [1, 0, 3]
+    # exit 0: lengths 2 and 2 of the bounded; exit 1: 1, 4 and the empty one 0; exit 2: no bounded interval
+    torch.testing.assert_close(metrics["size"], torch.tensor([2.0, 5 / 3, inf], dtype=f64))
+    # exit 1: [1,2] inside [0,2] -> 1; [0,4] meets (-inf,1] in [0,1] -> 1/4; empty -> 1
+    torch.testing.assert_close(metrics["nestedness"], torch.tensor([1.0, (1 + 0.25 + 1) / 3, 1.0], dtype=f64))
+    torch.testing.assert_close(metrics["coverage"], torch.tensor([1.0, 2 / 3, 1.0], dtype=f64))
 
 
 # ──────────────────────────────────────────────────────────────────────────────
@@ -730,7 +874,7 @@ def test_waterbirds_loader_reads_the_real_layout_and_caches(tmp_path, monkeypatc
 def test_waterbirds_loader_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="metadata.csv"):
         K.load_dataset("waterbirds", tmp_path, cache_dir=tmp_path / "cache")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="looked for .*nowhere/metadata.csv"):
         K.load_dataset("waterbirds", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="unknown dataset 'birds'"):
         K.load_dataset("birds", tmp_path)

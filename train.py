@@ -24,6 +24,10 @@ import torch.nn.functional as F
 
 import kdlaplace as K
 
+WEIGHTINGS = ("none", "dedier", "dedier-ts", "laplace")
+N_SAMPLES = 50  # MC samples of every Laplace predictive in training and in its summary
+SEED_STRIDE = 100003  # a prime: the readout pass of (seed, epoch) draws from seed * SEED_STRIDE + epoch
+
 # ── Defaults per dataset: the one table (``--help`` prints it) ──────────────────────────────────────────
 # alpha/beta per weighting: DEDIER's published values for Waterbirds (0.05, 4) and CelebA (0.1, 3.5), T = 3,
 # lam = 1 (Tiwari et al. 2024). The Laplace margin needs its own alpha: with alpha = 0.05, m ** alpha is ~1 for
@@ -33,19 +37,19 @@ DATASET_DEFAULTS = {
     "synth": dict(arch="cnn", teacher_arch="cnn", width=32, teacher_width=64, pretrained="none",
                   epochs=20, teacher_epochs=15, batch_size=128, lr=0.05, weight_decay=5e-4, lam=1.0,
                   temperature=3.0, teacher_objective="gdro",
-                  alpha={"dedier": 0.05, "laplace": 1.0}, beta={"dedier": 4.0, "laplace": 2.0}),
+                  alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0}, beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
     "waterbirds": dict(arch="resnet18", teacher_arch="resnet50", width=32, teacher_width=64, pretrained="imagenet",
                        epochs=100, teacher_epochs=100, batch_size=64, lr=1e-3, weight_decay=1e-4, lam=1.0,
                        temperature=3.0, teacher_objective="gdro",
-                       alpha={"dedier": 0.05, "laplace": 1.0}, beta={"dedier": 4.0, "laplace": 2.0}),
+                       alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0}, beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
     "celeba": dict(arch="resnet18", teacher_arch="resnet50", width=32, teacher_width=64, pretrained="imagenet",
                    epochs=20, teacher_epochs=20, batch_size=128, lr=1e-4, weight_decay=1e-4, lam=1.0,
                    temperature=3.0, teacher_objective="gdro",
-                   alpha={"dedier": 0.1, "laplace": 1.0}, beta={"dedier": 3.5, "laplace": 2.0}),
+                   alpha={"dedier": 0.1, "dedier-ts": 1.0, "laplace": 1.0}, beta={"dedier": 3.5, "dedier-ts": 2.0, "laplace": 2.0}),
     "cifar100": dict(arch="resnet18-cifar", teacher_arch="resnet18-cifar", width=32, teacher_width=64,
                      pretrained="none", epochs=100, teacher_epochs=100, batch_size=128, lr=0.05, weight_decay=5e-4,
                      lam=1.0, temperature=3.0, teacher_objective="erm",
-                     alpha={"dedier": 0.05, "laplace": 1.0}, beta={"dedier": 4.0, "laplace": 2.0}),
+                     alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0}, beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
 }
 
 
@@ -54,15 +58,23 @@ class Config:
     """Every flag of train.py; ``None`` means "the dataset's default" (table above)."""
     dataset: str = field(default="synth", metadata={"help": "synth, waterbirds, celeba or cifar100",
                                                     "choices": list(K.DATASETS)})
-    data_root: Optional[str] = field(default=None, metadata={"help": "folder of the dataset (not for synth)"})
-    weighting: str = field(default="laplace", metadata={"help": "sample weights from the readout",
-                                                        "choices": ["none", "dedier", "laplace"]})
+    data_root: Optional[str] = field(default=None, metadata={"help": "folder of the dataset, not for synth (default: "
+                                                                     "$KDLAPLACE_DATA/<dataset>, else ./data/<dataset>)"})
+    weighting: str = field(default="laplace", metadata={"help": "sample weights from the readout: none, its softmax "
+                                                                "margin (dedier), its temperature-scaled softmax "
+                                                                "(dedier-ts) or its Laplace predictive (laplace)",
+                                                        "choices": list(WEIGHTINGS)})
     arch: Optional[str] = field(default=None, metadata={"help": "student architecture", "choices": list(K.ARCHITECTURES)})
     teacher_arch: Optional[str] = field(default=None, metadata={"help": "teacher architecture",
                                                                 "choices": list(K.ARCHITECTURES)})
     width: Optional[int] = field(default=None, metadata={"help": "student width (arch cnn only)"})
     teacher_width: Optional[int] = field(default=None, metadata={"help": "teacher width (arch cnn only)"})
-    pretrained: Optional[str] = field(default=None, metadata={"help": "imagenet, none, or a torchvision-format state dict path"})
+    pretrained: Optional[str] = field(default=None, metadata={"help": "student weights: imagenet, none, or a "
+                                                                      "torchvision-format state dict path"})
+    teacher_pretrained: Optional[str] = field(default=None, metadata={"help": "teacher weights, same values as "
+                                                                              "--pretrained (default: as --pretrained "
+                                                                              "when the architectures match, else the "
+                                                                              "dataset's default)"})
     teacher: Optional[str] = field(default=None, metadata={"help": "reuse this trained teacher.pt instead of training one"})
     teacher_objective: Optional[str] = field(default=None, metadata={"help": "erm, or gdro: group DRO with online group weights",
                                                                      "choices": ["erm", "gdro"]})
@@ -105,15 +117,18 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
                             help=f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else ""))
     cfg = Config(**vars(parser.parse_args(argv)))
     defaults = DATASET_DEFAULTS[cfg.dataset]
+    if cfg.teacher_pretrained is None and cfg.pretrained is not None and cfg.arch in (None, cfg.teacher_arch):
+        cfg.teacher_pretrained = cfg.pretrained  # one file cannot hold two architectures: only when they match
     for name, value in defaults.items():  # fill what the user left to the dataset
         if getattr(cfg, name) is None:  # (alpha, beta: per weighting; unused by "none")
             setattr(cfg, name, value.get(cfg.weighting, 1.0) if isinstance(value, dict) else value)
+    if cfg.teacher_pretrained is None:
+        cfg.teacher_pretrained = defaults["pretrained"]
     checks = [(0.0 <= cfg.lam <= 1.0, "--lam must be in [0, 1]"), (cfg.temperature > 0, "--temperature must be > 0"),
               (cfg.alpha > 0, "--alpha must be > 0"), (cfg.beta >= 0, "--beta must be >= 0"),
               (cfg.epochs >= 1 and cfg.teacher_epochs >= 0, "--epochs must be >= 1 and --teacher-epochs >= 0"),
               (cfg.batch_size >= 1, "--batch-size must be >= 1"), (cfg.lr > 0, "--lr must be > 0"),
-              (cfg.weight_decay >= 0, "--weight-decay must be >= 0"), (cfg.synth_n_train >= 16, "--synth-n-train must be >= 16"),
-              (cfg.dataset == "synth" or cfg.data_root, f"--data-root is required for --dataset {cfg.dataset}")]
+              (cfg.weight_decay >= 0, "--weight-decay must be >= 0"), (cfg.synth_n_train >= 16, "--synth-n-train must be >= 16")]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -125,6 +140,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
 # ── Building blocks ──────────────────────────────────────────────────────────────────────────────────────
 
 def load_data(cfg: Config) -> K.SpuriousDataset:
+    """The run's dataset: synth generated from the seed, the others read from --data-root (or its default)."""
     if cfg.dataset == "synth":
         n = cfg.synth_n_train
         return K.load_dataset("synth", n_train=n, n_val=n // 4, n_test=n // 2, seed=cfg.seed)
@@ -140,8 +156,14 @@ def model_config(cfg: Config, role: str, data: K.SpuriousDataset) -> dict:
 
 
 def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
-    pretrained = {"none": False, "imagenet": True}.get(cfg.pretrained, cfg.pretrained)
-    return to_device(K.build_model(**model_config(cfg, role, data), pretrained=pretrained), device)
+    """A fresh network for ``role`` with its own pretrained weights (--pretrained or --teacher-pretrained)."""
+    flag, value = ("--pretrained", cfg.pretrained) if role == "student" else ("--teacher-pretrained", cfg.teacher_pretrained)
+    config = model_config(cfg, role, data)
+    try:
+        model = K.build_model(**config, pretrained={"none": False, "imagenet": True}.get(value, value))
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}") from None
+    return to_device(model, device)
 
 
 def to_device(model: K.EarlyExitNet, device: torch.device) -> K.EarlyExitNet:
@@ -160,8 +182,8 @@ def evaluate(model: K.EarlyExitNet, split: K.Split, data: K.SpuriousDataset, dev
                "worst_group_acc": K.worst_group_accuracy(pred, split.labels, split.groups, data.n_groups),
                "group_acc": [None if math.isnan(a) else a for a in groups.tolist()]}
     if data.name == "waterbirds":  # per-group accuracy weighted by the training group shares (the literature's average)
-        shares = torch.bincount(data.train.groups.cpu(), minlength=data.n_groups).double()
-        metrics["adjusted_avg_acc"] = float((torch.nan_to_num(groups.cpu()) * shares).sum() / shares.sum())
+        metrics["adjusted_avg_acc"] = K.adjusted_average_accuracy(groups, torch.bincount(data.train.groups,
+                                                                                          minlength=data.n_groups))
     return metrics
 
 
@@ -170,73 +192,105 @@ def early_exit_loss(logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor
     return sum(F.cross_entropy(z.float(), y) for z in logits[:-1])
 
 
-def fit_readout_laplace(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
-                        device: torch.device, seed: int) -> tuple[K.KFACLaplace, torch.Tensor, torch.Tensor]:
-    """KFAC Laplace of the readout head: fit on one eval-mode pass over train, (T, sigma^2) tuned on val.
-    Returns it with the pass's logits (N, c) and features (N, p)."""
-    r, amp = cfg.readout_exit, device.type == "cuda"
-    train_logits, (train_features,) = K.predict_split(student, splits["train"], data.mean, data.std, device,
-                                                      exits=[r], amp=amp)
-    _, (val_features,) = K.predict_split(student, splits["val"], data.mean, data.std, device, exits=[r], amp=amp)
-    linear = student.heads[r].linear
-    laplace = K.KFACLaplace.fit(train_features, linear.weight, linear.bias)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return K.tune_laplace(laplace, val_features, splits["val"].labels, generator=generator), train_logits[0], train_features
+def readout_pass(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
+                 device: torch.device, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The readout exit's logits (N, c) and head features (N, p) on one split (eval mode, float32 heads)."""
+    logits, (features,) = K.predict_split(student, splits[split], data.mean, data.std, device,
+                                          exits=[cfg.readout_exit], amp=device.type == "cuda")
+    return logits[0], features
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
+    """Pearson correlation of two (N,) tensors; None when either is constant (e.g. all weights 1)."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    denominator = float(a.norm() * b.norm())
+    return float(a @ b) / denominator if denominator > 0 else None
+
+
+def per_group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> list[Optional[float]]:
+    """Mean of ``values`` (N,) within each group; None for an empty group."""
+    sums = torch.bincount(groups, weights=values.double(), minlength=n_groups)
+    counts = torch.bincount(groups, minlength=n_groups)
+    return [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
 
 
 def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                     device: torch.device, epoch: int) -> tuple[torch.Tensor, dict]:
-    """DEDIER weights from one eval-mode pass of the readout over the training set: from its softmax
-    (``dedier``) or from its KFAC Laplace predictive (``laplace``, fit on this pass, tuned on val)."""
-    seed = cfg.seed * 100003 + epoch
+    """DEDIER weights ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, from one eval-mode
+    pass of the readout over the training set. The margin comes from the readout's softmax (``dedier``), its
+    softmax at a temperature tuned on val NLL (``dedier-ts``), or its KFAC Laplace predictive (``laplace``, fit
+    on this pass, (T, sigma^2) tuned on val NLL). Returns the weights (N,) and the epoch's diagnostics."""
+    seed = cfg.seed * SEED_STRIDE + epoch
+    train, val = splits["train"], splits["val"]
+    train_logits, train_features = readout_pass(cfg, student, splits, data, device, "train")
+    val_logits, val_features = readout_pass(cfg, student, splits, data, device, "val")
+    # the temperature-only softmax: the ablation that the Laplace weights are compared with every epoch
+    temperature = K.tune_temperature(val_logits, val.labels)
+    temperature_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels,
+                                           cfg.alpha, cfg.beta)  # (N,)
+    info = {"readout_temperature": None, "readout_prior_variance": None, "posterior_logit_std": None}
     if cfg.weighting == "dedier":
-        train_logits, _ = K.predict_split(student, splits["train"], data.mean, data.std, device,
-                                          exits=[cfg.readout_exit], amp=device.type == "cuda")
-        probs, info = torch.softmax(train_logits[0], -1), {}
+        weights = K.dedier_weights(torch.softmax(train_logits, -1), train.labels, cfg.alpha, cfg.beta)
+    elif cfg.weighting == "dedier-ts":
+        weights, info["readout_temperature"] = temperature_weights, temperature
     else:
-        laplace, _, train_features = fit_readout_laplace(cfg, student, splits, data, device, seed)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        probs = laplace.predict(train_features, n_samples=50, generator=generator)
-        info = {"laplace_temperature": laplace.temperature, "laplace_prior_precision": laplace.prior_precision}
-    weights = K.dedier_weights(probs, splits["train"].labels, cfg.alpha, cfg.beta)
-    info.update(upweighted=float((weights > 1).double().mean()), mean_weight=float(weights.mean()))
+        laplace = K.tuned_exit_laplace(student.heads[cfg.readout_exit].linear, train_features, val_features,
+                                       val.labels, N_SAMPLES, seed)
+        probs = laplace.predict(train_features, N_SAMPLES, generator=K.seeded_generator(seed, device))  # (N, c)
+        weights = K.dedier_weights(probs, train.labels, cfg.alpha, cfg.beta)
+        _, scale = laplace.logit_distribution(train_features)  # (N,)
+        U, _ = laplace.factors()
+        # std of the temperature-scaled logits, sqrt(v * mean_k U_kk) / T: how far the posterior can move them
+        logit_std = (scale.double() * U.diagonal().mean()).sqrt() / laplace.temperature  # (N,)
+        info.update(readout_temperature=laplace.temperature, readout_prior_variance=1.0 / laplace.prior_precision,
+                    posterior_logit_std=per_group_mean(logit_std, train.groups, data.n_groups),
+                    posterior_logit_std_median=float(logit_std.median()))
+    info.update(upweighted_share=per_group_mean((weights > 1).double(), train.groups, data.n_groups),
+                mean_weight=per_group_mean(weights, train.groups, data.n_groups),
+                weight_corr_temperature=pearson(weights, temperature_weights))
     return weights, info
 
 
 def readout_calibration(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                         device: torch.device) -> dict:
-    """Test accuracy, ECE and NLPD of the readout exit with its softmax and with its Laplace predictive."""
-    laplace, _, _ = fit_readout_laplace(cfg, student, splits, data, device, cfg.seed)
+    """Test accuracy, ECE and NLPD of the readout exit with its softmax, its temperature-scaled softmax and its
+    Laplace predictive (T and (T, sigma^2) tuned on val). Same seeding rule as eval.py: the same figures."""
+    _, train_features = readout_pass(cfg, student, splits, data, device, "train")
+    val_logits, val_features = readout_pass(cfg, student, splits, data, device, "val")
+    logits, features = readout_pass(cfg, student, splits, data, device, "test")
+    laplace = K.tuned_exit_laplace(student.heads[cfg.readout_exit].linear, train_features, val_features,
+                                   splits["val"].labels, N_SAMPLES, cfg.seed)
+    temperature = K.tune_temperature(val_logits, splits["val"].labels)
     test = splits["test"]
-    logits, (features,) = K.predict_split(student, test, data.mean, data.std, device, exits=[cfg.readout_exit],
-                                          amp=device.type == "cuda")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    result = {"exit": cfg.readout_exit}
-    for name, probs in (("map", torch.softmax(logits[0], -1)), ("laplace", laplace.predict(features, 50, generator=generator))):
+    result = {"exit": cfg.readout_exit, "temperature_value": temperature}
+    for name, probs in (("map", torch.softmax(logits, -1)), ("temperature", torch.softmax(logits / temperature, -1)),
+                        ("laplace", laplace.predict(features, N_SAMPLES, generator=K.seeded_generator(cfg.seed, device)))):
         result[name] = {"acc": float((probs.argmax(-1) == test.labels).double().mean()),
                         "ece": K.expected_calibration_error(probs, test.labels), "nlpd": K.nlpd(probs, test.labels)}
     return result
 
 
-def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, train: K.Split, val: K.Split, data: K.SpuriousDataset,
+def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                     device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function batch -> KD target logits: the teacher's logits, or log of its last-layer Laplace predictive
-    (fit once on train, tuned on val; the probit link keeps targets deterministic and cheap per batch)."""
+    """A function batch -> KD target logits: the teacher's logits, or the log of its last-layer Laplace predictive
+    (fit once on train, tuned on val; the probit link keeps targets deterministic and cheap per batch). The
+    log predictive is computed in log space (``log_softmax`` of the probit-scaled logits): a probability that
+    underflows to 0 would give -inf and a NaN KD loss."""
     teacher.eval()
     last = len(teacher.heads) - 1
     if cfg.teacher_targets == "softmax":
         return lambda x: teacher(x)[-1].float()
-    _, (train_features,) = K.predict_split(teacher, train, data.mean, data.std, device, exits=[last])
-    _, (val_features,) = K.predict_split(teacher, val, data.mean, data.std, device, exits=[last])
+    _, (train_features,) = K.predict_split(teacher, splits["train"], data.mean, data.std, device, exits=[last])
+    _, (val_features,) = K.predict_split(teacher, splits["val"], data.mean, data.std, device, exits=[last])
     linear = teacher.heads[last].linear
-    laplace = K.KFACLaplace.fit(train_features, linear.weight, linear.bias)
-    laplace = K.tune_laplace(laplace, val_features, val.labels, link="probit")
+    laplace = K.KFACLaplace.fit(train_features, linear.weight.detach(), linear.bias.detach())
+    laplace = K.tune_laplace(laplace, val_features, splits["val"].labels, link="probit")
     print(f"teacher Laplace targets: T={laplace.temperature}, prior precision={laplace.prior_precision:.3g}")
 
     def laplace_targets(x: torch.Tensor) -> torch.Tensor:
-        features = teacher.forward_features(x, exits=[last])[0]  # (B, p), bf16 under CUDA autocast
-        with torch.autocast(x.device.type, enabled=False):  # the Laplace predictive in fp32
-            return torch.log(laplace.predict(features.float(), link="probit"))  # (B, c)
+        features = teacher.forward_features(x, exits=[last], float32_heads=True)[0]  # (B, p) float32
+        with torch.autocast(x.device.type, enabled=False):  # the backbone may run in bf16, the Laplace does not
+            return laplace.log_predict(features, link="probit")  # (B, c)
     return laplace_targets
 
 
@@ -328,8 +382,8 @@ def train_phase(cfg: Config, phase: str, model: K.EarlyExitNet, data: K.Spurious
                   "images_per_s": round(len(train) / seconds, 1), "lr": scheduler.get_last_lr()[0], **info}
         log(record)
         print(f"{phase} epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  val avg {val_metrics['avg_acc']:.3f}  "
-              f"worst-group {val_metrics['worst_group_acc']:.3f}  {seconds:.1f}s  {record['images_per_s']:.0f} img/s",
-              flush=True)
+              f"worst-group {val_metrics['worst_group_acc']:.3f}  {seconds:.1f}s  {record['images_per_s']:.0f} img/s"
+              + weighting_summary(info), flush=True)
         state.update(phase=phase, epoch=epoch, best=best, model=model.state_dict(), optimizer=optimizer.state_dict(),
                      scheduler=scheduler.state_dict(), generator=generator.get_state())
         K.atomic_save({**state, "config": asdict(cfg), "model_config": model_config(cfg, phase, data)}, out / "last.pt")
@@ -337,6 +391,18 @@ def train_phase(cfg: Config, phase: str, model: K.EarlyExitNet, data: K.Spurious
     model.load_state_dict(best_checkpoint["model"])
     print(f"{phase}: best validation worst-group accuracy {best['worst_group_acc']:.3f} at epoch {best['epoch']}")
     return model
+
+
+def weighting_summary(info: dict) -> str:
+    """The key readout diagnostics of an epoch, for its printed line ('' when the epoch has none)."""
+    if "mean_weight" not in info:
+        return ""
+    parts = [f"T {info['readout_temperature']:g}" if info["readout_temperature"] is not None else "",
+             f"s2 {info['readout_prior_variance']:.3g}" if info["readout_prior_variance"] is not None else "",
+             f"logit std {info['posterior_logit_std_median']:.3f}" if "posterior_logit_std_median" in info else "",
+             "up " + "/".join(f"{share:.2f}" if share is not None else "-" for share in info["upweighted_share"]),
+             f"corr(T) {info['weight_corr_temperature']:.3f}" if info["weight_corr_temperature"] is not None else ""]
+    return "  | " + "  ".join(part for part in parts if part)
 
 
 def checkpoint(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, best: dict) -> dict:
@@ -388,9 +454,8 @@ def run(cfg: Config) -> dict:
             handle.write(json.dumps(record) + "\n")
 
     # 1. Teacher: reused, resumed, or trained here with ERM or group DRO on the last exit
-    teacher = new_model(cfg, "teacher", data, device)
     teacher_path = Path(cfg.teacher) if cfg.teacher else out / "teacher.pt"
-    if cfg.teacher or (cfg.resume and state.get("phase") == "student"):
+    if cfg.teacher or (cfg.resume and state.get("phase") == "student"):  # no network to build: it is loaded
         saved = K.load_checkpoint(teacher_path)
         check_teacher(saved, data, teacher_path)
         teacher = to_device(K.model_from_checkpoint(saved), device)
@@ -406,10 +471,11 @@ def run(cfg: Config) -> dict:
                 loss = per_sample.mean()
             return loss + early_exit_loss(logits, y)
 
-        teacher = train_phase(cfg, "teacher", teacher, data, splits, device, cfg.teacher_epochs, teacher_loss,
+        teacher = train_phase(cfg, "teacher", new_model(cfg, "teacher", data, device), data, splits, device,
+                              cfg.teacher_epochs, teacher_loss,
                               None, state, out, log)
     teacher.eval()
-    targets = teacher_targets(cfg, teacher, splits["train"], splits["val"], data, device)
+    targets = teacher_targets(cfg, teacher, splits, data, device)
 
     # 2. Student: weighted KD on the last exit, readouts trained on the side, weights refreshed every epoch
     student_state = state if state.get("phase") == "student" else {}  # the teacher's state stays behind
@@ -430,7 +496,7 @@ def run(cfg: Config) -> dict:
         print(f"{role:8s} {m['avg_acc']:8.3f} {m['worst_group_acc']:12.3f}  {groups}")
     readout = metrics["student"]["readout"]
     print(f"student readout (exit {readout['exit']}) test ECE: softmax {readout['map']['ece']:.4f}, "
-          f"Laplace {readout['laplace']['ece']:.4f}")
+          f"temperature-scaled {readout['temperature']['ece']:.4f}, Laplace {readout['laplace']['ece']:.4f}")
     print(f"wrote {out}/metrics.json, student.pt, log.jsonl")
     return metrics
 
