@@ -1,5 +1,6 @@
 """Tests for kdlaplace: every numerical routine against a brute-force float64 reference, then the networks,
 the data loaders on tiny datasets written in their real formats, and the two scripts end to end."""
+import copy
 import csv
 import json
 import math
@@ -80,6 +81,23 @@ def test_confidence_margin_and_dedier_weights_hand_worked():
     torch.testing.assert_close(weights, expected, rtol=1e-14, atol=0)
     with pytest.raises(ValueError, match="alpha"):
         K.dedier_weights(probs, y, alpha=0.0, beta=1.0)
+
+
+def test_laplace_kd_targets_stay_finite_where_probabilities_underflow():
+    # logits [15, 0, -20] at T = 0.3: p(-20) ~ exp(-117) is 0 in float32, and log(0) * 0 made the KL NaN
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -1.0]])
+    weight, bias = torch.tensor([[15.0, 0.0], [0.0, 0.0], [-20.0, 0.0]]), torch.zeros(3)
+    laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=1e4, temperature=0.3)
+    log_p = laplace.log_predict(features[:1], link="probit")  # (1, 3) float32
+    assert torch.log(laplace.predict(features[:1], link="probit"))[0, 2] == -math.inf  # why log space is needed
+    weight_tilde, U, V = dense_posterior(features.double(), weight.double(), bias.double(), 1e4)
+    phi = torch.tensor([1.0, 0.0, 1.0], dtype=f64)
+    kappa = 1 / torch.sqrt(1 + math.pi / 8 * float(phi @ V @ phi) * torch.diagonal(U) / 0.3 ** 2)
+    expected = torch.log_softmax(weight_tilde @ phi / 0.3 * kappa, -1)  # float64, by hand
+    torch.testing.assert_close(log_p[0].double(), expected, rtol=1e-5, atol=1e-3)
+    assert expected[2] < -100  # far below float32's smallest probability
+    loss = K.kd_loss(torch.randn(1, 3), log_p, T=3.0)
+    assert torch.isfinite(loss).all()
 
 
 def test_student_loss_is_weighted_mix_of_ce_and_kd():
@@ -638,6 +656,13 @@ def test_group_and_worst_group_accuracy():
     assert K.worst_group_accuracy(pred, y, groups, 5) == 0.5
 
 
+def test_waterbirds_adjusted_average_uses_the_training_group_shares():
+    group_accuracy = torch.tensor([0.99, 0.80, 0.60, 0.95], dtype=f64)
+    expected = (3498 * 0.99 + 184 * 0.80 + 56 * 0.60 + 1057 * 0.95) / 4795  # 0.9681...
+    adjusted = K.adjusted_average_accuracy(group_accuracy, torch.tensor([3498, 184, 56, 1057]))
+    assert abs(adjusted - expected) < 1e-12 and abs(adjusted - group_accuracy.mean()) > 0.1
+
+
 def test_ece_matches_explicit_loop_with_confidence_one():
     g = seeded(32)
     probs = torch.softmax(3 * torch.randn(500, 4, generator=g, dtype=f64), -1)
@@ -724,6 +749,37 @@ def test_exit_flops_count_the_modules():
     stage1 = 8 * 8 * w * 3 * 9 + 8 * 8 * w * w * 9
     head1 = 2 * 8 * 8 * w * w * 9 + w * 2
     assert model.exit_flops[0] == stage1 + head1
+
+
+@pytest.mark.parametrize("arch,published_gmacs", [("resnet18", 1.814), ("resnet50", 4.089)])
+def test_resnet_flops_match_torchvision_published_figures(arch, published_gmacs):
+    model = K.build_model(arch, 1000)  # 224 x 224 inputs
+    readouts = 0  # our early heads, counted by hand: two 3x3 convs of width min(2C, 128), then a linear
+    for k, channels in enumerate(model.backbone.stage_channels[:-1]):
+        side, width = 56 // 2 ** k, min(2 * channels, 128)
+        readouts += side * side * width * 9 * (channels + width) + width * 1000
+    assert abs((model.exit_flops[-1] - readouts) / 1e9 - published_gmacs) < 5e-4  # torchvision's GFLOPS (MACs)
+
+
+def test_predict_split_runs_heads_in_float32_under_cpu_bf16_autocast():
+    torch.manual_seed(3)
+    model = K.build_model("cnn", 2, width=8).eval()
+    data = K.make_synth(32, 64, 8, seed=1)
+    logits, features = K.predict_split(model, data.val, data.mean, data.std, torch.device("cpu"), amp=True)
+    assert logits.dtype == features[0].dtype == torch.float32
+    x = K.prepare_batch(data.val.images, data.mean, data.std)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stage = model.backbone.stages[0](x)  # the backbone in bf16
+            bf16_logits = model.heads[0](stage).float()  # what a bf16 head would give
+        assert stage.dtype == torch.bfloat16
+        head = copy.deepcopy(model.heads[0]).double()
+        expected_features = head.features(stage.double())  # (N, p): float64 head on the same stage output
+        expected_logits = head.linear(expected_features)
+    torch.testing.assert_close(features[0].double(), expected_features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[0].double(), expected_logits, rtol=1e-4, atol=1e-5)
+    relative = (bf16_logits.double() - expected_logits).abs().max() / expected_logits.abs().max()
+    assert relative > 1e-3  # a bf16 head is visibly off (~3 significant digits); the float32 one is not
 
 
 def test_detached_exits_leave_the_backbone_gradients_untouched():
@@ -892,6 +948,23 @@ def test_waterbirds_loader_errors_name_the_problem(tmp_path):
         K.load_dataset("waterbirds", tmp_path / "wb", image_size=16, cache_dir=tmp_path / "cache")
 
 
+def test_data_root_defaults_and_the_distributions_folder_names(tmp_path, monkeypatch):
+    make_waterbirds(tmp_path / "store" / "waterbirds" / "waterbird_complete95_forest2water2")
+    monkeypatch.setenv("KDLAPLACE_DATA", str(tmp_path / "store"))
+    data = K.load_dataset("waterbirds", image_size=16, cache_dir=tmp_path / "cache")  # $KDLAPLACE_DATA/waterbirds
+    assert (len(data.train), len(data.val), len(data.test)) == (6, 3, 3)
+    monkeypatch.delenv("KDLAPLACE_DATA")
+    monkeypatch.chdir(tmp_path)
+    make_waterbirds(tmp_path / "data" / "waterbirds" / "waterbirds_v1.0")  # WILDS' folder under ./data
+    assert K.resolve_data_root("waterbirds") == Path("data/waterbirds/waterbirds_v1.0")
+    with pytest.raises(FileNotFoundError) as error:
+        K.load_dataset("cifar100")
+    message = str(error.value)
+    for place in ("data/cifar100/meta", "data/cifar100/cifar-100-python/meta", "CIFAR-100 python version",
+                  "$KDLAPLACE_DATA"):
+        assert place in message, place
+
+
 ATTRIBUTES = ["5_o_Clock_Shadow", "Blond_Hair", "Male", "Young"]
 
 
@@ -980,7 +1053,7 @@ def tiny_runs(tmp_path_factory):
     """One tiny synth run per weighting (the first trains the teacher, the others reuse it)."""
     root = tmp_path_factory.mktemp("runs")
     results = {}
-    for weighting in ("none", "dedier", "laplace"):
+    for weighting in ("none", "dedier", "dedier-ts", "laplace"):
         teacher = [] if weighting == "none" else ["--teacher", str(root / "none" / "teacher.pt")]
         extra = ["--teacher-targets", "laplace"] if weighting == "laplace" else []
         results[weighting] = run_script("train.py", *TINY, "--weighting", weighting, *teacher, *extra,
@@ -988,7 +1061,7 @@ def tiny_runs(tmp_path_factory):
     return root, results
 
 
-@pytest.mark.parametrize("weighting", ["none", "dedier", "laplace"])
+@pytest.mark.parametrize("weighting", ["none", "dedier", "dedier-ts", "laplace"])
 def test_train_smoke_writes_every_output(tiny_runs, weighting):
     root, results = tiny_runs
     result = results[weighting]
@@ -1001,19 +1074,34 @@ def test_train_smoke_writes_every_output(tiny_runs, weighting):
     assert [r["phase"] for r in records] == (["teacher"] if weighting == "none" else []) + ["student"] * 2
     for record in records:
         assert {"phase", "epoch", "seconds", "train_loss", "val_avg_acc", "val_worst_group_acc"} <= record.keys()
+    diagnostics = {"readout_temperature", "readout_prior_variance", "posterior_logit_std", "upweighted_share",
+                   "mean_weight", "weight_corr_temperature"}  # field names are a contract
+    for record in records[-2:]:
+        assert diagnostics <= record.keys() if weighting != "none" else not diagnostics & record.keys()
     if weighting != "none":
-        assert "upweighted" in records[-1]
+        record = records[-1]
+        assert len(record["upweighted_share"]) == len(record["mean_weight"]) == 4
+        assert (record["readout_temperature"] is None) == (weighting == "dedier")
+        assert (record["posterior_logit_std"] is not None) == (weighting == "laplace")
+        assert "corr(T)" in result.stdout or record["weight_corr_temperature"] is None
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["weighting"] == weighting and metrics["dataset"] == "synth" and metrics["seed"] == 0
-    for role in ("teacher", "student"):
-        m = metrics[role]["test"]
-        assert 0 <= m["worst_group_acc"] <= m["avg_acc"] <= 1 and len(m["group_acc"]) == 4
+    # recompute the student's test figures from student.pt with an explicit loop over groups
+    student = K.model_from_checkpoint(K.load_checkpoint(out / "student.pt")).eval()
+    data = K.make_synth(64, 16, 32, seed=0)
+    with torch.no_grad():
+        pred = student(K.prepare_batch(data.test.images, data.mean, data.std))[-1].argmax(-1)
+    group_acc = [float((pred[data.test.groups == g] == data.test.labels[data.test.groups == g]).double().mean())
+                 for g in range(4)]
+    m = metrics["student"]["test"]
+    assert m["group_acc"] == pytest.approx(group_acc) and m["worst_group_acc"] == pytest.approx(min(group_acc))
+    assert m["avg_acc"] == pytest.approx(float((pred == data.test.labels).double().mean()))
     assert "worst-group" in result.stdout and "student epoch   2/2" in result.stdout
 
 
 def test_eval_reports_every_exit_and_the_budget_curve(tiny_runs, tmp_path):
     root, _ = tiny_runs
-    result = run_script("eval.py", str(root / "laplace"), "--n-samples", "5", "--json", str(tmp_path / "r.json"),
+    result = run_script("eval.py", str(root / "laplace"), "--json", str(tmp_path / "r.json"),
                         "--plot", str(tmp_path / "figures"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
@@ -1021,14 +1109,118 @@ def test_eval_reports_every_exit_and_the_budget_curve(tiny_runs, tmp_path):
     for e in report["exits"]:
         for method in ("MAP", "Laplace", "MIE", "MIE+Laplace"):
             assert {"top1", "nlpd", "ece", "worst_group_acc"} <= e[method].keys()
-        assert e["avcs"]["nestedness"] == 1.0 and 0 <= e["avcs"]["coverage"] <= 1
-        assert e["laplace_avcs"]["nestedness"] == 1.0
+        assert 0 <= e["avcs"]["coverage"] <= 1 and 0 <= e["avcs"]["nestedness_without_intersection"] <= 1
+    # the same checkpoint and seed: the readout's figures equal those train.py wrote (one seeding rule)
+    readout = json.loads((root / "laplace" / "metrics.json").read_text())["student"]["readout"]
+    row = report["exits"][readout["exit"]]
+    for method, name in (("MAP", "map"), ("Laplace", "laplace")):
+        assert row[method]["ece"] == pytest.approx(readout[name]["ece"], abs=1e-6), method
+        assert row[method]["nlpd"] == pytest.approx(readout[name]["nlpd"], abs=1e-6), method
     assert "MIE+Laplace" in result.stdout and "prediction sets" in result.stdout
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "figures" / "reliability.png").is_file()
     except ImportError:
         assert "pip install matplotlib" in result.stderr
+
+
+MERONEN_GRID = ((0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0), (0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0))
+
+
+def tiny_setup(*flags: str):
+    cfg = train.parse_args(TINY + list(flags))
+    data = train.load_data(cfg)
+    splits = {name: getattr(data, name) for name in ("train", "val", "test")}
+    return cfg, data, splits
+
+
+def exit_features_float64(model, exit_index, split, data):
+    """Head features (N, p) of one exit, by hand in float64 (eval mode): its stages, then its head's body."""
+    model = copy.deepcopy(model).double().eval()
+    h = K.prepare_batch(split.images, data.mean, data.std).double()
+    with torch.no_grad():
+        for modules in model.backbone.stage_modules()[:exit_index + 1]:
+            for module in modules:
+                h = module(h)
+        return model.heads[exit_index].features(h), model.heads[exit_index].linear
+
+
+@pytest.mark.parametrize("weighting", ["dedier", "dedier-ts", "laplace"])
+def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
+    cfg, data, splits = tiny_setup("--weighting", weighting, "--alpha", "0.7", "--beta", "1.5")
+    torch.manual_seed(4)
+    student = train.new_model(cfg, "student", data, torch.device("cpu"))
+    weights, info = train.readout_weights(cfg, student, splits, data, torch.device("cpu"), epoch=3)
+    features, linear = exit_features_float64(student, 0, data.train, data)
+    logits = linear(features).detach()  # (N, 2)
+    val_features, _ = exit_features_float64(student, 0, data.val, data)
+    val_logits = linear(val_features).detach()
+    if weighting == "dedier":
+        probs = torch.softmax(logits, -1)
+    elif weighting == "dedier-ts":
+        nll = {t: float(-torch.log_softmax(val_logits / t, -1)[torch.arange(len(data.val)), data.val.labels].mean())
+               for t in MERONEN_GRID[0]}
+        assert info["readout_temperature"] == min(nll, key=nll.get)
+        probs = torch.softmax(logits / info["readout_temperature"], -1)
+    else:
+        weight_tilde, U, V = dense_posterior(features, linear.weight.detach(), linear.bias.detach(),
+                                             1 / info["readout_prior_variance"])
+        normal = torch.randn(50, 2, generator=seeded(cfg.seed * train.SEED_STRIDE + 3), dtype=f64)
+        probs = reference_predictive(features, weight_tilde, U, V, info["readout_temperature"], normal)
+    top = probs.sort(-1, descending=True).values
+    wrong = probs.argmax(-1) != data.train.labels
+    expected = torch.where(wrong, torch.exp(1.5 * (top[:, 0] - top[:, 1]) ** 0.7), torch.ones(len(data.train), dtype=f64))
+    assert wrong.any() and not wrong.all()
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-4, atol=1e-6)
+    shares = [float((expected[data.train.groups == g] > 1).double().mean()) for g in range(4)]
+    assert info["upweighted_share"] == pytest.approx(shares)
+
+
+def test_laplace_teacher_targets_match_a_hand_computation():
+    cfg, data, splits = tiny_setup("--teacher-targets", "laplace")
+    torch.manual_seed(5)
+    teacher = train.new_model(cfg, "teacher", data, torch.device("cpu")).eval()
+    targets = train.teacher_targets(cfg, teacher, splits, data, torch.device("cpu"))
+    x = K.prepare_batch(data.test.images, data.mean, data.std)
+    with torch.no_grad():
+        log_p = targets(x)  # (N, c)
+    last = len(teacher.heads) - 1
+    train_features, linear = exit_features_float64(teacher, last, data.train, data)
+    val_features, _ = exit_features_float64(teacher, last, data.val, data)
+    test_features, _ = exit_features_float64(teacher, last, data.test, data)
+    weight, bias = linear.weight.detach(), linear.bias.detach()
+    best, best_nll = None, math.inf
+    for variance in MERONEN_GRID[1]:  # the probit grid search, written out
+        weight_tilde, U, V = dense_posterior(train_features, weight, bias, 1 / variance)
+        for temperature in MERONEN_GRID[0]:
+            probs = reference_predictive(val_features, weight_tilde, U, V, temperature)
+            nll = float(-torch.log(probs[torch.arange(len(data.val)), data.val.labels]).mean())
+            if nll < best_nll:
+                best, best_nll = (weight_tilde, U, V, temperature), nll
+    expected = torch.log(reference_predictive(test_features, *best))
+    torch.testing.assert_close(log_p.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_default_waterbirds_pair_runs_offline_from_two_local_weight_files(tmp_path, capsys):
+    make_waterbirds(tmp_path / "wb")
+    torch.save(K.ResNet(K.BasicBlock, (2, 2, 2, 2), 1000).state_dict(), tmp_path / "resnet18.pth")
+    torch.save(K.ResNet(K.Bottleneck, (3, 4, 6, 3), 1000).state_dict(), tmp_path / "resnet50.pth")
+    common = ["--dataset", "waterbirds", "--data-root", str(tmp_path / "wb"), "--cache-dir", str(tmp_path / "cache"),
+              "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--pretrained", str(tmp_path / "resnet18.pth")]
+    train.main(common + ["--teacher-epochs", "1", "--teacher-pretrained", str(tmp_path / "resnet50.pth"),
+                         "--out", str(tmp_path / "run")])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "adjusted_avg_acc" in metrics["student"]["test"]
+    assert K.load_checkpoint(tmp_path / "run" / "teacher.pt")["model_config"]["arch"] == "resnet50"
+    assert K.load_checkpoint(tmp_path / "run" / "student.pt")["model_config"]["input_size"] == 224
+    # a reused teacher is loaded, never built: the student's weight file is all that is needed
+    train.main(common + ["--teacher", str(tmp_path / "run" / "teacher.pt"), "--out", str(tmp_path / "reuse")])
+    assert (tmp_path / "reuse" / "metrics.json").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main(common + ["--teacher-pretrained", str(tmp_path / "resnet18.pth"), "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert "--teacher-pretrained" in err and "teacher (resnet50)" in err and err.count("\n") == 1
 
 
 def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -1062,7 +1254,6 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypat
     (["--beta", "-1"], "--beta must be >= 0"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--weighting", "softmax"], "invalid choice: 'softmax'"),
-    (["--dataset", "waterbirds"], "--data-root is required"),
 ])
 def test_train_rejects_bad_flags_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as stopped:
@@ -1074,7 +1265,7 @@ def test_train_rejects_bad_flags_with_one_line(flags, message, capsys):
 def test_train_rejects_bad_runs_without_a_traceback(tiny_runs, tmp_path, capsys):
     root, _ = tiny_runs
     cases = [(["--resume", "--out", str(tmp_path / "empty")], "no " + str(tmp_path / "empty" / "last.pt")),
-             (["--dataset", "waterbirds", "--data-root", str(tmp_path / "nowhere")], "does not exist"),
+             (["--dataset", "waterbirds", "--data-root", str(tmp_path / "nowhere")], "no dataset found; looked for"),
              (["--resume", "--arch", "resnet18-cifar", "--out", str(root / "none")], "is a run of dataset synth with arch cnn"),
              (["--readout-exit", "2", "--out", str(tmp_path / "r")], "--readout-exit 2")]
     saved = K.load_checkpoint(root / "none" / "teacher.pt")

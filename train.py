@@ -117,13 +117,13 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
                             help=f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else ""))
     cfg = Config(**vars(parser.parse_args(argv)))
     defaults = DATASET_DEFAULTS[cfg.dataset]
-    if cfg.teacher_pretrained is None and cfg.pretrained is not None and cfg.arch in (None, cfg.teacher_arch):
-        cfg.teacher_pretrained = cfg.pretrained  # one file cannot hold two architectures: only when they match
+    student_pretrained = cfg.pretrained  # as given, before the dataset's defaults fill it
     for name, value in defaults.items():  # fill what the user left to the dataset
         if getattr(cfg, name) is None:  # (alpha, beta: per weighting; unused by "none")
             setattr(cfg, name, value.get(cfg.weighting, 1.0) if isinstance(value, dict) else value)
-    if cfg.teacher_pretrained is None:
-        cfg.teacher_pretrained = defaults["pretrained"]
+    if cfg.teacher_pretrained is None:  # a weight file holds one architecture: shared only when they match
+        same = student_pretrained is not None and cfg.arch == cfg.teacher_arch
+        cfg.teacher_pretrained = student_pretrained if same else defaults["pretrained"]
     checks = [(0.0 <= cfg.lam <= 1.0, "--lam must be in [0, 1]"), (cfg.temperature > 0, "--temperature must be > 0"),
               (cfg.alpha > 0, "--alpha must be > 0"), (cfg.beta >= 0, "--beta must be >= 0"),
               (cfg.epochs >= 1 and cfg.teacher_epochs >= 0, "--epochs must be >= 1 and --teacher-epochs >= 0"),
@@ -161,7 +161,10 @@ def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.dev
     config = model_config(cfg, role, data)
     try:
         model = K.build_model(**config, pretrained={"none": False, "imagenet": True}.get(value, value))
-    except (ValueError, FileNotFoundError) as error:
+    except OSError as error:  # torch.hub cannot reach the download (an offline compute node)
+        raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}; offline, pass "
+                         f"a local torchvision-format state dict: {flag} FILE") from None
+    except ValueError as error:
         raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}") from None
     return to_device(model, device)
 
