@@ -1,12 +1,15 @@
-"""Benchmarks: the methods must cost what their mathematics costs.
+"""Benchmarks: the methods must cost what their mathematics costs, the pipeline what its training costs.
 
-    python bench.py [--quick] [--json PATH]      # speed: one row per case, median of repeats after a warm-up
-    python bench.py --table [--seeds 0 1 2 3 4]  # the README's synth benchmark table (trains 20 students)
+    python bench.py [--quick] [--json PATH] [--device cuda]   # speed rows, median of repeats after a warm-up
+    python bench.py --table [--seeds 0 1 2 3 4]             # the README's synth benchmark table (trains the runs)
 
 Speed cases and their baselines: ``kfac_fit`` vs the bare ``features.T @ features``; ``predict_mc`` /
 ``predict_probit`` vs the per-input ``c x c`` covariance + Cholesky that a generic library does; ``avcs`` vs
-``torch.distributions.Dirichlet`` draws (which underflow for small concentrations); ``train_epoch`` per
-weighting vs plain KD; ``data`` images/s through uint8 -> device -> normalise/augment.
+``torch.distributions.Dirichlet`` draws (which underflow for small concentrations); ``epoch_teacher`` and
+``epoch_student_{none,dedier,laplace}`` (train.py's own phase loop) vs ``epoch_bare_loop`` of the same network
+(forward, backward, step, nothing else); ``main_job``: ``python train.py`` end to end; ``data`` images/s through
+uint8 -> device -> normalise/augment; on CUDA also ``epoch_resnet18_224`` / ``epoch_resnet50_224``. The table runs
+its train.py processes one at a time, each with every core this process may use (never oversubscribed).
 """
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 import kdlaplace as K
 import train
@@ -87,7 +91,7 @@ def speed_cases(quick: bool, device: torch.device) -> list[dict]:
     seconds = timed(lambda: K.avcs_sets(logits, thresholds, generator=g), repeats, device)
     add("avcs", f"K=4 N={n_sets} c={c}", seconds, n_sets, baseline, "inputs/s")
 
-    rows += train_epoch_cases(quick, device)
+    rows += epoch_cases(quick, device)
 
     for augment, size in (("flip", 32), ("pad", 32), ("crop", 32), ("crop", 224)):
         n_images = 256 if size == 224 else 4096
@@ -99,41 +103,97 @@ def speed_cases(quick: bool, device: torch.device) -> list[dict]:
         def pipeline() -> None:
             for index in torch.arange(n_images).split(128):
                 K.prepare_batch(K.batch_images(split, index, device), (0.5,) * 3, (0.25,) * 3, augment,
-                                cpu_generator, channels_last=device.type == "cuda")
+                                cpu_generator, channels_last=K.bf16_is_fast(device))
 
         seconds = timed(pipeline, repeats, device)
         add("data", f"{augment} {size}x{size} batch=128", seconds, n_images, 0.0, "images/s")
     return rows
 
 
-def train_epoch_cases(quick: bool, device: torch.device) -> list[dict]:
-    """One student epoch on synth per weighting (with its end-of-epoch readout pass), against plain KD."""
-    rows, seconds_of = [], {}
-    for weighting in ("none", "dedier", "laplace"):
-        cfg = train.parse_args(["--weighting", weighting, "--synth-n-train", "1200" if quick else "4800",
-                                "--device", device.type])
-        data = train.load_data(cfg)
-        splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
-        torch.manual_seed(0)
-        teacher = train.new_model(cfg, "teacher", data, device).eval()
-        targets = train.teacher_targets(cfg, teacher, splits, data, device)
-        with tempfile.TemporaryDirectory() as out:
-            student = train.new_model(cfg, "student", data, device)
-            refresher = train.weight_refresher(cfg, splits, data, device)
-            extra = {}
-            if refresher:  # a realistic epoch: last epoch's weights are in use, this epoch's are computed at its end
-                refresher(student, 0, extra)
+def bare_epoch(model: K.EarlyExitNet, data: K.SpuriousDataset, split: K.Split, device: torch.device, amp: bool,
+               batch_size: int, teacher: Optional[K.EarlyExitNet] = None) -> Callable[[], None]:
+    """The lower bound for one training epoch of ``model``: uint8 batches -> device -> normalise and augment,
+    forward, cross-entropy on every exit (plus the KD term on the teacher's last exit for a student), backward,
+    SGD step. No evaluation, no readout pass, no logging, no checkpoint."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
 
-            def epoch() -> None:
-                train.train_phase(cfg, "student", student, data, splits, device, 1,
-                                  train.student_batch_loss(cfg, splits, targets), refresher, {"extra": extra},
-                                  Path(out), lambda record: None)
-            seconds_of[weighting] = timed(epoch, 1 if quick else 2, device)
-        rows.append({"case": f"train_epoch_{weighting}", "device": device.type,
-                     "sizes": f"synth N={len(data.train)} cnn w={cfg.width}", "seconds": seconds_of[weighting],
-                     "throughput": len(data.train) / seconds_of[weighting], "unit": "images/s",
-                     "baseline_seconds": seconds_of["none"], "ratio": seconds_of[weighting] / seconds_of["none"]})
+    def epoch() -> None:
+        model.train()
+        for index in torch.randperm(len(split), generator=generator).split(batch_size):
+            x = K.prepare_batch(K.batch_images(split, index, device), data.mean, data.std, data.augment, generator,
+                                channels_last=amp)
+            y = split.labels[index.to(device)]
+            with K.autocast(device, amp):
+                logits = model(x)
+                loss = sum(F.cross_entropy(z.float(), y) for z in logits)
+                if teacher is not None:
+                    with torch.no_grad():
+                        last = len(teacher.heads) - 1
+                        targets = teacher.heads[last].linear(teacher.forward_features(x, exits=[last])[0]).float()
+                    loss = loss + K.kd_loss(logits[-1], targets, 3.0).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return epoch
+
+
+def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
+    """Pipeline epochs (train.py's own phase loop: model selection on val, readout pass, weights, checkpoints) as
+    a ratio to the bare loop of the same network: ``epoch_bare_loop`` (teacher and student), ``epoch_teacher``,
+    ``epoch_student_none``, ``epoch_student_dedier``, ``epoch_student_laplace``."""
+    rows = []
+    cfg = train.parse_args(["--synth-n-train", "1200" if quick else "4800", "--device", device.type])
+    data = train.load_data(cfg)
+    splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
+    amp = train.use_amp(cfg, device)
+    torch.manual_seed(0)
+    teacher = train.new_model(cfg, "teacher", data, device)
+    repeats = 1 if quick else 3
+
+    def add(case: str, network: str, seconds: float, baseline: Optional[float]) -> None:
+        rows.append({"case": case, "device": device.type, "sizes": f"synth N={len(data.train)} {network}",
+                     "seconds": seconds, "throughput": len(data.train) / seconds, "unit": "images/s",
+                     "baseline_seconds": baseline, "ratio": seconds / baseline if baseline else None})
+
+    bare_teacher = timed(bare_epoch(teacher, data, splits["train"], device, amp, cfg.batch_size), repeats, device)
+    add("epoch_bare_loop", f"teacher cnn w={cfg.teacher_width}", bare_teacher, None)
+    with tempfile.TemporaryDirectory() as out:
+        seconds = timed(lambda: train.train_phase(cfg, "teacher", teacher, data, splits, device, 1,
+                                                  train.teacher_batch_loss(cfg, splits, data, device), None, {},
+                                                  Path(out), lambda record: None), repeats, device)
+    add("epoch_teacher", f"teacher cnn w={cfg.teacher_width}", seconds, bare_teacher)
+    teacher.eval()
+    student = train.new_model(cfg, "student", data, device)
+    bare_student = timed(bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size, teacher),
+                         repeats, device)
+    add("epoch_bare_loop", f"student cnn w={cfg.width} + teacher targets", bare_student, None)
+    for weighting in ("none", "dedier", "laplace"):
+        cfg_w = train.parse_args(["--weighting", weighting, "--synth-n-train", str(len(data.train)),
+                                  "--device", device.type])
+        targets = train.teacher_targets(cfg_w, teacher, splits, data, device)
+        refresher = train.weight_refresher(cfg_w, splits, data, device)
+        extra: dict = {}
+        if refresher:  # a realistic epoch: last epoch's weights are in use, this epoch's are computed at its end
+            refresher(student, 0, extra)
+        with tempfile.TemporaryDirectory() as out:
+            seconds = timed(lambda: train.train_phase(cfg_w, "student", student, data, splits, device, 1,
+                                                      train.student_batch_loss(cfg_w, splits, targets), refresher,
+                                                      {"extra": extra}, Path(out), lambda record: None),
+                            repeats, device)
+        add(f"epoch_student_{weighting}", f"student cnn w={cfg.width}", seconds, bare_student)
     return rows
+
+
+def main_job(device: torch.device) -> dict:
+    """``python train.py`` (teacher, student, summary) as a user runs it, timed once."""
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "train.py", "--device", device.type, "--out", out], check=True,
+                       stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - started
+    return {"case": "main_job", "device": device.type, "sizes": "python train.py (defaults)", "seconds": seconds,
+            "throughput": 1 / seconds, "unit": "runs/s", "baseline_seconds": None, "ratio": None}
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -151,6 +211,7 @@ VARIANTS = {  # name -> extra train.py flags; all share the seed's teacher (trai
     "none": ["--weighting", "none"],
     "dedier": ["--weighting", "dedier"],
     "dedier a=1 b=2": ["--weighting", "dedier", "--alpha", "1", "--beta", "2"],
+    "dedier-ts": ["--weighting", "dedier-ts"],
     "laplace": ["--weighting", "laplace"],
 }
 
@@ -199,20 +260,44 @@ def run_table(seeds: list[int], root: Path) -> None:
     (root / "table.md").write_text(table + "\n")
 
 
+def resnet_epoch_cases(device: torch.device) -> list[dict]:
+    """Images/s of one training epoch of a ResNet-18 and a ResNet-50 early-exit network at 224 px on a device-resident
+    uint8 dataset (bf16 autocast and channels_last where they are fast): the Waterbirds / CelebA regime."""
+    rows = []
+    n_images = 512
+    split = K.split_to_device(K.Split(torch.randint(0, 256, (n_images, 3, 224, 224), dtype=torch.uint8),
+                                      torch.randint(0, 2, (n_images,)), torch.zeros(n_images, dtype=torch.long)), device)
+    data = K.SpuriousDataset("bench", split, split, split, 2, 4, ["g"] * 4, K.IMAGENET_MEAN, K.IMAGENET_STD,
+                             "y", "a", "crop")
+    amp = K.bf16_is_fast(device)
+    for arch in ("resnet18", "resnet50"):
+        model = K.build_model(arch, 2).to(device, memory_format=torch.channels_last if amp else torch.preserve_format)
+        seconds = timed(bare_epoch(model, data, split, device, amp, 64), 2, device)
+        rows.append({"case": f"epoch_{arch}_224", "device": device.type, "sizes": f"N={n_images} batch=64 bf16={amp}",
+                     "seconds": seconds, "throughput": n_images / seconds, "unit": "images/s",
+                     "baseline_seconds": None, "ratio": None})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats, no main_job")
     parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the cases run (default: cpu)")
     parser.add_argument("--table", action="store_true", help="run the synth benchmark table instead")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds of --table")
     parser.add_argument("--out", default="runs/table", help="run folder of --table (default: runs/table)")
     args = parser.parse_args()
+    K.use_allowed_cores()
     if args.table:
         run_table(args.seeds, Path(args.out))
         return
-    rows = []
-    for device in [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []):
-        rows += speed_cases(args.quick, device)
+    device = K.pick_device(args.device)
+    rows = speed_cases(args.quick, device)
+    if device.type == "cuda":
+        rows += resnet_epoch_cases(device)
+    if not args.quick:
+        rows.append(main_job(device))
     print_rows(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

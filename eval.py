@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 import kdlaplace as K
-from train import Config, load_data, to_device  # the same set-up as training: one definition
+from train import Config, load_data, to_device, use_amp  # the same set-up as training: one definition
 
 BUDGET_LEVELS = [j / 20 for j in range(1, 40)]  # Meronen et al.'s budget levels q
 
@@ -88,14 +88,16 @@ def report(args: argparse.Namespace) -> dict:
     elif cfg.data_root and not Path(cfg.data_root).expanduser().is_dir():  # the run moved: the default rule
         cfg.data_root = None
     seed = cfg.seed if args.seed is None else args.seed
+    K.use_allowed_cores()
     device = K.pick_device(args.device)
     data = load_data(cfg)
     if checkpoint["model_config"]["n_classes"] != data.n_classes:
         raise ValueError(f"{path} has {checkpoint['model_config']['n_classes']} classes; {data.name} has {data.n_classes}")
-    model = to_device(K.model_from_checkpoint(checkpoint), device)
+    amp = use_amp(cfg, device)
+    model = to_device(K.model_from_checkpoint(checkpoint), device, amp)
     n_exits, flops = len(model.heads), model.exit_flops
     splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
-    outputs = {name: K.predict_split(model, split, data.mean, data.std, device, amp=device.type == "cuda")
+    outputs = {name: K.predict_split(model, split, data.mean, data.std, device, amp=amp)
                for name, split in splits.items()}  # name -> (logits (K, N, c), [features (N, p_k)])
     val, test = splits["val"], splits["test"]
 

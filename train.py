@@ -98,6 +98,8 @@ class Config:
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the networks"})
+    float32: bool = field(default=False, metadata={"help": "no bf16 autocast, even where it is fast (CUDA, CPUs "
+                                                           "with AVX512-BF16 or AMX)"})
     out: Optional[str] = field(default=None, metadata={"help": "output folder (default runs/<dataset>/<weighting>-seed<seed>)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt"})
 
@@ -166,19 +168,24 @@ def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.dev
                          f"a local torchvision-format state dict: {flag} FILE") from None
     except ValueError as error:
         raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}") from None
-    return to_device(model, device)
+    return to_device(model, device, use_amp(cfg, device))
 
 
-def to_device(model: K.EarlyExitNet, device: torch.device) -> K.EarlyExitNet:
-    """Move a network to the device; channels_last on CUDA (faster convolutions with bf16)."""
-    return model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+def use_amp(cfg: Config, device: torch.device) -> bool:
+    """bf16 autocast and channels_last for the networks where they are fast, unless --float32."""
+    return K.bf16_is_fast(device) and not cfg.float32
 
 
-def evaluate(model: K.EarlyExitNet, split: K.Split, data: K.SpuriousDataset, device: torch.device,
+def to_device(model: K.EarlyExitNet, device: torch.device, channels_last: bool) -> K.EarlyExitNet:
+    """Move a network to the device; channels_last with bf16 (faster convolutions)."""
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
+def evaluate(cfg: Config, model: K.EarlyExitNet, split: K.Split, data: K.SpuriousDataset, device: torch.device,
              exit_index: int = -1) -> dict:
     """Average, worst-group and per-group accuracy of one exit (default: the last) on a split."""
     logits, _ = K.predict_split(model, split, data.mean, data.std, device, exits=[exit_index % len(model.heads)],
-                                amp=device.type == "cuda")
+                                amp=use_amp(cfg, device))
     pred = logits[0].argmax(-1)
     groups = K.group_accuracies(pred, split.labels, split.groups, data.n_groups)
     metrics = {"avg_acc": float((pred == split.labels).double().mean()),
@@ -199,7 +206,7 @@ def readout_pass(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.Spu
                  device: torch.device, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The readout exit's logits (N, c) and head features (N, p) on one split (eval mode, float32 heads)."""
     logits, (features,) = K.predict_split(student, splits[split], data.mean, data.std, device,
-                                          exits=[cfg.readout_exit], amp=device.type == "cuda")
+                                          exits=[cfg.readout_exit], amp=use_amp(cfg, device))
     return logits[0], features
 
 
@@ -282,7 +289,8 @@ def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.
     teacher.eval()
     last = len(teacher.heads) - 1
     if cfg.teacher_targets == "softmax":
-        return lambda x: teacher(x)[-1].float()
+        # the last exit only (teacher(x) would also run the early heads: twice the cost for the CNN)
+        return lambda x: teacher.heads[last].linear(teacher.forward_features(x, exits=[last])[0]).float()
     _, (train_features,) = K.predict_split(teacher, splits["train"], data.mean, data.std, device, exits=[last])
     _, (val_features,) = K.predict_split(teacher, splits["val"], data.mean, data.std, device, exits=[last])
     linear = teacher.heads[last].linear
@@ -295,6 +303,21 @@ def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.
         with torch.autocast(x.device.type, enabled=False):  # the backbone may run in bf16, the Laplace does not
             return laplace.log_predict(features, link="probit")  # (B, c)
     return laplace_targets
+
+
+def teacher_batch_loss(cfg: Config, splits: dict, data: K.SpuriousDataset, device: torch.device) -> Callable:
+    """Batch loss of the teacher: cross-entropy (ERM) or group DRO on the last exit, plus the exits' cross-entropy."""
+    def loss_fn(model, x, index, extra):
+        logits = model(x)  # K x (B, c)
+        y, groups = splits["train"].labels[index], splits["train"].groups[index]
+        per_sample = F.cross_entropy(logits[-1].float(), y, reduction="none")  # (B,)
+        if cfg.teacher_objective == "gdro":
+            extra.setdefault("group_weights", torch.full((data.n_groups,), 1 / data.n_groups, device=device))
+            loss, extra["group_weights"] = K.group_dro_loss(per_sample, groups, extra["group_weights"], cfg.gdro_step)
+        else:
+            loss = per_sample.mean()
+        return loss + early_exit_loss(logits, y)
+    return loss_fn
 
 
 def student_batch_loss(cfg: Config, splits: dict, targets: Callable) -> Callable:
@@ -353,7 +376,7 @@ def train_phase(cfg: Config, phase: str, model: K.EarlyExitNet, data: K.Spurious
     else:  # a fresh phase: only the per-sample/per-group extras the caller passed in carry over
         state.setdefault("extra", {})
     step = torch.compile(model) if cfg.compile else model
-    amp = device.type == "cuda"
+    amp = use_amp(cfg, device)
     for epoch in range(start_epoch, epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -361,7 +384,7 @@ def train_phase(cfg: Config, phase: str, model: K.EarlyExitNet, data: K.Spurious
         order = torch.randperm(len(train), generator=generator)
         for index in order.split(cfg.batch_size):
             x = K.prepare_batch(K.batch_images(train, index, device), data.mean, data.std, data.augment, generator,
-                                channels_last=device.type == "cuda")
+                                channels_last=amp)
             index = index.to(device)
             with K.autocast(device, amp):
                 loss = batch_loss(step, x, index, state["extra"])
@@ -373,7 +396,7 @@ def train_phase(cfg: Config, phase: str, model: K.EarlyExitNet, data: K.Spurious
         train_loss = float(total_loss) / steps_per_epoch
         if not math.isfinite(train_loss):
             raise ValueError(f"{phase} training diverged at epoch {epoch} (loss {train_loss}); lower --lr")
-        val_metrics = evaluate(model, val, data, device)
+        val_metrics = evaluate(cfg, model, val, data, device)
         info = end_of_epoch(model, epoch, state["extra"]) if end_of_epoch else {}
         seconds = time.perf_counter() - started
         score = (val_metrics["worst_group_acc"], val_metrics["avg_acc"])
@@ -439,6 +462,7 @@ def run(cfg: Config) -> dict:
                              f"{state['config']['arch']} / teacher {state['config']['teacher_arch']}, not "
                              f"{cfg.dataset} with {cfg.arch} / {cfg.teacher_arch}")
     torch.manual_seed(cfg.seed)
+    K.use_allowed_cores()
     device = K.pick_device(cfg.device)
     data = load_data(cfg)
     splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
@@ -450,7 +474,8 @@ def run(cfg: Config) -> dict:
     if not cfg.resume:
         (out / "log.jsonl").unlink(missing_ok=True)
     print(f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
-          f"{data.n_classes} classes, {data.n_groups} groups; device {device}; out {out}")
+          f"{data.n_classes} classes, {data.n_groups} groups; device {device}"
+          f"{' (bf16 autocast)' if use_amp(cfg, device) else ''}; out {out}")
 
     def log(record: dict) -> None:
         with open(out / "log.jsonl", "a") as handle:
@@ -461,21 +486,10 @@ def run(cfg: Config) -> dict:
     if cfg.teacher or (cfg.resume and state.get("phase") == "student"):  # no network to build: it is loaded
         saved = K.load_checkpoint(teacher_path)
         check_teacher(saved, data, teacher_path)
-        teacher = to_device(K.model_from_checkpoint(saved), device)
+        teacher = to_device(K.model_from_checkpoint(saved), device, use_amp(cfg, device))
     else:
-        def teacher_loss(model, x, index, extra):
-            logits = model(x)
-            y, groups = splits["train"].labels[index], splits["train"].groups[index]
-            per_sample = F.cross_entropy(logits[-1].float(), y, reduction="none")
-            if cfg.teacher_objective == "gdro":
-                extra.setdefault("group_weights", torch.full((data.n_groups,), 1 / data.n_groups, device=device))
-                loss, extra["group_weights"] = K.group_dro_loss(per_sample, groups, extra["group_weights"], cfg.gdro_step)
-            else:
-                loss = per_sample.mean()
-            return loss + early_exit_loss(logits, y)
-
         teacher = train_phase(cfg, "teacher", new_model(cfg, "teacher", data, device), data, splits, device,
-                              cfg.teacher_epochs, teacher_loss,
+                              cfg.teacher_epochs, teacher_batch_loss(cfg, splits, data, device),
                               None, state, out, log)
     teacher.eval()
     targets = teacher_targets(cfg, teacher, splits, data, device)
@@ -488,8 +502,8 @@ def run(cfg: Config) -> dict:
 
     # 3. Summary on the test split
     metrics = {"dataset": data.name, "weighting": cfg.weighting, "seed": cfg.seed,
-               "teacher": {"test": evaluate(teacher, splits["test"], data, device)},
-               "student": {"test": evaluate(student, splits["test"], data, device),
+               "teacher": {"test": evaluate(cfg, teacher, splits["test"], data, device)},
+               "student": {"test": evaluate(cfg, student, splits["test"], data, device),
                            "readout": readout_calibration(cfg, student, splits, data, device)}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\n{'test':8s} {'avg acc':>8s} {'worst-group':>12s}  " + "  ".join(f"{g:>14s}" for g in data.group_names))
