@@ -111,7 +111,7 @@ def speed_cases(quick: bool, device: torch.device) -> list[dict]:
 
 
 def bare_epoch(model: K.EarlyExitNet, data: K.SpuriousDataset, split: K.Split, device: torch.device, amp: bool,
-               batch_size: int, teacher: Optional[K.EarlyExitNet] = None) -> Callable[[], None]:
+               batch_size: int, targets: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Callable[[], None]:
     """The lower bound for one training epoch of ``model``: uint8 batches -> device -> normalise and augment,
     forward, cross-entropy on every exit (plus the KD term on the teacher's last exit for a student), backward,
     SGD step. No evaluation, no readout pass, no logging, no checkpoint."""
@@ -127,11 +127,10 @@ def bare_epoch(model: K.EarlyExitNet, data: K.SpuriousDataset, split: K.Split, d
             with K.autocast(device, amp):
                 logits = model(x)
                 loss = sum(F.cross_entropy(z.float(), y) for z in logits)
-                if teacher is not None:
+                if targets is not None:  # train.py's own KD targets (the teacher's last exit)
                     with torch.no_grad():
-                        last = len(teacher.heads) - 1
-                        targets = teacher.heads[last].linear(teacher.forward_features(x, exits=[last])[0]).float()
-                    loss = loss + K.kd_loss(logits[-1], targets, 3.0).mean()
+                        teacher_logits = targets(x)
+                    loss = loss + K.kd_loss(logits[-1], teacher_logits, 3.0).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -165,8 +164,8 @@ def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
     add("epoch_teacher", f"teacher cnn w={cfg.teacher_width}", seconds, bare_teacher)
     teacher.eval()
     student = train.new_model(cfg, "student", data, device)
-    bare_student = timed(bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size, teacher),
-                         repeats, device)
+    bare_student = timed(bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size,
+                                    train.teacher_targets(cfg, teacher, splits, data, device)), repeats, device)
     add("epoch_bare_loop", f"student cnn w={cfg.width} + teacher targets", bare_student, None)
     for weighting in ("none", "dedier", "laplace"):
         cfg_w = train.parse_args(["--weighting", weighting, "--synth-n-train", str(len(data.train)),

@@ -1090,7 +1090,8 @@ class KFACLaplace:
             stop = start + block
             logits = mean[None, start:stop] + scale[None, start:stop, None].sqrt() * directions[:, None, :]  # (S, B, c)
             if log:
-                out[start:stop] = torch.logsumexp(torch.log_softmax(logits / temperature, dim=-1), 0) - math.log(n_samples)
+                log_probs = torch.log_softmax(logits / temperature, dim=-1)  # (S, B, c)
+                out[start:stop] = torch.logsumexp(log_probs, 0) - math.log(n_samples)
             else:
                 out[start:stop] = torch.softmax(logits / temperature, dim=-1).mean(0)
         return out
@@ -1225,7 +1226,8 @@ def budget_thresholds(confidences_val: Tensor, level: float) -> Tensor:
     Walk the exits in order; among samples not yet exited, the ``floor(N pi_k)`` most confident exit at ``k``
     and ``threshold_k`` is the confidence of the last of them (``+inf`` when none exit); the last exit
     takes the rest (``-inf``). Ties at a threshold exit together, so an exit may take more than its quota;
-    a later exit then takes at most what remains (its threshold is never ``-inf``). Huang et al. (ICLR 2018), MSDNet budgeted classification; Meronen et al.
+    a later exit then takes at most what remains (its threshold is never ``-inf``).
+    Huang et al. (ICLR 2018), MSDNet budgeted classification; Meronen et al.
     (2023), section 4. Shapes: ``confidences_val`` (K, N) -> (K,).
     """
     if confidences_val.dim() != 2:
@@ -1396,7 +1398,8 @@ def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor
     ``R_t(y) = prod_{l<=t} p_l(y | x, D) / p(y | x, W_l)``, ``W_l ~ p(W_l | D)``: numerator the Laplace MC
     predictive of exit ``l``, denominator ``softmax(z_l / T)`` of one posterior logit draw (marginally exact
     per input); ``C_t = {y : R_t(y) <= 1/alpha}``. Both terms are computed as float64 log-probabilities
-    (``logsumexp`` over the MC samples), so a label far below the top class can still be excluded. Jazbec et al. (UAI 2024), eq. (5); posterior of
+    (``logsumexp`` over the MC samples), so a label far below the top class can still be excluded.
+    Jazbec et al. (UAI 2024), eq. (5); posterior of
     :class:`KFACLaplace`. ``features[k]`` is (N, p_k) -> bool (K, N, c).
     """
     _check_alpha(alpha)
@@ -1443,13 +1446,14 @@ def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 
         raise ValueError(f"features (N, p) and y (N,) expected, got {tuple(features.shape)} and {tuple(y.shape)}")
     if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(y).all())):
         raise ValueError("fit_bayesian_linear_regression: features and y must be finite")
-    design = torch.cat([features.double(), features.new_ones(features.shape[0], 1, dtype=torch.float64)], 1)  # (N, p+1)
+    ones = torch.ones(features.shape[0], 1, dtype=torch.float64, device=features.device)
+    design = torch.cat([features.double(), ones], 1)  # (N, p+1): the intercept's column of ones
     targets = y.double()  # (N,)
     eigenvalues, eigenvectors = torch.linalg.eigh(design.T @ design)  # (p+1,), (p+1, p+1)
     eigenvalues = eigenvalues.clamp(min=0)
     projected_targets = eigenvectors.T @ (design.T @ targets)  # (p+1,)
     n = design.shape[0]
-    alpha, beta = 1.0, 1.0 / max(float(targets.var()), 1e-12) if n > 1 else 1.0
+    alpha, beta = 1.0, 1.0 / max(float(targets.var()), 1e-12)
     for _ in range(max_iter):
         mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p+1,)
         gamma = float((beta * eigenvalues / (alpha + beta * eigenvalues)).sum())
@@ -1471,7 +1475,8 @@ def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], featur
 
     Exit ``l``, with ``h = [features, 1]`` (the models carry an intercept, see
     :func:`fit_bayesian_linear_regression`): numerator ``N(y; m_l, v_l)``, ``m_l = h^T mu_l``,
-    ``v_l = h^T Sigma_l h + sigma_l^2``; denominator ``N(y; d_l, sigma_l^2)``, ``d_l = h^T w_l``, one draw ``w_l ~ N(mu_l, Sigma_l)`` per exit.
+    ``v_l = h^T Sigma_l h + sigma_l^2``; denominator ``N(y; d_l, sigma_l^2)``, ``d_l = h^T w_l``, one draw
+    ``w_l ~ N(mu_l, Sigma_l)`` per exit.
     ``R_t(y) <= 1/alpha`` is ``A y^2 + B y + G <= 0`` with ``A = 1/2 sum(1/sigma^2 - 1/v)``,
     ``B = sum(m/v - d/sigma^2)``, ``G = sum(d^2/(2 sigma^2) - m^2/(2v) + log sigma - 1/2 log v) + log alpha``:
     the interval ``[(-B -+ sqrt(B^2 - 4AG)) / 2A]``, empty when ``B^2 < 4AG``; a half-line when rounding makes
@@ -1486,7 +1491,8 @@ def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], featur
     quadratic, linear, constant = [], [], []
     for model, exit_features in zip(models, features):
         if exit_features.dim() != 2 or exit_features.shape[1] != model.mean.shape[0] - 1:
-            raise ValueError(f"features must have shape (N, {model.mean.shape[0] - 1}), got {tuple(exit_features.shape)}")
+            raise ValueError(f"features must have shape (N, {model.mean.shape[0] - 1}), "
+                             f"got {tuple(exit_features.shape)}")
         h = torch.cat([exit_features.double(), exit_features.new_ones(exit_features.shape[0], 1, dtype=torch.float64)],
                       1)  # (N, p+1): the intercept's column of ones
         noise = model.noise_variance
@@ -1545,6 +1551,9 @@ def interval_metrics(intervals: Tensor, y: Tensor) -> dict[str, Tensor]:
     ``size = inf``, ``nestedness = 1`` (no finite interval to compare). Never NaN.
     Jazbec et al. (UAI 2024), section 5. Shapes: ``intervals`` (K, N, 2), ``y`` (N,) -> dict of (K,) tensors.
     """
+    if intervals.dim() != 3 or intervals.shape[-1] != 2 or y.shape != intervals.shape[1:2]:
+        raise ValueError(f"interval_metrics: intervals (K, N, 2) and y (N,) expected, got "
+                         f"{tuple(intervals.shape)} and {tuple(y.shape)}")
     lower, upper = intervals[..., 0].double(), intervals[..., 1].double()  # (K, N)
     bounded = torch.isfinite(lower) & torch.isfinite(upper) | (lower > upper)  # (K, N): empty (inf, -inf) is bounded
     lengths = torch.where(bounded, (upper - lower).clamp(min=0), torch.zeros_like(lower))  # (K, N)
@@ -1553,7 +1562,8 @@ def interval_metrics(intervals: Tensor, y: Tensor) -> dict[str, Tensor]:
     common = torch.where(bounded, common, torch.zeros_like(common))  # inside a bounded I_t: finite
     nested = torch.where(lengths > 0, common / lengths.clamp(min=1e-300), torch.ones_like(lengths))  # (K, N)
     n_bounded = bounded.sum(-1)  # (K,)
-    size = torch.where(n_bounded > 0, lengths.sum(-1) / n_bounded.clamp(min=1), torch.full_like(lengths[:, 0], math.inf))
+    size = torch.where(n_bounded > 0, lengths.sum(-1) / n_bounded.clamp(min=1),
+                       torch.full_like(lengths[:, 0], math.inf))  # (K,)
     nestedness = torch.where(n_bounded > 0, (nested * bounded).sum(-1) / n_bounded.clamp(min=1),
                              torch.ones_like(lengths[:, 0]))
     return {"size": size, "coverage": covered.mean(-1), "nestedness": nestedness,

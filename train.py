@@ -37,19 +37,23 @@ DATASET_DEFAULTS = {
     "synth": dict(arch="cnn", teacher_arch="cnn", width=32, teacher_width=64, pretrained="none",
                   epochs=20, teacher_epochs=15, batch_size=128, lr=0.05, weight_decay=5e-4, lam=1.0,
                   temperature=3.0, teacher_objective="gdro",
-                  alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0}, beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
+                  alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0},
+                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
     "waterbirds": dict(arch="resnet18", teacher_arch="resnet50", width=32, teacher_width=64, pretrained="imagenet",
                        epochs=100, teacher_epochs=100, batch_size=64, lr=1e-3, weight_decay=1e-4, lam=1.0,
                        temperature=3.0, teacher_objective="gdro",
-                       alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0}, beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
+                       alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0},
+                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
     "celeba": dict(arch="resnet18", teacher_arch="resnet50", width=32, teacher_width=64, pretrained="imagenet",
                    epochs=20, teacher_epochs=20, batch_size=128, lr=1e-4, weight_decay=1e-4, lam=1.0,
                    temperature=3.0, teacher_objective="gdro",
-                   alpha={"dedier": 0.1, "dedier-ts": 1.0, "laplace": 1.0}, beta={"dedier": 3.5, "dedier-ts": 2.0, "laplace": 2.0}),
+                   alpha={"dedier": 0.1, "dedier-ts": 1.0, "laplace": 1.0},
+                  beta={"dedier": 3.5, "dedier-ts": 2.0, "laplace": 2.0}),
     "cifar100": dict(arch="resnet18-cifar", teacher_arch="resnet18-cifar", width=32, teacher_width=64,
                      pretrained="none", epochs=100, teacher_epochs=100, batch_size=128, lr=0.05, weight_decay=5e-4,
                      lam=1.0, temperature=3.0, teacher_objective="erm",
-                     alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0}, beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
+                     alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0},
+                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
 }
 
 
@@ -157,9 +161,15 @@ def model_config(cfg: Config, role: str, data: K.SpuriousDataset) -> dict:
                 input_size=data.image_size, detach_exits=not cfg.joint_exits)
 
 
+def use_amp(cfg: Config, device: torch.device) -> bool:
+    """bf16 autocast and channels_last for the networks where they are fast, unless --float32."""
+    return K.bf16_is_fast(device) and not cfg.float32
+
+
 def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
     """A fresh network for ``role`` with its own pretrained weights (--pretrained or --teacher-pretrained)."""
-    flag, value = ("--pretrained", cfg.pretrained) if role == "student" else ("--teacher-pretrained", cfg.teacher_pretrained)
+    flag, value = ("--pretrained", cfg.pretrained) if role == "student" else \
+        ("--teacher-pretrained", cfg.teacher_pretrained)
     config = model_config(cfg, role, data)
     try:
         model = K.build_model(**config, pretrained={"none": False, "imagenet": True}.get(value, value))
@@ -169,11 +179,6 @@ def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.dev
     except ValueError as error:
         raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}") from None
     return to_device(model, device, use_amp(cfg, device))
-
-
-def use_amp(cfg: Config, device: torch.device) -> bool:
-    """bf16 autocast and channels_last for the networks where they are fast, unless --float32."""
-    return K.bf16_is_fast(device) and not cfg.float32
 
 
 def to_device(model: K.EarlyExitNet, device: torch.device, channels_last: bool) -> K.EarlyExitNet:
