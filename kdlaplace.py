@@ -473,15 +473,22 @@ def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) 
     return cropped.permute(0, 3, 1, 2)
 
 
+def random_flips(n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Which of ``n`` images a ``"flip"`` augmentation mirrors: (n,) bool on the CPU, each with probability 1/2."""
+    return torch.rand(n, generator=generator) < 0.5
+
+
 def prepare_batch(images: Tensor, mean: Sequence[float], std: Sequence[float], augment: str = "none",
-                  generator: Optional[torch.Generator] = None, channels_last: bool = False) -> Tensor:
+                  generator: Optional[torch.Generator] = None, channels_last: bool = False,
+                  flips: Optional[Tensor] = None) -> Tensor:
     """uint8 images on the device -> normalised float (B, 3, H, W), augmented when ``augment != "none"``.
 
     ``augment``: ``"flip"`` (horizontal flip), ``"crop"`` (random resized crop + flip), ``"pad"`` (pad-crop +
-    flip). Random numbers come from the CPU ``generator`` (cheap, and one state to save for ``--resume``)."""
+    flip). Random numbers come from the CPU ``generator`` (cheap, and one state to save for ``--resume``).
+    ``flips`` (B,) bool: the ``"flip"`` draws of :func:`random_flips`, when the caller needs to know them."""
     x = images.float().div_(255)  # faster to move uint8 and convert on the device
     if augment == "flip":
-        flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+        flip = (random_flips(x.shape[0], generator) if flips is None else flips).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     elif augment == "crop":
         x = random_resized_crop_flip(x, generator)
@@ -1020,6 +1027,14 @@ class KFACLaplace:
         scale = self._projected_features(features).square() @ v_diag.to(features.dtype)  # (N,)
         return mean, scale
 
+    def logit_std(self, features: Tensor) -> Tensor:
+        """How far the posterior can move the temperature-scaled logits of each input: the class-averaged standard
+        deviation ``sqrt(scale * mean_k U_kk) / T`` (N,), float64. ``scale = phi~^T V phi~`` as in
+        :meth:`logit_distribution`."""
+        _, scale = self.logit_distribution(features)  # (N,)
+        U, _ = self.factors()  # (c, c)
+        return (scale.double() * U.diagonal().mean()).sqrt() / self.temperature  # (N,)
+
     def _posterior_directions(self, n_samples: int, generator: Optional[torch.Generator],
                               dtype: torch.dtype) -> Tensor:
         """``L g_s`` for ``s = 1..S`` with ``L = cholesky(U)``, ``g_s ~ N(0, I_c)``: (S, c), shared by every input."""
@@ -1170,6 +1185,55 @@ def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor,
         if nll < best_nll:
             best, best_nll = candidate, nll
     return best
+
+
+def tune_laplace_marglik(laplace: KFACLaplace, prior_precisions: Optional[Sequence[float]] = None) -> KFACLaplace:
+    """Copy of ``laplace`` with the prior precision ``tau`` that maximises the Laplace marginal likelihood (the
+    evidence, MacKay 1992; Immer et al. 2021), temperature unchanged: no validation labels are used.
+
+    For the damped Kronecker posterior precision ``P = (sqrt(N) G + sqrt(tau) I_c) (x) (sqrt(N) A + sqrt(tau) I_{p+1})``
+    and the MAP ``W~`` (c, p+1), ``d = c (p+1)``, the terms of ``log p(D)`` that depend on ``tau`` are
+
+        log Z(tau) = -tau/2 ||W~||_F^2 + d/2 log tau - 1/2 [(p+1) sum_i log(sqrt(N) g_i + sqrt(tau))
+                                                         + c sum_j log(sqrt(N) a_j + sqrt(tau))]
+
+    (``g_i``, ``a_j`` the eigenvalues of ``G``, ``A``; ``log p(D | W~)`` does not depend on ``tau``). Maximised over
+    ``prior_precisions`` (default: 10^-4 .. 10^4, 81 points log-spaced), all at once.
+    """
+    grid = torch.logspace(-4, 4, 81, dtype=torch.float64) if prior_precisions is None else \
+        torch.tensor(list(prior_precisions), dtype=torch.float64)  # (G,)
+    eig_G = torch.linalg.eigvalsh(laplace.G).clamp(min=0).cpu()  # (c,)
+    eig_A = torch.linalg.eigvalsh(laplace.A).clamp(min=0).cpu()  # (p+1,)
+    n_classes, width = eig_G.shape[0], eig_A.shape[0]
+    root_n, root_tau = math.sqrt(laplace.n), grid.sqrt()[:, None]  # (G, 1)
+    log_det = width * torch.log(root_n * eig_G + root_tau).sum(1) + n_classes * torch.log(root_n * eig_A + root_tau).sum(1)
+    squared_norm = float(laplace.weight.double().square().sum())
+    log_evidence = -grid / 2 * squared_norm + n_classes * width / 2 * grid.log() - log_det / 2  # (G,)
+    return laplace.with_hyperparameters(prior_precision=float(grid[int(log_evidence.argmax())]))
+
+
+def cross_fitted_laplace_predict(laplace: KFACLaplace, features: Tensor, n_folds: int = 5, n_samples: int = 50,
+                                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Out-of-sample Laplace predictive on the inputs the posterior was fit on (cross-fitting).
+
+    Fold ``k`` holds the inputs ``n`` with ``n mod K = k``; its predictive comes from the factors ``A``, ``G``
+    refit on the other folds' features, with ``laplace``'s MAP weights ``W~``, prior precision and temperature.
+    An input then never sits in its own curvature, so its posterior spread is what an unseen input of its kind
+    would get. Returns the MC predictive (N, c) and :meth:`KFACLaplace.logit_std` (N,) of every input.
+    Shapes: ``features`` (N, p) with ``N >= 2 K`` ; ``laplace.weight`` (c, p+1) or (c, p) without a bias.
+    """
+    width = features.shape[1]
+    weight, bias = laplace.weight[:, :width], laplace.weight[:, width] if laplace.has_bias else None
+    fold = torch.arange(features.shape[0], device=features.device) % n_folds  # (N,)
+    probs = torch.empty(features.shape[0], weight.shape[0], dtype=features.dtype, device=features.device)  # (N, c)
+    logit_std = torch.empty(features.shape[0], dtype=torch.float64, device=features.device)  # (N,)
+    for k in range(n_folds):  # K fits of two matrix products each
+        held_out = fold == k
+        fold_laplace = KFACLaplace.fit(features[~held_out], weight, bias, laplace.prior_precision,
+                                       laplace.temperature)
+        probs[held_out] = fold_laplace.predict(features[held_out], n_samples, generator=generator)
+        logit_std[held_out] = fold_laplace.logit_std(features[held_out])
+    return probs, logit_std
 
 
 def tune_laplace_ensemble(laplaces: Sequence[KFACLaplace], features_val: Sequence[Tensor], y_val: Tensor,

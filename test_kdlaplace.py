@@ -1134,10 +1134,13 @@ def tiny_setup(*flags: str):
     return cfg, data, splits
 
 
-def exit_features_float64(model, exit_index, split, data):
-    """Head features (N, p) of one exit, by hand in float64 (eval mode): its stages, then its head's body."""
+def exit_features_float64(model, exit_index, split, data, flips=None):
+    """Head features (N, p) of one exit, by hand in float64 (eval mode): its stages, then its head's body.
+    ``flips`` (N,) bool: mirror those images first."""
     model = copy.deepcopy(model).double().eval()
     h = K.prepare_batch(split.images, data.mean, data.std).double()
+    if flips is not None:
+        h = torch.where(flips[:, None, None, None], h.flip(-1), h)
     with torch.no_grad():
         for modules in model.backbone.stage_modules()[:exit_index + 1]:
             for module in modules:
@@ -1145,7 +1148,16 @@ def exit_features_float64(model, exit_index, split, data):
         return model.heads[exit_index].features(h), model.heads[exit_index].linear
 
 
-@pytest.mark.parametrize("weighting", ["dedier", "dedier-ts", "laplace"])
+def dense_log_evidence(features, weight, bias, prior_precision):
+    """The prior-dependent part of the Laplace log evidence from the dense (c(p+1))^2 posterior precision."""
+    weight_tilde, U, V = dense_posterior(features, weight, bias, prior_precision)
+    precision = torch.kron(torch.linalg.inv(U), torch.linalg.inv(V))  # (d, d), row-major vec(W~)
+    d = precision.shape[0]
+    return float(-prior_precision / 2 * weight_tilde.square().sum() + d / 2 * math.log(prior_precision)
+                 - torch.linalg.slogdet(precision)[1] / 2)
+
+
+@pytest.mark.parametrize("weighting", ["dedier", "dedier-ts", "laplace", "laplace-ml", "laplace-cv"])
 def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
     cfg, data, splits = tiny_setup("--weighting", weighting, "--alpha", "0.7", "--beta", "1.5")
     torch.manual_seed(4)
@@ -1162,7 +1174,22 @@ def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
                for t in MERONEN_GRID[0]}
         assert info["readout_temperature"] == min(nll, key=nll.get)
         probs = torch.softmax(logits / info["readout_temperature"], -1)
+    elif weighting == "laplace-cv":  # fold k = samples n with n mod 5 = k, its posterior fit on the others
+        draws = seeded(cfg.seed * train.SEED_STRIDE + 3)
+        probs = torch.empty(len(data.train), 2, dtype=f64)
+        for k in range(5):
+            held_out = torch.arange(len(data.train)) % 5 == k
+            weight_tilde, U, V = dense_posterior(features[~held_out], linear.weight.detach(), linear.bias.detach(),
+                                                 1 / info["readout_prior_variance"])
+            probs[held_out] = reference_predictive(features[held_out], weight_tilde, U, V,
+                                                   info["readout_temperature"], torch.randn(50, 2, generator=draws,
+                                                                                            dtype=f64))
     else:
+        if weighting == "laplace-ml":  # the evidence's argmax over the grid, T = 1
+            evidence = {float(tau): dense_log_evidence(features, linear.weight.detach(), linear.bias.detach(),
+                                                       float(tau)) for tau in torch.logspace(-4, 4, 81, dtype=f64)}
+            assert 1 / info["readout_prior_variance"] == pytest.approx(max(evidence, key=evidence.get))
+            assert info["readout_temperature"] == 1.0
         weight_tilde, U, V = dense_posterior(features, linear.weight.detach(), linear.bias.detach(),
                                              1 / info["readout_prior_variance"])
         normal = torch.randn(50, 2, generator=seeded(cfg.seed * train.SEED_STRIDE + 3), dtype=f64)
@@ -1181,13 +1208,12 @@ def test_laplace_teacher_targets_match_a_hand_computation():
     torch.manual_seed(5)
     teacher = train.new_model(cfg, "teacher", data, torch.device("cpu")).eval()
     targets = train.teacher_targets(cfg, teacher, splits, data, torch.device("cpu"))
-    x = K.prepare_batch(data.test.images, data.mean, data.std)
-    with torch.no_grad():
-        log_p = targets(x)  # (N, c)
+    flips = K.random_flips(len(data.train), seeded(3))  # (N,): the targets of both views are looked up
+    log_p = targets(None, torch.arange(len(data.train)), flips)  # (N, c)
     last = len(teacher.heads) - 1
     train_features, linear = exit_features_float64(teacher, last, data.train, data)
     val_features, _ = exit_features_float64(teacher, last, data.val, data)
-    test_features, _ = exit_features_float64(teacher, last, data.test, data)
+    view_features, _ = exit_features_float64(teacher, last, data.train, data, flips)
     weight, bias = linear.weight.detach(), linear.bias.detach()
     best, best_nll = None, math.inf
     for variance in MERONEN_GRID[1]:  # the probit grid search, written out
@@ -1197,8 +1223,24 @@ def test_laplace_teacher_targets_match_a_hand_computation():
             nll = float(-torch.log(probs[torch.arange(len(data.val)), data.val.labels]).mean())
             if nll < best_nll:
                 best, best_nll = (weight_tilde, U, V, temperature), nll
-    expected = torch.log(reference_predictive(test_features, *best))
+    expected = torch.log(reference_predictive(view_features, *best))
     torch.testing.assert_close(log_p.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_softmax_teacher_targets_are_the_last_exit_logits_of_each_view():
+    cfg, data, splits = tiny_setup()
+    torch.manual_seed(6)
+    teacher = train.new_model(cfg, "teacher", data, torch.device("cpu")).eval()
+    targets = train.teacher_targets(cfg, teacher, splits, data, torch.device("cpu"))
+    flips = K.random_flips(len(data.train), seeded(4))
+    index = torch.randperm(len(data.train), generator=seeded(5))[:40]  # any order, any subset
+    x = K.prepare_batch(data.train.images[index], data.mean, data.std, "flip", flips=flips[index])
+    with torch.no_grad():
+        expected = teacher(x)[-1]  # (40, c)
+    torch.testing.assert_close(targets(x, index, flips[index]), expected, rtol=1e-4, atol=1e-5)
+    data.augment = "pad"  # random crops: computed per batch, never looked up
+    per_batch = train.teacher_targets(cfg, teacher, splits, data, torch.device("cpu"))
+    torch.testing.assert_close(per_batch(x, None, None), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_default_waterbirds_pair_runs_offline_from_two_local_weight_files(tmp_path, capsys):
@@ -1295,3 +1337,25 @@ def test_resume_with_more_epochs_continues_the_run(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["epoch"]) for r in records] == [("teacher", 1), ("student", 1), ("student", 2), ("student", 3)]
     assert K.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
+
+
+def test_table_runner_selects_each_weighting_on_validation_and_skips_finished_runs(tmp_path, monkeypatch):
+    import bench
+    tiny = [flag for flag in TINY if flag not in ("--epochs", "2")] + ["--epochs", "1"]
+    monkeypatch.setattr(bench, "TABLE_FLAGS", tiny)
+    monkeypatch.setattr(bench, "SHORTCUT_CHECK", ["--weighting", "none", "--teacher-objective", "erm", *tiny])
+    monkeypatch.setattr(bench, "GRID_ALPHAS", (0.05, 1.0))
+    monkeypatch.setattr(bench, "GRID_BETAS", (4.0,))
+    monkeypatch.setattr(bench, "TUNED_WEIGHTINGS", ("dedier", "laplace-ml"))
+    monkeypatch.chdir(HERE)
+    bench.run_table([0], tmp_path)
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 6  # none, 2 x 2 grid runs, erm
+    val = {name: json.loads((tmp_path / f"{name}-seed0" / "metrics.json").read_text())["student"]["val"]
+           for name in ("dedier_a0.05_b4", "dedier_a1_b4")}
+    best = max(val, key=lambda n: (val[n]["worst_group_acc"], val[n]["avg_acc"]))
+    table = (tmp_path / "table.md").read_text()
+    assert f"dedier, tuned (α={best.split('_')[1][1:]}, β=4)" in table
+    assert "dedier, paper (α=0.05, β=4)" in table and "laplace-ml, tuned" in table
+    stamp = (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime
+    bench.run_table([0], tmp_path)  # everything exists: nothing reruns
+    assert (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime == stamp

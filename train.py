@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import kdlaplace as K
 
-WEIGHTINGS = ("none", "dedier", "dedier-ts", "laplace")
+WEIGHTINGS = ("none", "dedier", "dedier-ts", "laplace", "laplace-cv", "laplace-ml")
+CROSS_FIT_FOLDS = 5  # laplace-cv: each sample's posterior is fit on the other 4/5 of the training set
 N_SAMPLES = 50  # MC samples of every Laplace predictive in training and in its summary
 SEED_STRIDE = 100003  # a prime: the readout pass of (seed, epoch) draws from seed * SEED_STRIDE + epoch
 
@@ -37,23 +38,23 @@ DATASET_DEFAULTS = {
     "synth": dict(arch="cnn", teacher_arch="cnn", width=32, teacher_width=64, pretrained="none",
                   epochs=20, teacher_epochs=15, batch_size=128, lr=0.05, weight_decay=5e-4, lam=1.0,
                   temperature=3.0, teacher_objective="gdro",
-                  alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0},
-                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
+                  alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0, "laplace-cv": 1.0, "laplace-ml": 1.0},
+                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0, "laplace-cv": 2.0, "laplace-ml": 2.0}),
     "waterbirds": dict(arch="resnet18", teacher_arch="resnet50", width=32, teacher_width=64, pretrained="imagenet",
                        epochs=100, teacher_epochs=100, batch_size=64, lr=1e-3, weight_decay=1e-4, lam=1.0,
                        temperature=3.0, teacher_objective="gdro",
-                       alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0},
-                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
+                       alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0, "laplace-cv": 1.0, "laplace-ml": 1.0},
+                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0, "laplace-cv": 2.0, "laplace-ml": 2.0}),
     "celeba": dict(arch="resnet18", teacher_arch="resnet50", width=32, teacher_width=64, pretrained="imagenet",
                    epochs=20, teacher_epochs=20, batch_size=128, lr=1e-4, weight_decay=1e-4, lam=1.0,
                    temperature=3.0, teacher_objective="gdro",
-                   alpha={"dedier": 0.1, "dedier-ts": 1.0, "laplace": 1.0},
-                  beta={"dedier": 3.5, "dedier-ts": 2.0, "laplace": 2.0}),
+                   alpha={"dedier": 0.1, "dedier-ts": 1.0, "laplace": 1.0, "laplace-cv": 1.0, "laplace-ml": 1.0},
+                  beta={"dedier": 3.5, "dedier-ts": 2.0, "laplace": 2.0, "laplace-cv": 2.0, "laplace-ml": 2.0}),
     "cifar100": dict(arch="resnet18-cifar", teacher_arch="resnet18-cifar", width=32, teacher_width=64,
                      pretrained="none", epochs=100, teacher_epochs=100, batch_size=128, lr=0.05, weight_decay=5e-4,
                      lam=1.0, temperature=3.0, teacher_objective="erm",
-                     alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0},
-                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0}),
+                     alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0, "laplace-cv": 1.0, "laplace-ml": 1.0},
+                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0, "laplace-cv": 2.0, "laplace-ml": 2.0}),
 }
 
 
@@ -248,15 +249,21 @@ def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.
         weights = K.dedier_weights(torch.softmax(train_logits, -1), train.labels, cfg.alpha, cfg.beta)
     elif cfg.weighting == "dedier-ts":
         weights, info["readout_temperature"] = temperature_weights, temperature
-    else:
-        laplace = K.tuned_exit_laplace(student.heads[cfg.readout_exit].linear, train_features, val_features,
-                                       val.labels, N_SAMPLES, seed)
-        probs = laplace.predict(train_features, N_SAMPLES, generator=K.seeded_generator(seed, device))  # (N, c)
+    else:  # a Laplace predictive of the readout, fit on this pass
+        linear = student.heads[cfg.readout_exit].linear
+        generator = K.seeded_generator(seed, device)
+        if cfg.weighting == "laplace-ml":  # prior precision by the marginal likelihood, T = 1: no val labels
+            bias = None if linear.bias is None else linear.bias.detach()
+            laplace = K.tune_laplace_marglik(K.KFACLaplace.fit(train_features, linear.weight.detach(), bias))
+        else:  # (T, sigma^2) tuned on val NLL
+            laplace = K.tuned_exit_laplace(linear, train_features, val_features, val.labels, N_SAMPLES, seed)
+        if cfg.weighting == "laplace-cv":  # every sample's posterior fit without it (5 folds)
+            probs, logit_std = K.cross_fitted_laplace_predict(laplace, train_features, CROSS_FIT_FOLDS, N_SAMPLES,
+                                                              generator)  # (N, c), (N,)
+        else:
+            probs = laplace.predict(train_features, N_SAMPLES, generator=generator)  # (N, c)
+            logit_std = laplace.logit_std(train_features)  # (N,)
         weights = K.dedier_weights(probs, train.labels, cfg.alpha, cfg.beta)
-        _, scale = laplace.logit_distribution(train_features)  # (N,)
-        U, _ = laplace.factors()
-        # std of the temperature-scaled logits, sqrt(v * mean_k U_kk) / T: how far the posterior can move them
-        logit_std = (scale.double() * U.diagonal().mean()).sqrt() / laplace.temperature  # (N,)
         info.update(readout_temperature=laplace.temperature, readout_prior_variance=1.0 / laplace.prior_precision,
                     posterior_logit_std=per_group_mean(logit_std, train.groups, data.n_groups),
                     posterior_logit_std_median=float(logit_std.median()))
@@ -286,33 +293,43 @@ def readout_calibration(cfg: Config, student: K.EarlyExitNet, splits: dict, data
 
 
 def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
-                    device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function batch -> KD target logits: the teacher's logits, or the log of its last-layer Laplace predictive
-    (fit once on train, tuned on val; the probit link keeps targets deterministic and cheap per batch). The
-    log predictive is computed in log space (``log_softmax`` of the probit-scaled logits): a probability that
-    underflows to 0 would give -inf and a NaN KD loss."""
+                    device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
+    """A function (batch x, sample indices, flips or None) -> KD target logits (B, c): the teacher's last-exit
+    logits, or the log of its last-layer Laplace predictive (fit once on train, tuned on val; the probit link keeps
+    the targets deterministic; log space, since a probability that underflows to 0 gives -inf and a NaN KD loss).
+    With no augmentation or flips only, the targets of both views of every training image are computed once and
+    looked up: the teacher's forward pass costs more than the student's whole step."""
     teacher.eval()
-    last = len(teacher.heads) - 1
-    if cfg.teacher_targets == "softmax":
-        # the last exit only (teacher(x) would also run the early heads: twice the cost for the CNN)
-        return lambda x: teacher.heads[last].linear(teacher.forward_features(x, exits=[last])[0]).float()
-    _, (train_features,) = K.predict_split(teacher, splits["train"], data.mean, data.std, device, exits=[last])
-    _, (val_features,) = K.predict_split(teacher, splits["val"], data.mean, data.std, device, exits=[last])
-    linear = teacher.heads[last].linear
-    laplace = K.KFACLaplace.fit(train_features, linear.weight.detach(), linear.bias.detach())
-    laplace = K.tune_laplace(laplace, val_features, splits["val"].labels, link="probit")
-    print(f"teacher Laplace targets: T={laplace.temperature}, prior precision={laplace.prior_precision:.3g}")
+    last, amp = len(teacher.heads) - 1, use_amp(cfg, device)
+    head = teacher.heads[last].linear
+    if cfg.teacher_targets == "laplace":
+        _, (train_features,) = K.predict_split(teacher, splits["train"], data.mean, data.std, device, exits=[last])
+        _, (val_features,) = K.predict_split(teacher, splits["val"], data.mean, data.std, device, exits=[last])
+        laplace = K.KFACLaplace.fit(train_features, head.weight.detach(), head.bias.detach())
+        laplace = K.tune_laplace(laplace, val_features, splits["val"].labels, link="probit")
+        print(f"teacher Laplace targets: T={laplace.temperature}, prior precision={laplace.prior_precision:.3g}")
 
-    def laplace_targets(x: torch.Tensor) -> torch.Tensor:
-        features = teacher.forward_features(x, exits=[last], float32_heads=True)[0]  # (B, p) float32
-        with torch.autocast(x.device.type, enabled=False):  # the backbone may run in bf16, the Laplace does not
-            return laplace.log_predict(features, link="probit")  # (B, c)
-    return laplace_targets
+    def compute(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), K.autocast(device, amp):
+            features = teacher.forward_features(x, exits=[last], float32_heads=True)[0]  # (B, p) float32
+            with torch.autocast(device.type, enabled=False):  # the backbone may run in bf16, the heads do not
+                if cfg.teacher_targets == "laplace":
+                    return laplace.log_predict(features, link="probit")  # (B, c)
+                return head(features)  # (B, c)
+
+    if data.augment not in ("none", "flip"):  # random crops: every batch is new to the teacher
+        return lambda x, index, flips: compute(x)
+    train = splits["train"]
+    table = torch.empty(2, len(train), data.n_classes, device=device)  # (view, N, c): as is, mirrored
+    for index in torch.arange(len(train), device=device).split(512):
+        x = K.prepare_batch(K.batch_images(train, index, device), data.mean, data.std, channels_last=amp)
+        table[0, index], table[1, index] = compute(x), compute(x.flip(-1))  # a flip commutes with normalising
+    return lambda x, index, flips: table[0 if flips is None else flips.long().to(device), index]  # (B, c)
 
 
 def teacher_batch_loss(cfg: Config, splits: dict, data: K.SpuriousDataset, device: torch.device) -> Callable:
     """Batch loss of the teacher: cross-entropy (ERM) or group DRO on the last exit, plus the exits' cross-entropy."""
-    def loss_fn(model, x, index, extra):
+    def loss_fn(model, x, index, flips, extra):
         logits = model(x)  # K x (B, c)
         y, groups = splits["train"].labels[index], splits["train"].groups[index]
         per_sample = F.cross_entropy(logits[-1].float(), y, reduction="none")  # (B,)
@@ -327,11 +344,10 @@ def teacher_batch_loss(cfg: Config, splits: dict, data: K.SpuriousDataset, devic
 
 def student_batch_loss(cfg: Config, splits: dict, targets: Callable) -> Callable:
     """Batch loss of the student: weighted KD (+ CE) on the last exit plus the readouts' cross-entropy."""
-    def loss_fn(model, x, index, extra):
+    def loss_fn(model, x, index, flips, extra):
         logits = model(x)  # K x (B, c)
         y = splits["train"].labels[index]
-        with torch.no_grad():
-            teacher_logits = targets(x)
+        teacher_logits = targets(x, index, flips)  # (B, c)
         weights = extra["weights"][index] if "weights" in extra else None  # epoch 1: the readout is untrained
         loss = K.student_loss(logits[-1], teacher_logits, y, weights, cfg.lam, cfg.temperature)
         loss = loss + early_exit_loss(logits, y)
@@ -388,11 +404,12 @@ def train_phase(cfg: Config, phase: str, model: K.EarlyExitNet, data: K.Spurious
         total_loss = torch.zeros((), device=device)  # summed on the device: no sync per batch
         order = torch.randperm(len(train), generator=generator)
         for index in order.split(cfg.batch_size):
+            flips = K.random_flips(len(index), generator) if data.augment == "flip" else None  # (B,) or None
             x = K.prepare_batch(K.batch_images(train, index, device), data.mean, data.std, data.augment, generator,
-                                channels_last=amp)
+                                channels_last=amp, flips=flips)
             index = index.to(device)
             with K.autocast(device, amp):
-                loss = batch_loss(step, x, index, state["extra"])
+                loss = batch_loss(step, x, index, flips, state["extra"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -509,6 +526,7 @@ def run(cfg: Config) -> dict:
     metrics = {"dataset": data.name, "weighting": cfg.weighting, "seed": cfg.seed,
                "teacher": {"test": evaluate(cfg, teacher, splits["test"], data, device)},
                "student": {"test": evaluate(cfg, student, splits["test"], data, device),
+                           "val": K.load_checkpoint(out / "student.pt")["best"],  # the selected epoch
                            "readout": readout_calibration(cfg, student, splits, data, device)}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\n{'test':8s} {'avg acc':>8s} {'worst-group':>12s}  " + "  ".join(f"{g:>14s}" for g in data.group_names))
