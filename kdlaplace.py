@@ -1,24 +1,28 @@
 """kdlaplace: fairer knowledge distillation through uncertainty-aware early exits.
 
-One module, read top to bottom like a lecture:
+One module, read top to bottom like a lecture: the mathematics first, then the machinery.
 
-  1. Data          a synthetic spurious-correlation benchmark; Waterbirds, CelebA and CIFAR-100 read in
+  1. Losses        knowledge distillation, DEDIER sample weights, group DRO, the readouts' loss.
+  2. Laplace       closed-form KFAC last-layer Laplace: fit, predict (MC / probit), tune (T, sigma^2) on
+                   validation NLL or the prior by the marginal likelihood, cross-fitted predictions.
+  3. Ensembles     model-internal ensemble (MIE) and budgeted early exit.
+  4. Sets          anytime-valid nested prediction sets (AVCS): Dirichlet, Laplace and regression.
+  5. Metrics       group accuracies, worst-group accuracy, ECE, NLPD.
+  6. Networks      early-exit networks: exit heads, a small CNN, the DEDIER readout.
+  7. Data          a synthetic spurious-correlation benchmark; Waterbirds, CelebA and CIFAR-100 read in
                    their distributed formats, decoded once into a uint8 cache, augmented on the device.
-  2. Networks      early-exit networks (small CNN, torchvision-compatible ResNets) with a DEDIER readout.
-  3. Losses        knowledge distillation, DEDIER sample weights, group DRO.
-  4. Laplace       closed-form KFAC last-layer Laplace: fit, predict (MC / probit), tune (T, sigma^2).
-  5. Ensembles     model-internal ensemble (MIE) and budgeted early exit.
-  6. Sets          anytime-valid nested prediction sets (AVCS): Dirichlet, Laplace and regression.
-  7. Metrics       group accuracies, worst-group accuracy, ECE, NLPD.
-  8. Running       device choice, batched inference over a split, atomic checkpoints.
+  8. Running       device choice, batched inference over a split, seeding, atomic checkpoints.
+  9. ResNets       torchvision-compatible ResNet-18/50 (ImageNet weights through torch.hub) and build_model.
 
+Every public function and class of sections 1-5 is a copyable unit: it runs when pasted, together with the
+public units its docstring names, into a file that holds only ``from __future__ import annotations`` and the
+imports of math, numpy as np, torch, torch.nn as nn and torch.nn.functional as F (a test checks each one).
 The formulas are in the docstrings; each names its paper. ``pytest test_kdlaplace.py`` checks every numerical
 routine against a brute-force float64 reference; ``python bench.py`` measures speed.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import hashlib
 import json
@@ -40,7 +44,1066 @@ from torch import Tensor
 
 
 # ══════════════════════════════════════════════════════════════════════════════
-#  1. Data
+#  1. Losses: knowledge distillation, DEDIER weights, group DRO
+# ══════════════════════════════════════════════════════════════════════════════
+# Small pure functions on logits, each one copyable on its own (RepDistiller style).
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """Per-sample distillation loss: ``T^2 * KL(teacher || student)`` at temperature ``T``.
+
+    ``q = softmax(z / T)``;  ``kd_n = T^2 * sum_k q_t,nk (log q_t,nk - log q_s,nk)``.
+    The ``T^2`` keeps the gradient scale independent of ``T``.
+    Hinton, Vinyals & Dean (2015), *Distilling the Knowledge in a Neural Network*, section 2.
+
+    Shapes: ``student_logits``, ``teacher_logits`` (N, c) -> (N,). Computed in at least fp32, so it is
+    safe under bf16 autocast. To distil from probabilities ``p`` (e.g. a Laplace predictive) pass
+    ``teacher_logits = log p``.
+    """
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"kd_loss: student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must both have shape (N, c)")
+    if not T > 0:
+        raise ValueError(f"kd_loss: T must be > 0, got {T}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # never below fp32
+    log_q_student = F.log_softmax(student_logits.to(dtype) / T, dim=-1)  # (N, c)
+    log_q_teacher = F.log_softmax(teacher_logits.to(dtype) / T, dim=-1)  # (N, c)
+    # reduction="none" + sum over classes: "mean" would divide by N*c, a classic KD bug
+    kl = F.kl_div(log_q_student, log_q_teacher, reduction="none", log_target=True).sum(-1)  # (N,)
+    return T * T * kl
+
+
+def confidence_margin(probs: Tensor) -> Tensor:
+    """Confidence margin ``cm(p) = p_(1) - p_(2)``: largest minus second-largest probability.
+
+    Tiwari et al. (WACV 2024), *Using Early Readouts to Mediate Featural Bias in Distillation*, eq. (2).
+    Shapes: ``probs`` (N, c) with c >= 2 -> (N,).
+    """
+    if probs.dim() != 2 or probs.shape[1] < 2:
+        raise ValueError(f"confidence_margin: probs must have shape (N, c) with c >= 2, got {tuple(probs.shape)}")
+    top2 = probs.topk(2, dim=-1).values  # (N, 2)
+    return top2[:, 0] - top2[:, 1]
+
+
+def dedier_weights(probs: Tensor, y: Tensor, alpha: float, beta: float) -> Tensor:
+    """DEDIER sample weights: ``w_n = exp(beta * cm(p_n) ** alpha)`` where the readout is wrong, else 1.
+
+    A confidently wrong early readout marks a sample the network solves with shortcut features; it gets
+    up-weighted. ``alpha`` is an exponent on the margin (as in the authors' code), ``beta`` a scale.
+    Tiwari et al. (WACV 2024), eq. (3). Shapes: ``probs`` (N, c), ``y`` (N,) -> (N,).
+    Copy it with :func:`confidence_margin`.
+    """
+    if probs.dim() != 2 or y.shape != probs.shape[:1]:
+        raise ValueError(f"dedier_weights: probs (N, c) and y (N,) expected, got {tuple(probs.shape)} "
+                         f"and {tuple(y.shape)}")
+    if not alpha > 0:
+        raise ValueError(f"dedier_weights: alpha must be > 0, got {alpha}")
+    if not beta >= 0:
+        raise ValueError(f"dedier_weights: beta must be >= 0, got {beta}")
+    margin = confidence_margin(probs)  # (N,)
+    wrong = probs.argmax(dim=-1) != y  # (N,)
+    return torch.where(wrong, torch.exp(beta * margin ** alpha), torch.ones_like(margin))
+
+
+def student_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, weights: Optional[Tensor],
+                 lam: float, T: float) -> Tensor:
+    """Weighted distillation objective ``mean_n w_n * ((1 - lam) * CE_n + lam * KD_n)``.
+
+    ``CE_n`` is cross-entropy with the true label, ``KD_n`` is :func:`kd_loss`. The weight multiplies both
+    terms, as in the DEDIER authors' code. ``weights=None`` means all ones (plain KD).
+    Tiwari et al. (WACV 2024), eq. (4); Hinton et al. (2015). Shapes: logits (N, c), y (N,), weights (N,).
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"student_loss: lam must be in [0, 1], got {lam}")
+    if y.shape != student_logits.shape[:1]:
+        raise ValueError(f"student_loss: y must have shape ({student_logits.shape[0]},), got {tuple(y.shape)}")
+    if weights is not None and weights.shape != y.shape:
+        raise ValueError(f"student_loss: weights must have shape {tuple(y.shape)}, got {tuple(weights.shape)}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    cross_entropy = F.cross_entropy(student_logits.to(dtype), y, reduction="none")  # (N,)
+    per_sample = (1.0 - lam) * cross_entropy + lam * kd_loss(student_logits, teacher_logits, T)  # (N,)
+    if weights is None:
+        return per_sample.mean()
+    return (weights.to(dtype) * per_sample).mean()
+
+
+def group_dro_loss(per_sample_loss: Tensor, groups: Tensor, group_weights: Tensor,
+                   step_size: float) -> tuple[Tensor, Tensor]:
+    """Online group DRO: exponentiated-gradient step on the group weights, then their weighted loss.
+
+    ``q_g <- q_g * exp(eta * L_g)``, ``q <- q / sum q``, loss ``= sum_g q_g L_g`` with ``L_g`` the mean loss of
+    group ``g`` in the batch (0 for groups absent from it).
+    Sagawa et al. (ICLR 2020), *Distributionally Robust Neural Networks*, Algorithm 1.
+    Shapes: ``per_sample_loss`` (N,), ``groups`` (N,) int64, ``group_weights`` (G,) -> (scalar, (G,)).
+    """
+    n_groups = group_weights.shape[0]
+    sums = torch.zeros(n_groups, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
+    sums = sums.index_add(0, groups, per_sample_loss)  # (G,)
+    counts = torch.bincount(groups, minlength=n_groups).clamp(min=1)  # (G,)
+    group_loss = sums / counts  # (G,)
+    new_weights = group_weights * torch.exp(step_size * group_loss.detach())  # (G,)
+    new_weights = new_weights / new_weights.sum()
+    return (new_weights * group_loss).sum(), new_weights
+
+
+def early_exit_loss(logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the early exits ``logits[:-1]``: what trains the readouts (on detached features
+    unless the exits are trained jointly). ``logits``: K x (N, c), ``y`` (N,) -> scalar."""
+    return sum(F.cross_entropy(z.float(), y) for z in logits[:-1])
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  2. Closed-form KFAC last-layer Laplace
+# ══════════════════════════════════════════════════════════════════════════════
+# For a linear softmax head z = W~ phi~ the Hessian of the cross-entropy w.r.t. z, diag(p) - p p^T, does not
+# depend on the label, so GGN = Fisher = Hessian and the KFAC factors are exact averages that two matrix
+# products give. The factors are eigendecomposed once: any prior precision is then a diagonal rescale.
+
+class KFACLaplace:
+    """Kronecker-factored Laplace posterior over one exit's last linear layer, in closed form.
+
+    Fit (Ritter et al. 2018, *A Scalable Laplace Approximation for Neural Networks*; Meronen et al. 2023,
+    *Fixing Overconfidence in Dynamic Neural Networks*, section 3), with ``phi~ = [phi, 1]``, ``p_n`` the MAP
+    softmax probabilities and ``N`` samples:
+
+        A = (1/N) sum_n phi~_n phi~_n^T                      (p+1, p+1)
+        G = (1/N) sum_n diag(p_n) - p_n p_n^T = (diag(sum_n p_n) - P^T P) / N      (c, c)
+        U = (sqrt(N) G + sqrt(tau) I_c)^-1,  V = (sqrt(N) A + sqrt(tau) I_{p+1})^-1,  Cov(vec W~) = U (x) V
+
+    ``tau`` is the prior precision (``1 / sigma^2``). The damping keeps the posterior a Kronecker product, so
+    the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. (laplace-torch adds the prior exactly in
+    the eigenbasis, ``(N G (x) A + tau I)^-1``, which is not Kronecker; we keep Meronen's form.)
+    ``temperature`` divides the logits before the softmax (Meronen's logit temperature, not a likelihood
+    temperature). Factors, eigendecompositions and inverses are float64; predictions run in the dtype of
+    the features passed in.
+
+    Attributes: ``A`` (p+1, p+1), ``G`` (c, c), ``n``, ``prior_precision``, ``temperature``,
+    ``weight`` (c, p+1) (``W~``; width p without a bias), ``has_bias``.
+    """
+
+    # Meronen et al. (2023)'s validation grids for the logit temperature and the prior variance sigma^2
+    TEMPERATURE_GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0)
+    PRIOR_VARIANCE_GRID = (0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0)
+
+    def __init__(self, weight: Tensor, A: Tensor, G: Tensor, n: int, has_bias: bool,
+                 prior_precision: float = 1.0, temperature: float = 1.0) -> None:
+        if not prior_precision > 0:
+            raise ValueError(f"prior_precision must be > 0, got {prior_precision}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.weight, self.A, self.G, self.n, self.has_bias = weight, A, G, n, has_bias
+        self.prior_precision, self.temperature = float(prior_precision), float(temperature)
+        self._eigen: dict = {}  # filled on first use; one dict shared by every copy (with_hyperparameters)
+
+    def _eigendecomposition(self) -> dict:
+        """``A = Q_A diag(l_A) Q_A^T``, ``G = Q_G diag(l_G) Q_G^T``, computed once on first use (a fit that is only
+        inspected never pays for it); every prior precision afterwards costs a diagonal rescale, no refit."""
+        if not self._eigen:
+            eig_A, eigvec_A = torch.linalg.eigh(self.A)  # (p+1,), (p+1, p+1)
+            eig_G, eigvec_G = torch.linalg.eigh(self.G)  # (c,), (c, c)
+            # round-off can dip below 0; filled in place so that copies made before first use share it
+            self._eigen.update(eig_A=eig_A.clamp(min=0), Q_A=eigvec_A, eig_G=eig_G.clamp(min=0), Q_G=eigvec_G)
+        return self._eigen
+
+    @classmethod
+    def fit(cls, features: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+            prior_precision: float = 1.0, temperature: float = 1.0) -> "KFACLaplace":
+        """Fit ``A`` and ``G`` from stacked last-layer inputs ``features`` (N, p) and the head's ``weight`` (c, p),
+        ``bias`` (c,) or None. Costs two matrix products, ``N (p^2 + c^2)`` multiply-adds, no loop."""
+        if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
+            raise ValueError(f"KFACLaplace.fit: features (N, p) and weight (c, p) must share p, got "
+                             f"{tuple(features.shape)} and {tuple(weight.shape)}")
+        if bias is not None and bias.shape != weight.shape[:1]:
+            raise ValueError(f"KFACLaplace.fit: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if features.shape[0] < 1:
+            raise ValueError("KFACLaplace.fit: features is empty (N = 0)")
+        n, dtype = features.shape[0], features.dtype
+        weight = weight.detach().to(dtype)
+        logits = features @ weight.T  # (N, c)
+        if bias is not None:
+            logits = logits + bias.detach().to(dtype)
+        probs = torch.softmax(logits.to(torch.promote_types(dtype, torch.float32)), dim=-1)  # (N, c)
+        # A in blocks, so phi~ = [phi, 1] is never materialised: [[F^T F, F^T 1], [1^T F, N]] / N
+        gram = (features.T @ features).double()  # (p, p): the one big product
+        # a NaN or inf anywhere in a column makes that column's sum of squares non-finite: an O(p) check
+        # instead of a full scan, which would cost half of the product itself
+        if not bool(torch.isfinite(gram.diagonal()).all()):
+            raise ValueError("KFACLaplace.fit: features contain NaN or inf values (or values whose squares overflow)")
+        if bias is not None:
+            column_sums = features.sum(0).double()  # (p,)
+            A = torch.empty(gram.shape[0] + 1, gram.shape[0] + 1, dtype=torch.float64, device=features.device)
+            A[:-1, :-1], A[:-1, -1], A[-1, :-1], A[-1, -1] = gram, column_sums, column_sums, n
+            weight_tilde = torch.cat([weight, bias.detach().to(dtype)[:, None]], dim=1)  # (c, p+1)
+        else:
+            A, weight_tilde = gram, weight  # (p, p), (c, p)
+        A = A / n
+        G = (torch.diag(probs.sum(0)) - probs.T @ probs).double() / n  # (c, c)
+        return cls(weight_tilde, A, G, n, bias is not None, prior_precision, temperature)
+
+    def with_hyperparameters(self, prior_precision: Optional[float] = None,
+                             temperature: Optional[float] = None) -> "KFACLaplace":
+        """A copy with another prior precision and/or temperature; shares the fitted factors (no refit)."""
+        other = KFACLaplace(self.weight, self.A, self.G, self.n, self.has_bias,
+                            self.prior_precision if prior_precision is None else prior_precision,
+                            self.temperature if temperature is None else temperature)
+        other._eigen = self._eigen  # the same dict: an eigendecomposition done by any copy serves all
+        return other
+
+    def _damped_inverse_diagonals(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues of U and V: ``1 / (sqrt(N) lambda + sqrt(tau))``, float64."""
+        eigen, root_n, root_tau = self._eigendecomposition(), math.sqrt(self.n), math.sqrt(self.prior_precision)
+        return 1.0 / (root_n * eigen["eig_G"] + root_tau), 1.0 / (root_n * eigen["eig_A"] + root_tau)  # (c,), (p+1,)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """Posterior covariance factors ``(U (c, c), V (p+1, p+1))`` with ``Cov(vec W~) = U (x) V`` (row-major vec)."""
+        u_diag, v_diag = self._damped_inverse_diagonals()
+        eigen = self._eigendecomposition()
+        Q_G, Q_A = eigen["Q_G"], eigen["Q_A"]
+        return (Q_G * u_diag) @ Q_G.T, (Q_A * v_diag) @ Q_A.T  # U (c, c), V (p+1, p+1)
+
+    def _check_features(self, features: Tensor) -> None:
+        width = self.weight.shape[1] - int(self.has_bias)
+        if features.dim() != 2 or features.shape[1] != width:
+            raise ValueError(f"features must have shape (N, {width}) for this Laplace, got {tuple(features.shape)}")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("features contain NaN or inf values")
+
+    def _projected_features(self, features: Tensor) -> Tensor:
+        """``phi~^T Q_A`` (N, p+1) without building ``phi~``: the feature part times Q plus Q's bias row."""
+        eigvec = self._eigendecomposition()["Q_A"].to(features.dtype)
+        if self.has_bias:
+            return features @ eigvec[:-1] + eigvec[-1]  # (N, p+1)
+        return features @ eigvec  # (N, p)
+
+    def logit_distribution(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Gaussian logit predictive ``f ~ N(mean, scale * U)``: ``mean = W~ phi~`` (N, c), ``scale = phi~^T V phi~`` (N,).
+
+        ``scale`` uses V's eigenbasis: ``sum_j (phi~^T q_j)^2 / (sqrt(N) lambda_j + sqrt(tau))``, about ``2 p^2`` flops."""
+        self._check_features(features)
+        weight = self.weight.to(features.dtype)
+        mean = features @ weight[:, :features.shape[1]].T  # (N, c)
+        if self.has_bias:
+            mean = mean + weight[:, -1]
+        _, v_diag = self._damped_inverse_diagonals()
+        scale = self._projected_features(features).square() @ v_diag.to(features.dtype)  # (N,)
+        return mean, scale
+
+    def logit_std(self, features: Tensor) -> Tensor:
+        """How far the posterior can move the temperature-scaled logits of each input: the class-averaged standard
+        deviation ``sqrt(scale * mean_k U_kk) / T`` (N,), float64. ``scale = phi~^T V phi~`` as in
+        :meth:`logit_distribution`."""
+        _, scale = self.logit_distribution(features)  # (N,)
+        U, _ = self.factors()  # (c, c)
+        return (scale.double() * U.diagonal().mean()).sqrt() / self.temperature  # (N,)
+
+    def _posterior_directions(self, n_samples: int, generator: Optional[torch.Generator],
+                              dtype: torch.dtype) -> Tensor:
+        """``L g_s`` for ``s = 1..S`` with ``L = cholesky(U)``, ``g_s ~ N(0, I_c)``: (S, c), shared by every input."""
+        if not (isinstance(n_samples, int) and n_samples >= 1):
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
+        U, _ = self.factors()
+        cholesky = torch.linalg.cholesky(U)  # (c, c)
+        normal = torch.randn(n_samples, U.shape[0], generator=generator, dtype=torch.float64, device=U.device)
+        return (normal @ cholesky.T).to(dtype)  # (S, c)
+
+    def sample_logits(self, features: Tensor, n_samples: int,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+        """Posterior logit samples ``z_s = mean + sqrt(scale) * L g_s`` (S, N, c), one ``L g_s`` per sample index
+        shared across inputs (Meronen's ``2 c S + 2 p^2`` flops-per-input form). No temperature applied."""
+        mean, scale = self.logit_distribution(features)
+        directions = self._posterior_directions(n_samples, generator, features.dtype)  # (S, c)
+        return mean + scale.sqrt()[None, :, None] * directions[:, None, :]  # (S, N, c)
+
+    def predict(self, features: Tensor, n_samples: int = 50, link: str = "mc",
+                generator: Optional[torch.Generator] = None) -> Tensor:
+        """Predictive probabilities (N, c) with the logit temperature ``T`` applied.
+
+        ``link="mc"``: ``(1/S) sum_s softmax(z_s / T)``.  ``link="probit"``:
+        ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))`` (MacKay 1992; Meronen et al. 2023).
+        Probabilities that underflow are 0: where their logarithm matters (KD targets, likelihood ratios)
+        use :meth:`log_predict`."""
+        return self._predictive(features, n_samples, link, generator, log=False)
+
+    def log_predict(self, features: Tensor, n_samples: int = 50, link: str = "mc",
+                    generator: Optional[torch.Generator] = None) -> Tensor:
+        """Log predictive probabilities (N, c), computed in log space so that they never underflow to -inf.
+
+        ``link="mc"``: ``logsumexp_s log_softmax(z_s / T) - log S``; ``link="probit"``: ``log_softmax`` of the
+        probit-scaled mean logits. Same draws as :meth:`predict` for the same generator state. Pass float64
+        features for log-probabilities below float32's range (about -87 below the top class)."""
+        return self._predictive(features, n_samples, link, generator, log=True)
+
+    def _predictive(self, features: Tensor, n_samples: int, link: str, generator: Optional[torch.Generator],
+                    log: bool) -> Tensor:
+        if link not in ("mc", "probit"):
+            raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
+        mean, scale = self.logit_distribution(features)
+        if link == "probit":
+            U, _ = self.factors()
+            variance = scale[:, None] * torch.diagonal(U).to(features.dtype)  # (N, c)
+            return self.probit_softmax(mean, variance, self.temperature, log)
+        directions = self._posterior_directions(n_samples, generator, features.dtype)  # (S, c)
+        return self.mc_softmax_mean(mean, scale, directions, self.temperature, log)
+
+    def grid_predictive(self, features: Tensor, temperatures: Sequence[float], prior_variances: Sequence[float],
+                        n_samples: int = 50, link: str = "mc",
+                        generator: Optional[torch.Generator] = None) -> Iterator[tuple["KFACLaplace", Tensor]]:
+        """Every ``(copy with (T, sigma^2), predictive probs (N, c))`` over a grid, for tuning: the eigen-projection
+        of ``features`` (N, p) is done once and one set of normal draws serves every candidate (common random
+        numbers make the comparison fair)."""
+        if link not in ("mc", "probit"):
+            raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
+        self._check_features(features)
+        dtype = features.dtype
+        mean = self.logit_distribution(features)[0]  # (N, c)
+        squared_projection = self._projected_features(features).square()  # (N, p+1)
+        normal = torch.randn(n_samples, mean.shape[1], generator=generator, dtype=torch.float64, device=mean.device)
+        for prior_variance in prior_variances:
+            candidate = self.with_hyperparameters(prior_precision=1.0 / prior_variance)
+            _, v_diag = candidate._damped_inverse_diagonals()
+            scale = squared_projection @ v_diag.to(dtype)  # (N,)
+            U, _ = candidate.factors()  # (c, c); V is never formed: scale comes from the projection
+            if link == "probit":
+                variance = scale[:, None] * torch.diagonal(U).to(dtype)  # (N, c)
+            else:
+                directions = (normal @ torch.linalg.cholesky(U).T).to(dtype)  # (S, c)
+            for temperature in temperatures:
+                tuned = candidate.with_hyperparameters(temperature=temperature)
+                if link == "probit":
+                    yield tuned, self.probit_softmax(mean, variance, temperature)
+                else:
+                    yield tuned, self.mc_softmax_mean(mean, scale, directions, temperature)
+
+    @staticmethod
+    def probit_softmax(mean: Tensor, variance: Tensor, temperature: float, log: bool = False) -> Tensor:
+        """Probit-approximated predictive ``softmax((mean/T) / sqrt(1 + pi/8 var / T^2))`` (N, c), or its
+        ``log_softmax`` when ``log``. Shapes: ``mean``, ``variance`` (N, c)."""
+        kappa = torch.rsqrt(1.0 + math.pi / 8.0 * variance / temperature ** 2)  # (N, c)
+        scaled_logits = mean / temperature * kappa  # (N, c)
+        return torch.log_softmax(scaled_logits, dim=-1) if log else torch.softmax(scaled_logits, dim=-1)
+
+    @staticmethod
+    def mc_softmax_mean(mean: Tensor, scale: Tensor, directions: Tensor, temperature: float,
+                        log: bool = False) -> Tensor:
+        """``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)`` (N, c), or its logarithm by a logsumexp over
+        ``s`` when ``log``, in blocks of inputs that bound memory. Shapes: ``mean`` (N, c), ``scale`` (N,),
+        ``directions`` ``L g_s`` (S, c)."""
+        n_samples, n_classes = directions.shape
+        block = max(1, (1 << 22) // (n_samples * n_classes))  # ~4M elements per block: cache-friendly
+        out = torch.empty_like(mean)
+        for start in range(0, mean.shape[0], block):
+            stop = start + block
+            logits = mean[None, start:stop] + scale[None, start:stop, None].sqrt() * directions[:, None, :]  # (S, B, c)
+            if log:
+                log_probs = torch.log_softmax(logits / temperature, dim=-1)  # (S, B, c)
+                out[start:stop] = torch.logsumexp(log_probs, 0) - math.log(n_samples)
+            else:
+                out[start:stop] = torch.softmax(logits / temperature, dim=-1).mean(0)
+        return out
+
+
+def tune_temperature(logits_val: Tensor, y_val: Tensor,
+                     temperatures: Sequence[float] = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0)) -> float:
+    """Temperature scaling: the ``T`` of the grid that minimises the validation NLL of ``softmax(z / T)``.
+
+    ``argmin_T -(1/N) sum_n log softmax(z_n / T)_{y_n}`` over the same grid and criterion as :func:`tune_laplace`,
+    with no posterior: the baseline that isolates what the Laplace adds to a tuned temperature. The default grid
+    is Meronen et al. (2023)'s (``KFACLaplace.TEMPERATURE_GRID``).
+    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, section 4.2 (here on a grid).
+    Shapes: ``logits_val`` (N, c), ``y_val`` (N,).
+    """
+    grid = torch.tensor(list(temperatures), dtype=torch.float64, device=logits_val.device)  # (G,)
+    log_probs = torch.log_softmax(logits_val.double()[None] / grid[:, None, None], dim=-1)  # (G, N, c)
+    log_p_true = log_probs.gather(-1, y_val[None, :, None].expand(len(grid), -1, 1))  # (G, N, 1)
+    nll = -log_p_true.clamp(min=math.log(1e-12)).mean((1, 2))  # (G,): p clamped at 1e-12 as in tune_laplace
+    return float(grid[int(nll.argmin())])
+
+
+def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor,
+                 temperatures: Sequence[float] = KFACLaplace.TEMPERATURE_GRID,
+                 prior_variances: Sequence[float] = KFACLaplace.PRIOR_VARIANCE_GRID,
+                 n_samples: int = 50, link: str = "mc",
+                 generator: Optional[torch.Generator] = None) -> KFACLaplace:
+    """Copy of ``laplace`` with the ``(T, sigma^2)`` of the grid that minimises validation NLL.
+
+    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (``p_hat`` clamped at 1e-12); no refit (the
+    factors are shared). Meronen et al. (2023), section 4 and appendix: grids ``T in {0.3..3.0}``,
+    ``sigma^2 in {0.5..4.0}``. Shapes: ``features_val`` (N, p), ``y_val`` (N,).
+    Copy it with :class:`KFACLaplace`.
+    """
+    if y_val.shape != features_val.shape[:1]:
+        raise ValueError(f"y_val must have shape ({features_val.shape[0]},), got {tuple(y_val.shape)}")
+    best, best_nll = laplace, math.inf
+    for candidate, probs in laplace.grid_predictive(features_val, temperatures, prior_variances, n_samples, link,
+                                                    generator):
+        nll = float(-probs.gather(1, y_val[:, None]).clamp(min=1e-12).log().mean())
+        if nll < best_nll:
+            best, best_nll = candidate, nll
+    return best
+
+
+def tune_laplace_marglik(laplace: KFACLaplace, prior_precisions: Optional[Sequence[float]] = None) -> KFACLaplace:
+    """Copy of ``laplace`` with the prior precision ``tau`` that maximises the Laplace marginal likelihood (the
+    evidence, MacKay 1992; Immer et al. 2021), temperature unchanged: no validation labels are used.
+
+    For the damped Kronecker posterior precision ``P = (sqrt(N) G + sqrt(tau) I_c) (x) (sqrt(N) A + sqrt(tau) I_{p+1})``
+    and the MAP ``W~`` (c, p+1), ``d = c (p+1)``, the terms of ``log p(D)`` that depend on ``tau`` are
+
+        log Z(tau) = -tau/2 ||W~||_F^2 + d/2 log tau - 1/2 [(p+1) sum_i log(sqrt(N) g_i + sqrt(tau))
+                                                         + c sum_j log(sqrt(N) a_j + sqrt(tau))]
+
+    (``g_i``, ``a_j`` the eigenvalues of ``G``, ``A``; ``log p(D | W~)`` does not depend on ``tau``). Maximised over
+    ``prior_precisions`` (default: 10^-4 .. 10^4, 81 points log-spaced), all at once.
+    Copy it with :class:`KFACLaplace`.
+    """
+    grid = torch.logspace(-4, 4, 81, dtype=torch.float64) if prior_precisions is None else \
+        torch.tensor(list(prior_precisions), dtype=torch.float64)  # (G,)
+    eig_G = torch.linalg.eigvalsh(laplace.G).clamp(min=0).cpu()  # (c,)
+    eig_A = torch.linalg.eigvalsh(laplace.A).clamp(min=0).cpu()  # (p+1,)
+    n_classes, width = eig_G.shape[0], eig_A.shape[0]
+    root_n, root_tau = math.sqrt(laplace.n), grid.sqrt()[:, None]  # (G, 1)
+    log_det = width * torch.log(root_n * eig_G + root_tau).sum(1) + n_classes * torch.log(root_n * eig_A + root_tau).sum(1)
+    squared_norm = float(laplace.weight.double().square().sum())
+    log_evidence = -grid / 2 * squared_norm + n_classes * width / 2 * grid.log() - log_det / 2  # (G,)
+    return laplace.with_hyperparameters(prior_precision=float(grid[int(log_evidence.argmax())]))
+
+
+def cross_fitted_laplace_predict(laplace: KFACLaplace, features: Tensor, n_folds: int = 5, n_samples: int = 50,
+                                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Out-of-sample Laplace predictive on the inputs the posterior was fit on (cross-fitting).
+
+    Fold ``k`` holds the inputs ``n`` with ``n mod K = k``; its predictive comes from the factors ``A``, ``G``
+    refit on the other folds' features, with ``laplace``'s MAP weights ``W~``, prior precision and temperature.
+    An input then never sits in its own curvature, so its posterior spread is what an unseen input of its kind
+    would get. Returns the MC predictive (N, c) and :meth:`KFACLaplace.logit_std` (N,) of every input.
+    Shapes: ``features`` (N, p) with ``N >= 2 K`` ; ``laplace.weight`` (c, p+1) or (c, p) without a bias.
+    Copy it with :class:`KFACLaplace`.
+    """
+    width = features.shape[1]
+    weight, bias = laplace.weight[:, :width], laplace.weight[:, width] if laplace.has_bias else None
+    fold = torch.arange(features.shape[0], device=features.device) % n_folds  # (N,)
+    probs = torch.empty(features.shape[0], weight.shape[0], dtype=features.dtype, device=features.device)  # (N, c)
+    logit_std = torch.empty(features.shape[0], dtype=torch.float64, device=features.device)  # (N,)
+    for k in range(n_folds):  # K fits of two matrix products each
+        held_out = fold == k
+        fold_laplace = KFACLaplace.fit(features[~held_out], weight, bias, laplace.prior_precision,
+                                       laplace.temperature)
+        probs[held_out] = fold_laplace.predict(features[held_out], n_samples, generator=generator)
+        logit_std[held_out] = fold_laplace.logit_std(features[held_out])
+    return probs, logit_std
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  3. Model-internal ensemble and budgeted early exit
+# ══════════════════════════════════════════════════════════════════════════════
+
+
+def mie_ensemble(probs: Tensor, flops: Tensor) -> Tensor:
+    """Model-internal ensemble: ``p_k^ens = sum_{m<=k} w_m p_m / sum_{m<=k} w_m`` with ``w_m`` = cumulative FLOPs.
+
+    Later (costlier, usually better) exits weigh more. Meronen et al. (2023), section 3.3, eq. (6).
+    Shapes: ``probs`` (K, N, c), ``flops`` (K,) -> (K, N, c).
+    """
+    flops = torch.as_tensor(flops, dtype=probs.dtype, device=probs.device)
+    if probs.dim() != 3 or flops.shape != probs.shape[:1]:
+        raise ValueError(f"mie_ensemble: probs (K, N, c) and flops (K,) expected, got {tuple(probs.shape)} "
+                         f"and {tuple(flops.shape)}")
+    weighted = torch.cumsum(flops[:, None, None] * probs, dim=0)  # (K, N, c)
+    return weighted / torch.cumsum(flops, dim=0)[:, None, None]
+
+
+def tune_laplace_ensemble(laplaces: Sequence[KFACLaplace], features_val: Sequence[Tensor], y_val: Tensor,
+                          flops: Sequence[float],
+                          temperatures: Sequence[float] = KFACLaplace.TEMPERATURE_GRID,
+                          prior_variances: Sequence[float] = KFACLaplace.PRIOR_VARIANCE_GRID,
+                          n_samples: int = 50, link: str = "mc",
+                          generator: Optional[torch.Generator] = None) -> list[KFACLaplace]:
+    """Greedy exit-by-exit tuning for the model-internal ensemble: exit ``k``'s ``(T, sigma^2)`` minimises the
+    validation NLL of the FLOPs-weighted ensemble of exits ``<= k``, earlier exits fixed.
+
+    Meronen et al. (2023), section 3.3 ("MIE + Laplace"). ``features_val[k]`` is (N, p_k); ``flops`` (K,).
+    Copy it with :class:`KFACLaplace`.
+    """
+    if not len(laplaces) == len(features_val) == len(flops):
+        raise ValueError(f"laplaces, features_val and flops must have the same length K, got "
+                         f"{len(laplaces)}, {len(features_val)}, {len(flops)}")
+    tuned: list[KFACLaplace] = []
+    weighted_sum, weight_total = 0.0, 0.0  # running sum_m w_m p_m over the exits already fixed
+    for laplace, features, exit_flops in zip(laplaces, features_val, flops):
+        best, best_probs, best_nll = laplace, None, math.inf
+        for candidate, probs in laplace.grid_predictive(features, temperatures, prior_variances, n_samples, link,
+                                                        generator):
+            ensemble = (weighted_sum + exit_flops * probs) / (weight_total + exit_flops)  # (N, c)
+            nll = float(-ensemble.gather(1, y_val[:, None]).clamp(min=1e-12).log().mean())
+            if nll < best_nll:
+                best, best_probs, best_nll = candidate, probs, nll
+        tuned.append(best)
+        weighted_sum, weight_total = weighted_sum + exit_flops * best_probs, weight_total + exit_flops
+    return tuned
+
+
+def budget_thresholds(confidences_val: Tensor, level: float) -> Tensor:
+    """Per-exit confidence thresholds that make exit ``k`` take a share ``pi_k ∝ level^k`` of the validation set.
+
+    Walk the exits in order; among samples not yet exited, the ``floor(N pi_k)`` most confident exit at ``k``
+    and ``threshold_k`` is the confidence of the last of them (``+inf`` when none exit); the last exit
+    takes the rest (``-inf``). Ties at a threshold exit together, so an exit may take more than its quota;
+    a later exit then takes at most what remains (its threshold is never ``-inf``).
+    Huang et al. (ICLR 2018), MSDNet budgeted classification; Meronen et al.
+    (2023), section 4. Shapes: ``confidences_val`` (K, N) -> (K,).
+    """
+    if confidences_val.dim() != 2:
+        raise ValueError(f"budget_thresholds: confidences_val must be (K, N), got {tuple(confidences_val.shape)}")
+    if not level > 0:
+        raise ValueError(f"budget_thresholds: level must be > 0, got {level}")
+    n_exits, n = confidences_val.shape
+    shares = torch.tensor([level ** (k + 1) for k in range(n_exits)], dtype=torch.float64)
+    exit_counts = torch.floor(n * shares / shares.sum()).long().tolist()  # K numbers: a loop over exits only
+    thresholds = torch.full((n_exits,), math.inf, dtype=confidences_val.dtype, device=confidences_val.device)
+    exited = torch.zeros(n, dtype=torch.bool, device=confidences_val.device)
+    for k in range(n_exits - 1):
+        if exit_counts[k] < 1:
+            continue
+        n_remaining = n - int(exited.sum())
+        if n_remaining < 1:  # ties at earlier exits already took every sample
+            continue
+        remaining = torch.where(exited, -math.inf, confidences_val[k])  # (N,): exited samples sort last
+        # ties can make earlier exits take more than their quota: the last exiter is among those still present
+        thresholds[k] = torch.sort(remaining, descending=True).values[min(exit_counts[k], n_remaining) - 1]
+        exited |= confidences_val[k] >= thresholds[k]
+    thresholds[-1] = -math.inf
+    return thresholds
+
+
+def early_exit(probs: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
+    """Budgeted early exit: each input leaves at the first exit ``k`` with ``max_c p_k >= threshold_k``.
+
+    The last exit takes everything that is left. Meronen et al. (2023), section 4.
+    Shapes: ``probs`` (K, N, c), ``thresholds`` (K,) -> ``exit_index`` (N,) int64, ``probs`` (N, c).
+    """
+    if probs.dim() != 3 or thresholds.shape != probs.shape[:1]:
+        raise ValueError(f"early_exit: probs (K, N, c) and thresholds (K,) expected, got {tuple(probs.shape)} "
+                         f"and {tuple(thresholds.shape)}")
+    confidence = probs.max(dim=-1).values  # (K, N)
+    leaves = confidence >= thresholds.to(confidence.dtype)[:, None]  # (K, N)
+    leaves[-1] = True
+    exit_index = leaves.int().argmax(dim=0)  # (N,): argmax returns the first maximum
+    return exit_index, probs[exit_index, torch.arange(probs.shape[1], device=probs.device)]
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  4. Anytime-valid nested prediction sets (AVCS)
+# ══════════════════════════════════════════════════════════════════════════════
+# Jazbec et al. (UAI 2024), *Early-Exit Neural Networks with Nested Prediction Sets*. The predictive-likelihood
+# ratio R_t(y) = prod_{l<=t} p_l(y) / p(y | W_l), W_l a posterior draw, is a martingale under the model, so by
+# Ville's inequality {y : R_t(y) <= 1/alpha} covers y at every exit simultaneously with prob >= 1 - alpha
+# (when the model is right; on real data coverage is an empirical property, hence the threshold tuning).
+
+
+def log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``log X`` with ``X ~ Gamma(concentration, 1)`` elementwise, float64, finite even for tiny concentrations.
+
+    Marsaglia & Tsang (2000) for shape ``a + 1 >= 1``, then the boost ``X = Y U^(1/a)`` taken in log space:
+    ``log X = log Y + log(U) / a`` never underflows, where a direct draw of ``Gamma(1e-3)`` is 0."""
+    shape = concentration.double() + 1.0
+    d = shape - 1.0 / 3.0
+    c = torch.rsqrt(9.0 * d)
+    log_y = torch.zeros_like(shape)
+    pending = torch.ones_like(shape, dtype=torch.bool)
+    while bool(pending.any()):  # acceptance >= 95% per round: a handful of rounds
+        x = torch.randn(shape.shape, generator=generator, dtype=shape.dtype, device=shape.device)
+        log_u = torch.log1p(-torch.rand(shape.shape, generator=generator, dtype=shape.dtype, device=shape.device))
+        v = (1.0 + c * x) ** 3
+        log_v = torch.log(v.clamp(min=1e-300))
+        accept = pending & (v > 0) & (log_u < 0.5 * x * x + d - d * v + d * log_v)
+        log_y = torch.where(accept, torch.log(d) + log_v, log_y)
+        pending &= ~accept
+    log_boost = torch.log1p(-torch.rand(shape.shape, generator=generator, dtype=shape.dtype, device=shape.device))
+    return log_y + log_boost / concentration.double()
+
+
+def nested_sets(log_ratios: Tensor, alpha: float = 0.05, intersect: bool = True) -> Tensor:
+    """Sets from per-exit log likelihood ratios by Ville's inequality: ``C_t = {k : sum_{l<=t} log r_l(k) <=
+    log(1/alpha)}``, with ``intersect`` the running intersection ``C_t ∩ C_{t-1} ∩ ...`` (nested by construction).
+    Jazbec et al. (UAI 2024), eq. (5). Shapes: ``log_ratios`` (K, N, c) -> bool (K, N, c)."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    sets = torch.cumsum(log_ratios, dim=0) <= -math.log(alpha)  # (K, N, c)
+    if intersect:
+        sets = torch.cumprod(sets.to(torch.uint8), dim=0).bool()
+    return sets
+
+
+def dirichlet_log_ratios(logits: Tensor, thresholds: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """The Dirichlet AVCS log ratios of every exit: ``log r_t(k) = log p_t(k) - log pi_t(k)`` on the thresholded
+    support, ``+inf`` off it (see :func:`avcs_sets`; Gamma draws from :func:`log_gamma_variates`).
+    Shapes: ``logits`` (K, N, c), ``thresholds`` (K,) -> (K, N, c) float64."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (K, N, c), got {tuple(logits.shape)}")
+    if thresholds.shape != logits.shape[:1]:
+        raise ValueError(f"thresholds must have shape ({logits.shape[0]},) to match K of logits, got "
+                         f"{tuple(thresholds.shape)}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("logits contain NaN or inf values")
+    z = logits.double()
+    support = (z >= thresholds.double()[:, None, None]) & (z > 0)  # (K, N, c)
+    concentration = torch.where(support, z, torch.zeros_like(z))  # (K, N, c)
+    log_p = torch.log(concentration) - torch.log(concentration.sum(-1, keepdim=True).clamp(min=1e-300))
+    log_gamma = log_gamma_variates(torch.where(support, z, torch.ones_like(z)), generator)  # (K, N, c)
+    log_gamma = torch.where(support, log_gamma, torch.full_like(log_gamma, -math.inf))
+    log_pi = log_gamma - torch.logsumexp(log_gamma, dim=-1, keepdim=True)  # Dirichlet draw, in log space
+    return torch.where(support, log_p - log_pi, torch.full_like(z, math.inf))
+
+
+def avcs_sets(logits: Tensor, thresholds: Tensor, alpha: float = 0.05, intersect: bool = True,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+    """Anytime-valid prediction sets of an early-exit classifier from its exit logits (Dirichlet AVCS).
+
+    Per exit ``t``: ``a_t,k = z_t,k`` if ``z_t,k >= tau_t`` and ``z_t,k > 0`` else 0, support ``S_t = {a > 0}``,
+    ``p_t(k) = a_t,k / sum_j a_t,j``, one draw ``pi_t ~ Dir(a_t on S_t)``, ratio ``r_t(k) = p_t(k) / pi_t(k)``
+    (``+inf`` off ``S_t``), ``R_t = prod_{l<=t} r_l`` and ``C_t = {k : R_t(k) <= 1/alpha}``; empty support gives an
+    empty set. ``intersect=True`` returns the running intersection, nested by construction.
+    Jazbec et al. (UAI 2024), section 4.2, eq. (9)-(10). Shapes: ``logits`` (K, N, c), ``thresholds`` (K,)
+    -> bool (K, N, c). Copy it with :func:`dirichlet_log_ratios`, :func:`log_gamma_variates`, :func:`nested_sets`.
+    """
+    return nested_sets(dirichlet_log_ratios(logits, thresholds, generator), alpha, intersect)
+
+
+def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: float = 0.5,
+                         generator: Optional[torch.Generator] = None, intersect: bool = True) -> Tensor:
+    """Greedy per-exit thresholds for :func:`avcs_sets` on a calibration split.
+
+    Start at ``tau = 1`` everywhere; exit by exit, raise ``tau_t`` by ``step`` while the marginal coverage
+    stays ``>= 1 - alpha`` at all exits; undo the step that broke it. Every evaluation replays the same
+    random stream, so a repeat of ``avcs_sets`` with an identically seeded generator reproduces the tuned
+    coverage. Jazbec et al. (UAI 2024), appendix (their notebook tunes on test; use a held-out split).
+    Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,).
+    """
+    if not step > 0:
+        raise ValueError(f"step must be > 0, got {step}")
+    if logits.dim() != 3 or y.shape != logits.shape[1:2]:
+        raise ValueError(f"logits (K, N, c) and y (N,) expected, got {tuple(logits.shape)} and {tuple(y.shape)}")
+    if generator is None:
+        generator = torch.Generator(device=logits.device)
+        generator.manual_seed(int(torch.randint(2 ** 62, (1,))))
+    start_state = generator.get_state()
+    labels = y[None, :, None].expand(logits.shape[0], -1, 1)  # (K, N, 1)
+
+    def covers(thresholds: Tensor) -> bool:
+        generator.set_state(start_state)
+        sets = avcs_sets(logits, thresholds, alpha, intersect, generator)  # (K, N, c)
+        coverage = sets.gather(-1, labels).squeeze(-1).double().mean(-1)  # (K,)
+        return bool((coverage >= 1.0 - alpha).all())
+
+    thresholds = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
+    ceiling = float(logits.max()) + step  # above every logit every set is empty: the loop must stop there
+    for t in range(logits.shape[0]):
+        while thresholds[t] < ceiling:
+            thresholds[t] += step
+            if not covers(thresholds):
+                thresholds[t] -= step
+                break
+    generator.set_state(start_state)
+    return thresholds
+
+
+def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor], alpha: float = 0.05,
+                      n_samples: int = 50, intersect: bool = True,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+    """Anytime-valid sets from the Laplace posterior of every exit (the general form of the AVCS ratio).
+
+    ``R_t(y) = prod_{l<=t} p_l(y | x, D) / p(y | x, W_l)``, ``W_l ~ p(W_l | D)``: numerator the Laplace MC
+    predictive of exit ``l``, denominator ``softmax(z_l / T)`` of one posterior logit draw (marginally exact
+    per input); ``C_t = {y : R_t(y) <= 1/alpha}``. Both terms are computed as float64 log-probabilities
+    (``logsumexp`` over the MC samples), so a label far below the top class can still be excluded.
+    Jazbec et al. (UAI 2024), eq. (5); posterior of :class:`KFACLaplace`. ``features[k]`` is (N, p_k)
+    -> bool (K, N, c). Copy it with :class:`KFACLaplace` and :func:`nested_sets`.
+    """
+    if len(laplaces) != len(features) or not laplaces:
+        raise ValueError(f"laplaces and features must be non-empty lists of the same length, got "
+                         f"{len(laplaces)} and {len(features)}")
+    log_ratios = []
+    for laplace, exit_features in zip(laplaces, features):
+        # float64 and log space throughout: a float32 probability underflows below ~1e-45, and every label
+        # below that would share one log-ratio, so none could be excluded
+        features64 = exit_features.double()  # (N, p)
+        log_predictive = laplace.log_predict(features64, n_samples, "mc", generator)  # (N, c)
+        draw = laplace.sample_logits(features64, 1, generator)[0]  # (N, c)
+        log_likelihood = torch.log_softmax(draw / laplace.temperature, dim=-1)  # (N, c)
+        log_ratios.append(log_predictive - log_likelihood)
+    if len({ratio.shape for ratio in log_ratios}) != 1:
+        raise ValueError(f"every exit must give the same (N, c), got {[tuple(r.shape) for r in log_ratios]}")
+    return nested_sets(torch.stack(log_ratios), alpha, intersect)
+
+
+class BayesianLinearRegression:
+    """Gaussian posterior ``w~ ~ N(mean, covariance)`` of ``y = h~^T w~ + eps`` with ``h~ = [h, 1]``: the last
+    entry of ``mean`` is the intercept."""
+
+    def __init__(self, mean: Tensor, covariance: Tensor, noise_variance: float, prior_precision: float) -> None:
+        self.mean = mean  # (p+1,)
+        self.covariance = covariance  # (p+1, p+1)
+        self.noise_variance = noise_variance  # sigma^2 = 1 / beta
+        self.prior_precision = prior_precision  # alpha of the prior N(0, alpha^-1 I), intercept included
+
+
+def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 200,
+                                   tol: float = 1e-10) -> BayesianLinearRegression:
+    """Bayesian linear regression with an intercept and evidence-maximised prior precision ``alpha`` and
+    noise precision ``beta``.
+
+    The design is ``H~ = [H, 1]`` (a column of ones, as in the AVCS authors' regressor, so data with an
+    offset are not forced through 0); the isotropic prior ``N(0, alpha^-1 I)`` covers the intercept too.
+    MacKay's fixed point (Bishop, *PRML*, section 3.5.2, eq. 3.91-3.95), with ``lambda_i`` the eigenvalues
+    of ``H~^T H~``: ``S^-1 = alpha I + beta H~^T H~``, ``m = beta S H~^T y``, ``gamma = sum_i beta lambda_i /
+    (alpha + beta lambda_i)``, ``alpha = gamma / m^T m``, ``beta = (N - gamma) / ||y - H~ m||^2``.
+    Shapes: ``features`` (N, p), ``y`` (N,) -> mean (p+1,), covariance (p+1, p+1). Everything in float64.
+    Copy it with :class:`BayesianLinearRegression`.
+    """
+    if features.dim() != 2 or y.shape != features.shape[:1]:
+        raise ValueError(f"features (N, p) and y (N,) expected, got {tuple(features.shape)} and {tuple(y.shape)}")
+    if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(y).all())):
+        raise ValueError("fit_bayesian_linear_regression: features and y must be finite")
+    ones = torch.ones(features.shape[0], 1, dtype=torch.float64, device=features.device)
+    design = torch.cat([features.double(), ones], 1)  # (N, p+1): the intercept's column of ones
+    targets = y.double()  # (N,)
+    eigenvalues, eigenvectors = torch.linalg.eigh(design.T @ design)  # (p+1,), (p+1, p+1)
+    eigenvalues = eigenvalues.clamp(min=0)
+    projected_targets = eigenvectors.T @ (design.T @ targets)  # (p+1,)
+    n = design.shape[0]
+    alpha, beta = 1.0, 1.0 / max(float(targets.var()), 1e-12)
+    for _ in range(max_iter):
+        mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p+1,)
+        gamma = float((beta * eigenvalues / (alpha + beta * eigenvalues)).sum())
+        new_alpha = gamma / max(float(mean @ mean), 1e-300)
+        new_beta = (n - gamma) / max(float((targets - design @ mean).square().sum()), 1e-300)
+        done = abs(new_alpha - alpha) <= tol * alpha and abs(new_beta - beta) <= tol * beta
+        alpha, beta = new_alpha, new_beta
+        if done:
+            break
+    mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p+1,)
+    covariance = (eigenvectors / (alpha + beta * eigenvalues)) @ eigenvectors.T  # (p+1, p+1)
+    return BayesianLinearRegression(mean, covariance, 1.0 / beta, alpha)
+
+
+def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], features: Sequence[Tensor],
+                              alpha: float = 0.05, intersect: bool = True,
+                              generator: Optional[torch.Generator] = None) -> Tensor:
+    """Anytime-valid intervals of an early-exit regressor with a Bayesian last layer per exit.
+
+    Exit ``l``, with ``h = [features, 1]`` (the models carry an intercept, see
+    :func:`fit_bayesian_linear_regression`): numerator ``N(y; m_l, v_l)``, ``m_l = h^T mu_l``,
+    ``v_l = h^T Sigma_l h + sigma_l^2``; denominator ``N(y; d_l, sigma_l^2)``, ``d_l = h^T w_l``, one draw
+    ``w_l ~ N(mu_l, Sigma_l)`` per exit.
+    ``R_t(y) <= 1/alpha`` is ``A y^2 + B y + G <= 0`` with ``A = 1/2 sum(1/sigma^2 - 1/v)``,
+    ``B = sum(m/v - d/sigma^2)``, ``G = sum(d^2/(2 sigma^2) - m^2/(2v) + log sigma - 1/2 log v) + log alpha``:
+    the interval ``[(-B -+ sqrt(B^2 - 4AG)) / 2A]``, empty when ``B^2 < 4AG``; a half-line when rounding makes
+    ``A = 0``. Jazbec et al. (UAI 2024), section 4.1.
+    An empty interval is ``(+inf, -inf)`` (it stays empty under intersection). ``features[k]`` is
+    (N, p_k) -> (K, N, 2) float64.
+    Copy it with :class:`BayesianLinearRegression`.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if len(models) != len(features) or not models:
+        raise ValueError(f"models and features must be non-empty lists of the same length, got "
+                         f"{len(models)} and {len(features)}")
+    quadratic, linear, constant = [], [], []
+    for model, exit_features in zip(models, features):
+        if exit_features.dim() != 2 or exit_features.shape[1] != model.mean.shape[0] - 1:
+            raise ValueError(f"features must have shape (N, {model.mean.shape[0] - 1}), "
+                             f"got {tuple(exit_features.shape)}")
+        h = torch.cat([exit_features.double(), exit_features.new_ones(exit_features.shape[0], 1, dtype=torch.float64)],
+                      1)  # (N, p+1): the intercept's column of ones
+        noise = model.noise_variance
+        mean = h @ model.mean  # (N,)
+        variance = ((h @ model.covariance) * h).sum(-1) + noise  # (N,)
+        cholesky = torch.linalg.cholesky(model.covariance)
+        draw = model.mean + cholesky @ torch.randn(h.shape[1], generator=generator, dtype=h.dtype,
+                                                   device=h.device)  # (p,)
+        sampled = h @ draw  # (N,)
+        quadratic.append(0.5 * (1.0 / noise - 1.0 / variance))
+        linear.append(mean / variance - sampled / noise)
+        constant.append(sampled ** 2 / (2 * noise) - mean ** 2 / (2 * variance) + 0.5 * math.log(noise)
+                        - 0.5 * torch.log(variance))
+    A = torch.cumsum(torch.stack(quadratic), 0)  # (K, N)
+    B = torch.cumsum(torch.stack(linear), 0)  # (K, N)
+    G = torch.cumsum(torch.stack(constant), 0) + math.log(alpha)  # (K, N)
+    discriminant = B * B - 4 * A * G
+    root = discriminant.clamp(min=0).sqrt()
+    # A > 0 mathematically (v > sigma^2), but a collapsed posterior (evidence maximisation sends the prior
+    # precision of uninformative features to infinity) rounds it to 0: then B y + G <= 0 is linear, a half-line
+    linear = A <= 0
+    safe_A, safe_B = torch.where(linear, 1.0, A), torch.where(B == 0, 1.0, B)
+    lower = torch.where(linear, torch.where(B < 0, -G / safe_B, -math.inf), (-B - root) / (2 * safe_A))
+    upper = torch.where(linear, torch.where(B > 0, -G / safe_B, math.inf), (-B + root) / (2 * safe_A))
+    empty = torch.where(linear, (B == 0) & (G > 0), discriminant < 0)
+    lower, upper = torch.where(empty, math.inf, lower), torch.where(empty, -math.inf, upper)
+    if intersect:
+        lower, upper = torch.cummax(lower, 0).values, torch.cummin(upper, 0).values
+    return torch.stack([lower, upper], dim=-1)
+
+
+def set_metrics(sets: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Size, coverage and nestedness of prediction sets per exit.
+
+    ``size(t) = mean_n |C_t|``, ``coverage(t) = mean_n [y_n in C_t]``, ``nestedness(t) = mean_n
+    |∩_{s<=t} C_s| / |C_t|`` (1 when both are empty). Jazbec et al. (UAI 2024), section 5.
+    Shapes: ``sets`` bool (K, N, c), ``y`` (N,) -> dict of (K,) tensors.
+    """
+    if sets.dim() != 3 or y.shape != sets.shape[1:2]:
+        raise ValueError(f"set_metrics: sets (K, N, c) and y (N,) expected, got {tuple(sets.shape)} and {tuple(y.shape)}")
+    sizes = sets.sum(-1).double()  # (K, N)
+    covered = sets.gather(-1, y[None, :, None].expand(sets.shape[0], -1, 1)).squeeze(-1).double()  # (K, N)
+    intersection_sizes = torch.cumprod(sets.to(torch.uint8), dim=0).sum(-1).double()  # (K, N)
+    nested = torch.where(sizes > 0, intersection_sizes / sizes.clamp(min=1), torch.ones_like(sizes))  # (K, N)
+    return {"size": sizes.mean(-1), "coverage": covered.mean(-1), "nestedness": nested.mean(-1)}
+
+
+def interval_metrics(intervals: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Length, coverage and nestedness of intervals per exit: the regression twin of :func:`set_metrics`.
+
+    ``coverage(t) = mean_n [lo <= y_n <= hi]`` over every interval. An unbounded interval (a half-line or the
+    whole line: :func:`avcs_regression_intervals` returns one when a posterior collapses) is a legitimate
+    answer whose length is infinite, so it is counted apart: ``unbounded(t)`` = how many intervals at exit ``t``
+    are unbounded, and ``size(t) = mean |I_t|`` and ``nestedness(t) = mean |∩_{s<=t} I_s| / |I_t|`` average over
+    the bounded ones only (nestedness 1 when both are empty). Convention at an exit with no bounded interval:
+    ``size = inf``, ``nestedness = 1`` (no finite interval to compare). Never NaN.
+    Jazbec et al. (UAI 2024), section 5. Shapes: ``intervals`` (K, N, 2), ``y`` (N,) -> dict of (K,) tensors.
+    """
+    if intervals.dim() != 3 or intervals.shape[-1] != 2 or y.shape != intervals.shape[1:2]:
+        raise ValueError(f"interval_metrics: intervals (K, N, 2) and y (N,) expected, got "
+                         f"{tuple(intervals.shape)} and {tuple(y.shape)}")
+    lower, upper = intervals[..., 0].double(), intervals[..., 1].double()  # (K, N)
+    bounded = torch.isfinite(lower) & torch.isfinite(upper) | (lower > upper)  # (K, N): empty (inf, -inf) is bounded
+    lengths = torch.where(bounded, (upper - lower).clamp(min=0), torch.zeros_like(lower))  # (K, N)
+    covered = ((lower <= y) & (y <= upper)).double()  # (K, N)
+    common = (torch.cummin(upper, 0).values - torch.cummax(lower, 0).values).clamp(min=0)  # (K, N)
+    common = torch.where(bounded, common, torch.zeros_like(common))  # inside a bounded I_t: finite
+    nested = torch.where(lengths > 0, common / lengths.clamp(min=1e-300), torch.ones_like(lengths))  # (K, N)
+    n_bounded = bounded.sum(-1)  # (K,)
+    size = torch.where(n_bounded > 0, lengths.sum(-1) / n_bounded.clamp(min=1),
+                       torch.full_like(lengths[:, 0], math.inf))  # (K,)
+    nestedness = torch.where(n_bounded > 0, (nested * bounded).sum(-1) / n_bounded.clamp(min=1),
+                             torch.ones_like(lengths[:, 0]))
+    return {"size": size, "coverage": covered.mean(-1), "nestedness": nestedness,
+            "unbounded": (~bounded).sum(-1)}
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  5. Metrics
+# ══════════════════════════════════════════════════════════════════════════════
+
+
+def group_accuracies(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+    """Accuracy within each group: ``acc_g = mean_{n : g_n = g} [pred_n = y_n]``, NaN for an empty group.
+
+    Sagawa et al. (ICLR 2020), section 2. Shapes: ``pred``, ``y``, ``groups`` (N,) -> (n_groups,) float64.
+    """
+    if not pred.shape == y.shape == groups.shape or pred.dim() != 1:
+        raise ValueError(f"group_accuracies: pred, y and groups must all be (N,), got {tuple(pred.shape)}, "
+                         f"{tuple(y.shape)}, {tuple(groups.shape)}")
+    correct = torch.bincount(groups, weights=(pred == y).double(), minlength=n_groups)  # (G,)
+    counts = torch.bincount(groups, minlength=n_groups).double()  # (G,)
+    return torch.where(counts > 0, correct / counts.clamp(min=1), torch.full_like(counts, math.nan))
+
+
+def worst_group_accuracy(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> float:
+    """Worst-group accuracy ``min_g acc_g`` over the non-empty groups (not the smallest group's accuracy).
+
+    Sagawa et al. (ICLR 2020), section 2. Shapes: ``pred``, ``y``, ``groups`` (N,).
+    Copy it with :func:`group_accuracies`."""
+    accuracies = group_accuracies(pred, y, groups, n_groups)
+    return float(accuracies[~accuracies.isnan()].min())
+
+
+def adjusted_average_accuracy(group_accuracy: Tensor, train_group_counts: Tensor) -> float:
+    """Waterbirds' adjusted average: per-group test accuracies weighted by the training group shares,
+    ``sum_g n_g acc_g / sum_g n_g`` (an empty test group counts 0). The convention behind the 97-98% averages of
+    the literature (train counts 3498, 184, 56, 1057), where the plain mean weighs the balanced test groups
+    equally. Sagawa et al. (ICLR 2020), appendix; Idrissi et al. (2022). Shapes: (G,), (G,)."""
+    counts = train_group_counts.double().to(group_accuracy.device)  # (G,)
+    return float((torch.nan_to_num(group_accuracy.double()) * counts).sum() / counts.sum())
+
+
+def reliability_bins(probs: Tensor, y: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+    """Equal-width confidence bins ``(b/B, (b+1)/B]`` (0 in the first, exactly 1.0 in the last): per bin the count
+    ``n_b``, the summed confidence and the number correct, each (B,) float64. Confidence = max probability.
+    Guo et al. (ICML 2017), section 2 (reliability diagrams). Shapes: ``probs`` (N, c), ``y`` (N,)."""
+    if probs.dim() != 2 or y.shape != probs.shape[:1]:
+        raise ValueError(f"probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
+    confidence, pred = probs.double().max(dim=-1)  # (N,), (N,)
+    inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=probs.device)[1:-1]  # (B-1,)
+    bins = torch.bucketize(confidence, inner_edges, right=False)  # (N,): edges[b-1] < conf <= edges[b]
+    counts = torch.bincount(bins, minlength=n_bins).double()  # (B,)
+    confidence_sums = torch.bincount(bins, weights=confidence, minlength=n_bins)  # (B,)
+    correct_sums = torch.bincount(bins, weights=(pred == y).double(), minlength=n_bins)  # (B,)
+    return counts, confidence_sums, correct_sums
+
+
+def expected_calibration_error(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
+    """ECE with equal-width confidence bins: ``sum_b (n_b / N) |acc_b - conf_b| = sum_b |correct_b - conf_sum_b| / N``.
+
+    Bins of :func:`reliability_bins` (a confidence of exactly 1.0 counts, in the last bin).
+    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, eq. (3). Shapes: ``probs`` (N, c), ``y`` (N,).
+    """
+    _, confidence_sums, correct_sums = reliability_bins(probs, y, n_bins)
+    return float((correct_sums - confidence_sums).abs().sum() / probs.shape[0])
+
+
+def nlpd(probs: Tensor, y: Tensor) -> float:
+    """Negative log predictive density ``-(1/N) sum_n log p_hat(y_n | x_n)``, p clamped at 1e-12.
+
+    Shapes: ``probs`` (N, c), ``y`` (N,)."""
+    if probs.dim() != 2 or y.shape != probs.shape[:1]:
+        raise ValueError(f"nlpd: probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
+    return float(-torch.log(probs.gather(1, y[:, None]).clamp(min=1e-12)).mean())
+
+
+def top_k_accuracy(probs: Tensor, y: Tensor, k: int = 5) -> float:
+    """Fraction of inputs whose label is among the ``k`` most probable classes. Shapes: (N, c), (N,)."""
+    if probs.dim() != 2 or y.shape != probs.shape[:1] or not 1 <= k <= probs.shape[1]:
+        raise ValueError(f"top_k_accuracy: probs (N, c), y (N,) and 1 <= k <= c expected, got "
+                         f"{tuple(probs.shape)}, {tuple(y.shape)}, k={k}")
+    return float((probs.topk(k, dim=-1).indices == y[:, None]).any(-1).double().mean())
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  6. Networks: early-exit networks
+# ══════════════════════════════════════════════════════════════════════════════
+# A backbone exposes its stages as lists of its own modules (so its parameter names stay torchvision's) and
+# its classifier ``fc``. EarlyExitNet puts one exit head after each stage; the last head is the backbone's
+# own pool + fc.
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True)]
+
+
+class ExitHead(nn.Module):
+    """An exit: ``body`` (a conv block, or nothing), global average pool, then ``linear``.
+
+    ``features(h)`` is the input of ``linear`` (N, p): what the last-layer Laplace works on."""
+
+    def __init__(self, body: nn.Module, linear: nn.Linear) -> None:
+        super().__init__()
+        self.body, self.linear = body, linear
+
+    def features(self, h: Tensor) -> Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.body(h), 1), 1)  # (N, p)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.linear(self.features(h))  # (N, c)
+
+
+def readout_head(in_channels: int, width: int, n_classes: int) -> ExitHead:
+    """DEDIER's early readout: conv3x3 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> pool -> linear.
+    Tiwari et al. (WACV 2024), section 4 (64 -> 128 channels after a ResNet-18's layer1)."""
+    body = nn.Sequential(*_conv_bn_relu(in_channels, width), *_conv_bn_relu(width, width))
+    return ExitHead(body, nn.Linear(width, n_classes))
+
+
+class SmallCNN(nn.Module):
+    """A small VGG-style CNN for 32x32 inputs: three stages of two conv-BN-ReLU at width w, 2w, 4w.
+
+    The first stage downsamples (stride 2) to keep a full teacher + student run CPU-friendly."""
+
+    def __init__(self, n_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList([
+            nn.Sequential(*_conv_bn_relu(3, width, 2), *_conv_bn_relu(width, width)),
+            nn.Sequential(*_conv_bn_relu(width, 2 * width, 2), *_conv_bn_relu(2 * width, 2 * width)),
+            nn.Sequential(*_conv_bn_relu(2 * width, 4 * width, 2), *_conv_bn_relu(4 * width, 4 * width)),
+        ])
+        self.fc = nn.Linear(4 * width, n_classes)
+        self.stage_channels = [width, 2 * width, 4 * width]
+
+    def stage_modules(self) -> list[list[nn.Module]]:
+        return [[stage] for stage in self.stages]
+
+
+class EarlyExitNet(nn.Module):
+    """A backbone cut into stages with one exit head after each; the last exit is the backbone's classifier.
+
+    ``forward(x)`` -> K logits (N, c), first exit first; ``forward_features(x)`` -> K features (N, p_k), the
+    inputs of each head's ``linear`` (one pass computes all). ``detach_exits=True`` (DEDIER's readouts, the
+    default) feeds the early heads detached stage outputs, so they never push gradients into the backbone;
+    ``False`` trains the exits jointly (Meronen et al. 2023's early-exit loss averages over exits).
+    ``exit_flops[k]`` = multiply-adds of one input up to and including exit k (earlier heads included),
+    counted from the modules by forward hooks at construction."""
+
+    def __init__(self, backbone: nn.Module, early_heads: Sequence[ExitHead], input_size: int,
+                 detach_exits: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        final_head = ExitHead(nn.Identity(), backbone.fc)  # shares fc: the network's own classifier
+        self.heads = nn.ModuleList([*early_heads, final_head])
+        if len(self.heads) != len(backbone.stage_modules()):
+            raise ValueError(f"{len(early_heads)} early heads for {len(backbone.stage_modules())} stages: "
+                             "one head per stage but the last is expected")
+        self.detach_exits, self.input_size = detach_exits, input_size
+        self.exit_flops = self._count_exit_flops()
+
+    def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None,
+                         float32_heads: bool = False) -> list[Tensor]:
+        """Features (N, p_k) of every exit, or of ``exits`` only: stages past the last one asked for are skipped
+        (a readout pass costs one stage and one head). ``float32_heads=True`` runs the heads in float32 on
+        float32 stage outputs even under bf16 autocast (the backbone stays bf16): what the Laplace fit, the
+        DEDIER weights and the sets read must not carry bf16's 3 significant digits."""
+        last = len(self.heads) - 1
+        wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
+        features, h = {}, x
+        for k, modules in enumerate(self.backbone.stage_modules()[:max(wanted) + 1]):
+            for module in modules:
+                h = module(h)
+            if k in wanted:
+                head_input = h.detach() if self.detach_exits and k < last else h
+                if float32_heads:
+                    with torch.autocast(x.device.type, enabled=False):
+                        features[k] = self.heads[k].features(head_input.float())  # (N, p_k) float32
+                else:
+                    features[k] = self.heads[k].features(head_input)  # (N, p_k)
+        return [features[k % (last + 1)] for k in (sorted(wanted) if exits is None else exits)]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [head.linear(f) for head, f in zip(self.heads, self.forward_features(x))]  # K x (N, c)
+
+    def _count_exit_flops(self) -> list[int]:
+        macs: dict[nn.Module, int] = {}
+
+        def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+                macs[module] = output.numel() * kernel
+            else:
+                macs[module] = module.in_features * module.out_features
+
+        hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        was_training = self.training
+        try:
+            self.eval()
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, self.input_size, self.input_size,
+                                    device=next(self.parameters()).device)
+                self.forward(probe)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+
+        def total(modules: Sequence[nn.Module]) -> int:
+            return sum(macs.get(sub, 0) for module in modules for sub in module.modules())
+
+        cumulative, exit_flops = 0, []
+        for head, modules in zip(self.heads, self.backbone.stage_modules()):
+            cumulative += total(modules) + total([head])
+            exit_flops.append(int(cumulative))
+        return exit_flops
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  7. Data
 # ══════════════════════════════════════════════════════════════════════════════
 # Every dataset becomes three splits of uint8 images (N, 3, H, W) with labels and group ids. Images stay uint8
 # until they reach the device: 4x less memory and bandwidth than float, and augmentation runs there in batch.
@@ -386,6 +1449,8 @@ def _load_cifar100(root: Path, val_size: int = 5000, seed: int = 0) -> SpuriousD
 
 
 DATASETS = ("synth", "waterbirds", "celeba", "cifar100")
+
+
 # Folders the distributions unpack to, tried inside the data root, and a file that marks each layout.
 DATASET_FOLDERS = {
     "waterbirds": (["", "waterbird_complete95_forest2water2", "waterbirds_v1.0"], ["metadata.csv"]),
@@ -500,1215 +1565,6 @@ def prepare_batch(images: Tensor, mean: Sequence[float], std: Sequence[float], a
     std_t = torch.tensor(std, device=x.device)[:, None, None]
     x = (x - mean_t) / std_t
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-# ══════════════════════════════════════════════════════════════════════════════
-#  2. Networks: early-exit CNNs and ResNets
-# ══════════════════════════════════════════════════════════════════════════════
-# A backbone exposes its stages as lists of its own modules (so its parameter names stay torchvision's) and
-# its classifier ``fc``. EarlyExitNet puts one exit head after each stage; the last head is the backbone's
-# own pool + fc.
-
-
-def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True)]
-
-
-class ExitHead(nn.Module):
-    """An exit: ``body`` (a conv block, or nothing), global average pool, then ``linear``.
-
-    ``features(h)`` is the input of ``linear`` (N, p): what the last-layer Laplace works on."""
-
-    def __init__(self, body: nn.Module, linear: nn.Linear) -> None:
-        super().__init__()
-        self.body, self.linear = body, linear
-
-    def features(self, h: Tensor) -> Tensor:
-        return torch.flatten(F.adaptive_avg_pool2d(self.body(h), 1), 1)  # (N, p)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.linear(self.features(h))  # (N, c)
-
-
-def readout_head(in_channels: int, width: int, n_classes: int) -> ExitHead:
-    """DEDIER's early readout: conv3x3 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> pool -> linear.
-    Tiwari et al. (WACV 2024), section 4 (64 -> 128 channels after a ResNet-18's layer1)."""
-    body = nn.Sequential(*_conv_bn_relu(in_channels, width), *_conv_bn_relu(width, width))
-    return ExitHead(body, nn.Linear(width, n_classes))
-
-
-class SmallCNN(nn.Module):
-    """A small VGG-style CNN for 32x32 inputs: three stages of two conv-BN-ReLU at width w, 2w, 4w.
-
-    The first stage downsamples (stride 2) to keep a full teacher + student run CPU-friendly."""
-
-    def __init__(self, n_classes: int, width: int = 32) -> None:
-        super().__init__()
-        self.stages = nn.ModuleList([
-            nn.Sequential(*_conv_bn_relu(3, width, 2), *_conv_bn_relu(width, width)),
-            nn.Sequential(*_conv_bn_relu(width, 2 * width, 2), *_conv_bn_relu(2 * width, 2 * width)),
-            nn.Sequential(*_conv_bn_relu(2 * width, 4 * width, 2), *_conv_bn_relu(4 * width, 4 * width)),
-        ])
-        self.fc = nn.Linear(4 * width, n_classes)
-        self.stage_channels = [width, 2 * width, 4 * width]
-
-    def stage_modules(self) -> list[list[nn.Module]]:
-        return [[stage] for stage in self.stages]
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block (He et al. 2016), torchvision's attribute names."""
-    expansion = 1
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(in_planes, planes * self.expansion, stride)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class Bottleneck(nn.Module):
-    """ResNet bottleneck block, stride on the 3x3 conv (torchvision's "ResNet v1.5"), torchvision's names."""
-    expansion = 4
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(in_planes, planes * self.expansion, stride)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-def _downsample(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Sequential]:
-    if stride == 1 and in_planes == out_planes:
-        return None
-    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
-
-
-class ResNet(nn.Module):
-    """ResNet (He et al. 2016) whose ``state_dict`` keys equal torchvision's, so its ImageNet weights load as is.
-
-    ``cifar_stem=True`` swaps the 7x7/2 conv + max-pool stem for a 3x3/1 conv (32x32 inputs)."""
-
-    def __init__(self, block: type, layers: Sequence[int], n_classes: int, cifar_stem: bool = False) -> None:
-        super().__init__()
-        if cifar_stem:
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        else:
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
-        in_planes, self.stage_channels = 64, []
-        for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stride = 1 if index == 0 else 2
-            modules = []
-            for block_index in range(blocks):
-                modules.append(block(in_planes, planes, stride if block_index == 0 else 1))
-                in_planes = planes * block.expansion
-            setattr(self, f"layer{index + 1}", nn.Sequential(*modules))
-            self.stage_channels.append(in_planes)
-        self.fc = nn.Linear(in_planes, n_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-    def stage_modules(self) -> list[list[nn.Module]]:
-        return [[self.conv1, self.bn1, self.relu, self.maxpool, self.layer1], [self.layer2], [self.layer3],
-                [self.layer4]]
-
-
-class EarlyExitNet(nn.Module):
-    """A backbone cut into stages with one exit head after each; the last exit is the backbone's classifier.
-
-    ``forward(x)`` -> K logits (N, c), first exit first; ``forward_features(x)`` -> K features (N, p_k), the
-    inputs of each head's ``linear`` (one pass computes all). ``detach_exits=True`` (DEDIER's readouts, the
-    default) feeds the early heads detached stage outputs, so they never push gradients into the backbone;
-    ``False`` trains the exits jointly (Meronen et al. 2023's early-exit loss averages over exits).
-    ``exit_flops[k]`` = multiply-adds of one input up to and including exit k (earlier heads included),
-    counted from the modules by forward hooks at construction."""
-
-    def __init__(self, backbone: nn.Module, early_heads: Sequence[ExitHead], input_size: int,
-                 detach_exits: bool = True) -> None:
-        super().__init__()
-        self.backbone = backbone
-        final_head = ExitHead(nn.Identity(), backbone.fc)  # shares fc: the network's own classifier
-        self.heads = nn.ModuleList([*early_heads, final_head])
-        if len(self.heads) != len(backbone.stage_modules()):
-            raise ValueError(f"{len(early_heads)} early heads for {len(backbone.stage_modules())} stages: "
-                             "one head per stage but the last is expected")
-        self.detach_exits, self.input_size = detach_exits, input_size
-        self.exit_flops = self._count_exit_flops()
-
-    def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None,
-                         float32_heads: bool = False) -> list[Tensor]:
-        """Features (N, p_k) of every exit, or of ``exits`` only: stages past the last one asked for are skipped
-        (a readout pass costs one stage and one head). ``float32_heads=True`` runs the heads in float32 on
-        float32 stage outputs even under bf16 autocast (the backbone stays bf16): what the Laplace fit, the
-        DEDIER weights and the sets read must not carry bf16's 3 significant digits."""
-        last = len(self.heads) - 1
-        wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
-        features, h = {}, x
-        for k, modules in enumerate(self.backbone.stage_modules()[:max(wanted) + 1]):
-            for module in modules:
-                h = module(h)
-            if k in wanted:
-                head_input = h.detach() if self.detach_exits and k < last else h
-                if float32_heads:
-                    with torch.autocast(x.device.type, enabled=False):
-                        features[k] = self.heads[k].features(head_input.float())  # (N, p_k) float32
-                else:
-                    features[k] = self.heads[k].features(head_input)  # (N, p_k)
-        return [features[k % (last + 1)] for k in (sorted(wanted) if exits is None else exits)]
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        return [head.linear(f) for head, f in zip(self.heads, self.forward_features(x))]  # K x (N, c)
-
-    def _count_exit_flops(self) -> list[int]:
-        macs: dict[nn.Module, int] = {}
-
-        def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if isinstance(module, nn.Conv2d):
-                kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-                macs[module] = output.numel() * kernel
-            else:
-                macs[module] = module.in_features * module.out_features
-
-        hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        was_training = self.training
-        try:
-            self.eval()
-            with torch.no_grad():
-                probe = torch.zeros(1, 3, self.input_size, self.input_size,
-                                    device=next(self.parameters()).device)
-                self.forward(probe)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            self.train(was_training)
-
-        def total(modules: Sequence[nn.Module]) -> int:
-            return sum(macs.get(sub, 0) for module in modules for sub in module.modules())
-
-        cumulative, exit_flops = 0, []
-        for head, modules in zip(self.heads, self.backbone.stage_modules()):
-            cumulative += total(modules) + total([head])
-            exit_flops.append(int(cumulative))
-        return exit_flops
-
-
-TORCHVISION_URLS = {  # torchvision's IMAGENET1K_V1 weights, plain state dicts
-    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-}
-ARCHITECTURES = ("cnn", "resnet18", "resnet50", "resnet18-cifar")
-
-
-def _load_backbone_weights(backbone: nn.Module, arch: str, pretrained: Union[bool, str, Path]) -> None:
-    """Load torchvision-format weights into ``backbone``: every key must match; an ``fc`` of another class
-    count keeps its fresh initialisation (fine-tuning to a new task)."""
-    if pretrained is True:
-        if arch not in TORCHVISION_URLS:
-            raise ValueError(f"no ImageNet weights for arch {arch!r}; use pretrained=PATH to a state dict")
-        state = torch.hub.load_state_dict_from_url(TORCHVISION_URLS[arch], map_location="cpu", check_hash=True)
-    else:
-        path = Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights: no file {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"pretrained weights {path}: expected a state dict")
-    own = backbone.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    if missing or unexpected:
-        raise ValueError(f"pretrained weights for {arch} do not match: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}")
-    if state["fc.weight"].shape != own["fc.weight"].shape:  # another class count: new classifier
-        state = {**state, "fc.weight": own["fc.weight"], "fc.bias": own["fc.bias"]}
-    wrong = [key for key in own if state[key].shape != own[key].shape]
-    if wrong:
-        raise ValueError(f"pretrained weights for {arch}: shape mismatch at {wrong[0]} "
-                         f"({tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})")
-    backbone.load_state_dict(state)
-
-
-def build_model(arch: str, n_classes: int, pretrained: Union[bool, str, Path] = False, width: int = 32,
-                input_size: Optional[int] = None, detach_exits: bool = True) -> EarlyExitNet:
-    """An :class:`EarlyExitNet` for ``arch`` in ``("cnn", "resnet18", "resnet50", "resnet18-cifar")``.
-
-    ``"cnn"``: :class:`SmallCNN` of ``width`` (exits after its 3 stages); ResNets: exits after layer1..4,
-    early heads are DEDIER readouts of width min(2 C, 128) (C for ``cnn``). ``pretrained``: ``True`` loads torchvision's
-    ImageNet weights through ``torch.hub``; a path loads a local torchvision-format state dict.
-    ``input_size`` (for the FLOP count) defaults to 32 for ``cnn``/``resnet18-cifar`` and 224 otherwise."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    if not (isinstance(n_classes, int) and n_classes >= 2):
-        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes}")
-    if arch == "cnn":
-        backbone = SmallCNN(n_classes, width)
-    elif arch == "resnet50":
-        backbone = ResNet(Bottleneck, (3, 4, 6, 3), n_classes)
-    else:
-        backbone = ResNet(BasicBlock, (2, 2, 2, 2), n_classes, cifar_stem=arch == "resnet18-cifar")
-    if pretrained:
-        if arch == "cnn":
-            raise ValueError("arch 'cnn' has no pretrained weights")
-        _load_backbone_weights(backbone, arch, pretrained)
-    # DEDIER doubles the channels in its readout (capped at 128); the CPU-sized CNN keeps them, for speed
-    heads = [readout_head(c, c if arch == "cnn" else min(2 * c, 128), n_classes)
-             for c in backbone.stage_channels[:-1]]
-    size = input_size or (32 if arch in ("cnn", "resnet18-cifar") else 224)
-    return EarlyExitNet(backbone, heads, size, detach_exits)
-
-# ══════════════════════════════════════════════════════════════════════════════
-#  3. Losses: knowledge distillation, DEDIER weights, group DRO
-# ══════════════════════════════════════════════════════════════════════════════
-# Small pure functions on logits, each one copyable on its own (RepDistiller style).
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
-    """Per-sample distillation loss: ``T^2 * KL(teacher || student)`` at temperature ``T``.
-
-    ``q = softmax(z / T)``;  ``kd_n = T^2 * sum_k q_t,nk (log q_t,nk - log q_s,nk)``.
-    The ``T^2`` keeps the gradient scale independent of ``T``.
-    Hinton, Vinyals & Dean (2015), *Distilling the Knowledge in a Neural Network*, section 2.
-
-    Shapes: ``student_logits``, ``teacher_logits`` (N, c) -> (N,). Computed in at least fp32, so it is
-    safe under bf16 autocast. To distil from probabilities ``p`` (e.g. a Laplace predictive) pass
-    ``teacher_logits = log p``.
-    """
-    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"kd_loss: student_logits {tuple(student_logits.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)} must both have shape (N, c)")
-    if not T > 0:
-        raise ValueError(f"kd_loss: T must be > 0, got {T}")
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # never below fp32
-    log_q_student = F.log_softmax(student_logits.to(dtype) / T, dim=-1)  # (N, c)
-    log_q_teacher = F.log_softmax(teacher_logits.to(dtype) / T, dim=-1)  # (N, c)
-    # reduction="none" + sum over classes: "mean" would divide by N*c, a classic KD bug
-    kl = F.kl_div(log_q_student, log_q_teacher, reduction="none", log_target=True).sum(-1)  # (N,)
-    return T * T * kl
-
-
-def confidence_margin(probs: Tensor) -> Tensor:
-    """Confidence margin ``cm(p) = p_(1) - p_(2)``: largest minus second-largest probability.
-
-    Tiwari et al. (WACV 2024), *Using Early Readouts to Mediate Featural Bias in Distillation*, eq. (2).
-    Shapes: ``probs`` (N, c) with c >= 2 -> (N,).
-    """
-    if probs.dim() != 2 or probs.shape[1] < 2:
-        raise ValueError(f"confidence_margin: probs must have shape (N, c) with c >= 2, got {tuple(probs.shape)}")
-    top2 = probs.topk(2, dim=-1).values  # (N, 2)
-    return top2[:, 0] - top2[:, 1]
-
-
-def dedier_weights(probs: Tensor, y: Tensor, alpha: float, beta: float) -> Tensor:
-    """DEDIER sample weights: ``w_n = exp(beta * cm(p_n) ** alpha)`` where the readout is wrong, else 1.
-
-    A confidently wrong early readout marks a sample the network solves with shortcut features; it gets
-    up-weighted. ``alpha`` is an exponent on the margin (as in the authors' code), ``beta`` a scale.
-    Tiwari et al. (WACV 2024), eq. (3). Shapes: ``probs`` (N, c), ``y`` (N,) -> (N,).
-    """
-    if probs.dim() != 2 or y.shape != probs.shape[:1]:
-        raise ValueError(f"dedier_weights: probs (N, c) and y (N,) expected, got {tuple(probs.shape)} "
-                         f"and {tuple(y.shape)}")
-    if not alpha > 0:
-        raise ValueError(f"dedier_weights: alpha must be > 0, got {alpha}")
-    if not beta >= 0:
-        raise ValueError(f"dedier_weights: beta must be >= 0, got {beta}")
-    margin = confidence_margin(probs)  # (N,)
-    wrong = probs.argmax(dim=-1) != y  # (N,)
-    return torch.where(wrong, torch.exp(beta * margin ** alpha), torch.ones_like(margin))
-
-
-def student_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, weights: Optional[Tensor],
-                 lam: float, T: float) -> Tensor:
-    """Weighted distillation objective ``mean_n w_n * ((1 - lam) * CE_n + lam * KD_n)``.
-
-    ``CE_n`` is cross-entropy with the true label, ``KD_n`` is :func:`kd_loss`. The weight multiplies both
-    terms, as in the DEDIER authors' code. ``weights=None`` means all ones (plain KD).
-    Tiwari et al. (WACV 2024), eq. (4); Hinton et al. (2015). Shapes: logits (N, c), y (N,), weights (N,).
-    """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"student_loss: lam must be in [0, 1], got {lam}")
-    if y.shape != student_logits.shape[:1]:
-        raise ValueError(f"student_loss: y must have shape ({student_logits.shape[0]},), got {tuple(y.shape)}")
-    if weights is not None and weights.shape != y.shape:
-        raise ValueError(f"student_loss: weights must have shape {tuple(y.shape)}, got {tuple(weights.shape)}")
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    cross_entropy = F.cross_entropy(student_logits.to(dtype), y, reduction="none")  # (N,)
-    per_sample = (1.0 - lam) * cross_entropy + lam * kd_loss(student_logits, teacher_logits, T)  # (N,)
-    if weights is None:
-        return per_sample.mean()
-    return (weights.to(dtype) * per_sample).mean()
-
-
-def group_dro_loss(per_sample_loss: Tensor, groups: Tensor, group_weights: Tensor,
-                   step_size: float) -> tuple[Tensor, Tensor]:
-    """Online group DRO: exponentiated-gradient step on the group weights, then their weighted loss.
-
-    ``q_g <- q_g * exp(eta * L_g)``, ``q <- q / sum q``, loss ``= sum_g q_g L_g`` with ``L_g`` the mean loss of
-    group ``g`` in the batch (0 for groups absent from it).
-    Sagawa et al. (ICLR 2020), *Distributionally Robust Neural Networks*, Algorithm 1.
-    Shapes: ``per_sample_loss`` (N,), ``groups`` (N,) int64, ``group_weights`` (G,) -> (scalar, (G,)).
-    """
-    n_groups = group_weights.shape[0]
-    sums = torch.zeros(n_groups, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
-    sums = sums.index_add(0, groups, per_sample_loss)  # (G,)
-    counts = torch.bincount(groups, minlength=n_groups).clamp(min=1)  # (G,)
-    group_loss = sums / counts  # (G,)
-    new_weights = group_weights * torch.exp(step_size * group_loss.detach())  # (G,)
-    new_weights = new_weights / new_weights.sum()
-    return (new_weights * group_loss).sum(), new_weights
-
-
-# ══════════════════════════════════════════════════════════════════════════════
-#  4. Closed-form KFAC last-layer Laplace
-# ══════════════════════════════════════════════════════════════════════════════
-# For a linear softmax head z = W~ phi~ the Hessian of the cross-entropy w.r.t. z, diag(p) - p p^T, does not
-# depend on the label, so GGN = Fisher = Hessian and the KFAC factors are exact averages that two matrix
-# products give. The factors are eigendecomposed once: any prior precision is then a diagonal rescale.
-
-# Meronen et al. (2023)'s validation grids for the logit temperature and the prior variance sigma^2.
-MERONEN_TEMPERATURES = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0)
-MERONEN_PRIOR_VARIANCES = (0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0)
-
-
-def _check_finite(name: str, tensor: Tensor) -> None:
-    """Raise a ValueError naming ``name`` when ``tensor`` holds NaN or inf (one host sync)."""
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} contains NaN or inf values")
-
-
-class KFACLaplace:
-    """Kronecker-factored Laplace posterior over one exit's last linear layer, in closed form.
-
-    Fit (Ritter et al. 2018, *A Scalable Laplace Approximation for Neural Networks*; Meronen et al. 2023,
-    *Fixing Overconfidence in Dynamic Neural Networks*, section 3), with ``phi~ = [phi, 1]``, ``p_n`` the MAP
-    softmax probabilities and ``N`` samples:
-
-        A = (1/N) sum_n phi~_n phi~_n^T                      (p+1, p+1)
-        G = (1/N) sum_n diag(p_n) - p_n p_n^T = (diag(sum_n p_n) - P^T P) / N      (c, c)
-        U = (sqrt(N) G + sqrt(tau) I_c)^-1,  V = (sqrt(N) A + sqrt(tau) I_{p+1})^-1,  Cov(vec W~) = U (x) V
-
-    ``tau`` is the prior precision (``1 / sigma^2``). The damping keeps the posterior a Kronecker product, so
-    the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. (laplace-torch adds the prior exactly in
-    the eigenbasis, ``(N G (x) A + tau I)^-1``, which is not Kronecker; we keep Meronen's form.)
-    ``temperature`` divides the logits before the softmax (Meronen's logit temperature, not a likelihood
-    temperature). Factors, eigendecompositions and inverses are float64; predictions run in the dtype of
-    the features passed in.
-
-    Attributes: ``A`` (p+1, p+1), ``G`` (c, c), ``n``, ``prior_precision``, ``temperature``,
-    ``weight`` (c, p+1) (``W~``; width p without a bias), ``has_bias``.
-    """
-
-    def __init__(self, weight: Tensor, A: Tensor, G: Tensor, n: int, has_bias: bool,
-                 prior_precision: float = 1.0, temperature: float = 1.0) -> None:
-        if not prior_precision > 0:
-            raise ValueError(f"prior_precision must be > 0, got {prior_precision}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.weight, self.A, self.G, self.n, self.has_bias = weight, A, G, n, has_bias
-        self.prior_precision, self.temperature = float(prior_precision), float(temperature)
-        self._eigen: Optional[dict] = None  # filled on first use, shared by every copy
-
-    def _eigendecomposition(self) -> dict:
-        """``A = Q_A diag(l_A) Q_A^T``, ``G = Q_G diag(l_G) Q_G^T``, computed once on first use (a fit that is only
-        inspected never pays for it); every prior precision afterwards costs a diagonal rescale, no refit."""
-        if self._eigen is None:
-            eig_A, eigvec_A = torch.linalg.eigh(self.A)  # (p+1,), (p+1, p+1)
-            eig_G, eigvec_G = torch.linalg.eigh(self.G)  # (c,), (c, c)
-            # round-off can dip below 0; a dict (not attributes) so copies made before first use share it
-            self._eigen = {"eig_A": eig_A.clamp(min=0), "Q_A": eigvec_A, "eig_G": eig_G.clamp(min=0), "Q_G": eigvec_G}
-        return self._eigen
-
-    @classmethod
-    def fit(cls, features: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-            prior_precision: float = 1.0, temperature: float = 1.0) -> "KFACLaplace":
-        """Fit ``A`` and ``G`` from stacked last-layer inputs ``features`` (N, p) and the head's ``weight`` (c, p),
-        ``bias`` (c,) or None. Costs two matrix products, ``N (p^2 + c^2)`` multiply-adds, no loop."""
-        if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
-            raise ValueError(f"KFACLaplace.fit: features (N, p) and weight (c, p) must share p, got "
-                             f"{tuple(features.shape)} and {tuple(weight.shape)}")
-        if bias is not None and bias.shape != weight.shape[:1]:
-            raise ValueError(f"KFACLaplace.fit: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if features.shape[0] < 1:
-            raise ValueError("KFACLaplace.fit: features is empty (N = 0)")
-        n, dtype = features.shape[0], features.dtype
-        weight = weight.detach().to(dtype)
-        logits = features @ weight.T  # (N, c)
-        if bias is not None:
-            logits = logits + bias.detach().to(dtype)
-        probs = torch.softmax(logits.to(torch.promote_types(dtype, torch.float32)), dim=-1)  # (N, c)
-        # A in blocks, so phi~ = [phi, 1] is never materialised: [[F^T F, F^T 1], [1^T F, N]] / N
-        gram = (features.T @ features).double()  # (p, p): the one big product
-        # a NaN or inf anywhere in a column makes that column's sum of squares non-finite: an O(p) check
-        # instead of a full scan, which would cost half of the product itself
-        _check_finite("KFACLaplace.fit: features (or their squares)", gram.diagonal())
-        if bias is not None:
-            column_sums = features.sum(0).double()  # (p,)
-            A = torch.empty(gram.shape[0] + 1, gram.shape[0] + 1, dtype=torch.float64, device=features.device)
-            A[:-1, :-1], A[:-1, -1], A[-1, :-1], A[-1, -1] = gram, column_sums, column_sums, n
-            weight_tilde = torch.cat([weight, bias.detach().to(dtype)[:, None]], dim=1)  # (c, p+1)
-        else:
-            A, weight_tilde = gram, weight  # (p, p), (c, p)
-        A = A / n
-        G = (torch.diag(probs.sum(0)) - probs.T @ probs).double() / n  # (c, c)
-        return cls(weight_tilde, A, G, n, bias is not None, prior_precision, temperature)
-
-    def with_hyperparameters(self, prior_precision: Optional[float] = None,
-                             temperature: Optional[float] = None) -> "KFACLaplace":
-        """A copy with another prior precision and/or temperature; shares the fitted factors (no refit)."""
-        other = copy.copy(self)
-        if prior_precision is not None:
-            if not prior_precision > 0:
-                raise ValueError(f"prior_precision must be > 0, got {prior_precision}")
-            other.prior_precision = float(prior_precision)
-        if temperature is not None:
-            if not temperature > 0:
-                raise ValueError(f"temperature must be > 0, got {temperature}")
-            other.temperature = float(temperature)
-        return other
-
-    def _damped_inverse_diagonals(self) -> tuple[Tensor, Tensor]:
-        """Eigenvalues of U and V: ``1 / (sqrt(N) lambda + sqrt(tau))``, float64."""
-        eigen, root_n, root_tau = self._eigendecomposition(), math.sqrt(self.n), math.sqrt(self.prior_precision)
-        return 1.0 / (root_n * eigen["eig_G"] + root_tau), 1.0 / (root_n * eigen["eig_A"] + root_tau)  # (c,), (p+1,)
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """Posterior covariance factors ``(U (c, c), V (p+1, p+1))`` with ``Cov(vec W~) = U (x) V`` (row-major vec)."""
-        u_diag, v_diag = self._damped_inverse_diagonals()
-        eigen = self._eigendecomposition()
-        Q_G, Q_A = eigen["Q_G"], eigen["Q_A"]
-        return (Q_G * u_diag) @ Q_G.T, (Q_A * v_diag) @ Q_A.T  # U (c, c), V (p+1, p+1)
-
-    def _check_features(self, features: Tensor) -> None:
-        width = self.weight.shape[1] - int(self.has_bias)
-        if features.dim() != 2 or features.shape[1] != width:
-            raise ValueError(f"features must have shape (N, {width}) for this Laplace, got {tuple(features.shape)}")
-        _check_finite("features", features)
-
-    def _projected_features(self, features: Tensor) -> Tensor:
-        """``phi~^T Q_A`` (N, p+1) without building ``phi~``: the feature part times Q plus Q's bias row."""
-        eigvec = self._eigendecomposition()["Q_A"].to(features.dtype)
-        if self.has_bias:
-            return features @ eigvec[:-1] + eigvec[-1]  # (N, p+1)
-        return features @ eigvec  # (N, p)
-
-    def logit_distribution(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Gaussian logit predictive ``f ~ N(mean, scale * U)``: ``mean = W~ phi~`` (N, c), ``scale = phi~^T V phi~`` (N,).
-
-        ``scale`` uses V's eigenbasis: ``sum_j (phi~^T q_j)^2 / (sqrt(N) lambda_j + sqrt(tau))``, about ``2 p^2`` flops."""
-        self._check_features(features)
-        weight = self.weight.to(features.dtype)
-        mean = features @ weight[:, :features.shape[1]].T  # (N, c)
-        if self.has_bias:
-            mean = mean + weight[:, -1]
-        _, v_diag = self._damped_inverse_diagonals()
-        scale = self._projected_features(features).square() @ v_diag.to(features.dtype)  # (N,)
-        return mean, scale
-
-    def logit_std(self, features: Tensor) -> Tensor:
-        """How far the posterior can move the temperature-scaled logits of each input: the class-averaged standard
-        deviation ``sqrt(scale * mean_k U_kk) / T`` (N,), float64. ``scale = phi~^T V phi~`` as in
-        :meth:`logit_distribution`."""
-        _, scale = self.logit_distribution(features)  # (N,)
-        U, _ = self.factors()  # (c, c)
-        return (scale.double() * U.diagonal().mean()).sqrt() / self.temperature  # (N,)
-
-    def _posterior_directions(self, n_samples: int, generator: Optional[torch.Generator],
-                              dtype: torch.dtype) -> Tensor:
-        """``L g_s`` for ``s = 1..S`` with ``L = cholesky(U)``, ``g_s ~ N(0, I_c)``: (S, c), shared by every input."""
-        if not (isinstance(n_samples, int) and n_samples >= 1):
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
-        U, _ = self.factors()
-        cholesky = torch.linalg.cholesky(U)  # (c, c)
-        normal = torch.randn(n_samples, U.shape[0], generator=generator, dtype=torch.float64, device=U.device)
-        return (normal @ cholesky.T).to(dtype)  # (S, c)
-
-    def sample_logits(self, features: Tensor, n_samples: int,
-                      generator: Optional[torch.Generator] = None) -> Tensor:
-        """Posterior logit samples ``z_s = mean + sqrt(scale) * L g_s`` (S, N, c), one ``L g_s`` per sample index
-        shared across inputs (Meronen's ``2 c S + 2 p^2`` flops-per-input form). No temperature applied."""
-        mean, scale = self.logit_distribution(features)
-        directions = self._posterior_directions(n_samples, generator, features.dtype)  # (S, c)
-        return mean + scale.sqrt()[None, :, None] * directions[:, None, :]  # (S, N, c)
-
-    def predict(self, features: Tensor, n_samples: int = 50, link: str = "mc",
-                generator: Optional[torch.Generator] = None) -> Tensor:
-        """Predictive probabilities (N, c) with the logit temperature ``T`` applied.
-
-        ``link="mc"``: ``(1/S) sum_s softmax(z_s / T)``.  ``link="probit"``:
-        ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))`` (MacKay 1992; Meronen et al. 2023).
-        Probabilities that underflow are 0: where their logarithm matters (KD targets, likelihood ratios)
-        use :meth:`log_predict`."""
-        return self._predictive(features, n_samples, link, generator, log=False)
-
-    def log_predict(self, features: Tensor, n_samples: int = 50, link: str = "mc",
-                    generator: Optional[torch.Generator] = None) -> Tensor:
-        """Log predictive probabilities (N, c), computed in log space so that they never underflow to -inf.
-
-        ``link="mc"``: ``logsumexp_s log_softmax(z_s / T) - log S``; ``link="probit"``: ``log_softmax`` of the
-        probit-scaled mean logits. Same draws as :meth:`predict` for the same generator state. Pass float64
-        features for log-probabilities below float32's range (about -87 below the top class)."""
-        return self._predictive(features, n_samples, link, generator, log=True)
-
-    def _predictive(self, features: Tensor, n_samples: int, link: str, generator: Optional[torch.Generator],
-                    log: bool) -> Tensor:
-        if link not in ("mc", "probit"):
-            raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
-        mean, scale = self.logit_distribution(features)
-        if link == "probit":
-            U, _ = self.factors()
-            variance = scale[:, None] * torch.diagonal(U).to(features.dtype)  # (N, c)
-            return self.probit_softmax(mean, variance, self.temperature, log)
-        directions = self._posterior_directions(n_samples, generator, features.dtype)  # (S, c)
-        return self.mc_softmax_mean(mean, scale, directions, self.temperature, log)
-
-    @staticmethod
-    def probit_softmax(mean: Tensor, variance: Tensor, temperature: float, log: bool = False) -> Tensor:
-        """Probit-approximated predictive ``softmax((mean/T) / sqrt(1 + pi/8 var / T^2))`` (N, c), or its
-        ``log_softmax`` when ``log``. Shapes: ``mean``, ``variance`` (N, c)."""
-        kappa = torch.rsqrt(1.0 + math.pi / 8.0 * variance / temperature ** 2)  # (N, c)
-        scaled_logits = mean / temperature * kappa  # (N, c)
-        return torch.log_softmax(scaled_logits, dim=-1) if log else torch.softmax(scaled_logits, dim=-1)
-
-    @staticmethod
-    def mc_softmax_mean(mean: Tensor, scale: Tensor, directions: Tensor, temperature: float,
-                        log: bool = False) -> Tensor:
-        """``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)`` (N, c), or its logarithm by a logsumexp over
-        ``s`` when ``log``, in blocks of inputs that bound memory. Shapes: ``mean`` (N, c), ``scale`` (N,),
-        ``directions`` ``L g_s`` (S, c)."""
-        n_samples, n_classes = directions.shape
-        block = max(1, (1 << 22) // (n_samples * n_classes))  # ~4M elements per block: cache-friendly
-        out = torch.empty_like(mean)
-        for start in range(0, mean.shape[0], block):
-            stop = start + block
-            logits = mean[None, start:stop] + scale[None, start:stop, None].sqrt() * directions[:, None, :]  # (S, B, c)
-            if log:
-                log_probs = torch.log_softmax(logits / temperature, dim=-1)  # (S, B, c)
-                out[start:stop] = torch.logsumexp(log_probs, 0) - math.log(n_samples)
-            else:
-                out[start:stop] = torch.softmax(logits / temperature, dim=-1).mean(0)
-        return out
-
-
-def _laplace_grid(laplace: KFACLaplace, features: Tensor, temperatures: Sequence[float],
-                  prior_variances: Sequence[float], n_samples: int, link: str,
-                  generator: Optional[torch.Generator]) -> Iterator[tuple[KFACLaplace, Tensor]]:
-    """Every ``(candidate, probs (N, c))`` over the grid; the eigen-projection of the features is done once and
-    one set of normal draws serves every candidate (common random numbers make the comparison fair)."""
-    laplace._check_features(features)
-    dtype = features.dtype
-    mean = laplace.logit_distribution(features)[0]  # (N, c)
-    squared_projection = laplace._projected_features(features).square()  # (N, p+1)
-    normal = torch.randn(n_samples, mean.shape[1], generator=generator, dtype=torch.float64, device=mean.device)
-    for prior_variance in prior_variances:
-        candidate = laplace.with_hyperparameters(prior_precision=1.0 / prior_variance)
-        _, v_diag = candidate._damped_inverse_diagonals()
-        scale = squared_projection @ v_diag.to(dtype)  # (N,)
-        U, _ = candidate.factors()  # (c, c); V is never formed: scale comes from the projection
-        if link == "probit":
-            variance = scale[:, None] * torch.diagonal(U).to(dtype)  # (N, c)
-        else:
-            directions = (normal @ torch.linalg.cholesky(U).T).to(dtype)  # (S, c)
-        for temperature in temperatures:
-            tuned = candidate.with_hyperparameters(temperature=temperature)
-            if link == "probit":
-                yield tuned, KFACLaplace.probit_softmax(mean, variance, temperature)
-            else:
-                yield tuned, KFACLaplace.mc_softmax_mean(mean, scale, directions, temperature)
-
-
-def _check_grid(temperatures: Sequence[float], prior_variances: Sequence[float], link: str) -> None:
-    if link not in ("mc", "probit"):
-        raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
-    if not temperatures or min(temperatures) <= 0:
-        raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {temperatures}")
-    if not prior_variances or min(prior_variances) <= 0:
-        raise ValueError(f"prior_variances must be a non-empty list of positive numbers, got {prior_variances}")
-
-
-def tune_temperature(logits_val: Tensor, y_val: Tensor,
-                     temperatures: Sequence[float] = MERONEN_TEMPERATURES) -> float:
-    """Temperature scaling: the ``T`` of the grid that minimises the validation NLL of ``softmax(z / T)``.
-
-    ``argmin_T -(1/N) sum_n log softmax(z_n / T)_{y_n}`` over the same grid and criterion as :func:`tune_laplace`,
-    with no posterior: the baseline that isolates what the Laplace adds to a tuned temperature.
-    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, section 4.2 (here on a grid).
-    Shapes: ``logits_val`` (N, c), ``y_val`` (N,).
-    """
-    grid = torch.tensor(list(temperatures), dtype=torch.float64, device=logits_val.device)  # (G,)
-    log_probs = torch.log_softmax(logits_val.double()[None] / grid[:, None, None], dim=-1)  # (G, N, c)
-    log_p_true = log_probs.gather(-1, y_val[None, :, None].expand(len(grid), -1, 1))  # (G, N, 1)
-    nll = -log_p_true.clamp(min=math.log(1e-12)).mean((1, 2))  # (G,): clamped as in nlpd, the same criterion
-    return float(grid[int(nll.argmin())])
-
-
-def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor,
-                 temperatures: Sequence[float] = MERONEN_TEMPERATURES,
-                 prior_variances: Sequence[float] = MERONEN_PRIOR_VARIANCES,
-                 n_samples: int = 50, link: str = "mc",
-                 generator: Optional[torch.Generator] = None) -> KFACLaplace:
-    """Copy of ``laplace`` with the ``(T, sigma^2)`` of the grid that minimises validation NLL.
-
-    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)``; no refit (the factors are shared).
-    Meronen et al. (2023), section 4 and appendix: grids ``T in {0.3..3.0}``, ``sigma^2 in {0.5..4.0}``.
-    Shapes: ``features_val`` (N, p), ``y_val`` (N,).
-    """
-    _check_grid(temperatures, prior_variances, link)
-    if y_val.shape != features_val.shape[:1]:
-        raise ValueError(f"y_val must have shape ({features_val.shape[0]},), got {tuple(y_val.shape)}")
-    best, best_nll = laplace, math.inf
-    for candidate, probs in _laplace_grid(laplace, features_val, temperatures, prior_variances,
-                                          n_samples, link, generator):
-        nll = nlpd(probs, y_val)
-        if nll < best_nll:
-            best, best_nll = candidate, nll
-    return best
-
-
-def tune_laplace_marglik(laplace: KFACLaplace, prior_precisions: Optional[Sequence[float]] = None) -> KFACLaplace:
-    """Copy of ``laplace`` with the prior precision ``tau`` that maximises the Laplace marginal likelihood (the
-    evidence, MacKay 1992; Immer et al. 2021), temperature unchanged: no validation labels are used.
-
-    For the damped Kronecker posterior precision ``P = (sqrt(N) G + sqrt(tau) I_c) (x) (sqrt(N) A + sqrt(tau) I_{p+1})``
-    and the MAP ``W~`` (c, p+1), ``d = c (p+1)``, the terms of ``log p(D)`` that depend on ``tau`` are
-
-        log Z(tau) = -tau/2 ||W~||_F^2 + d/2 log tau - 1/2 [(p+1) sum_i log(sqrt(N) g_i + sqrt(tau))
-                                                         + c sum_j log(sqrt(N) a_j + sqrt(tau))]
-
-    (``g_i``, ``a_j`` the eigenvalues of ``G``, ``A``; ``log p(D | W~)`` does not depend on ``tau``). Maximised over
-    ``prior_precisions`` (default: 10^-4 .. 10^4, 81 points log-spaced), all at once.
-    """
-    grid = torch.logspace(-4, 4, 81, dtype=torch.float64) if prior_precisions is None else \
-        torch.tensor(list(prior_precisions), dtype=torch.float64)  # (G,)
-    eig_G = torch.linalg.eigvalsh(laplace.G).clamp(min=0).cpu()  # (c,)
-    eig_A = torch.linalg.eigvalsh(laplace.A).clamp(min=0).cpu()  # (p+1,)
-    n_classes, width = eig_G.shape[0], eig_A.shape[0]
-    root_n, root_tau = math.sqrt(laplace.n), grid.sqrt()[:, None]  # (G, 1)
-    log_det = width * torch.log(root_n * eig_G + root_tau).sum(1) + n_classes * torch.log(root_n * eig_A + root_tau).sum(1)
-    squared_norm = float(laplace.weight.double().square().sum())
-    log_evidence = -grid / 2 * squared_norm + n_classes * width / 2 * grid.log() - log_det / 2  # (G,)
-    return laplace.with_hyperparameters(prior_precision=float(grid[int(log_evidence.argmax())]))
-
-
-def cross_fitted_laplace_predict(laplace: KFACLaplace, features: Tensor, n_folds: int = 5, n_samples: int = 50,
-                                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """Out-of-sample Laplace predictive on the inputs the posterior was fit on (cross-fitting).
-
-    Fold ``k`` holds the inputs ``n`` with ``n mod K = k``; its predictive comes from the factors ``A``, ``G``
-    refit on the other folds' features, with ``laplace``'s MAP weights ``W~``, prior precision and temperature.
-    An input then never sits in its own curvature, so its posterior spread is what an unseen input of its kind
-    would get. Returns the MC predictive (N, c) and :meth:`KFACLaplace.logit_std` (N,) of every input.
-    Shapes: ``features`` (N, p) with ``N >= 2 K`` ; ``laplace.weight`` (c, p+1) or (c, p) without a bias.
-    """
-    width = features.shape[1]
-    weight, bias = laplace.weight[:, :width], laplace.weight[:, width] if laplace.has_bias else None
-    fold = torch.arange(features.shape[0], device=features.device) % n_folds  # (N,)
-    probs = torch.empty(features.shape[0], weight.shape[0], dtype=features.dtype, device=features.device)  # (N, c)
-    logit_std = torch.empty(features.shape[0], dtype=torch.float64, device=features.device)  # (N,)
-    for k in range(n_folds):  # K fits of two matrix products each
-        held_out = fold == k
-        fold_laplace = KFACLaplace.fit(features[~held_out], weight, bias, laplace.prior_precision,
-                                       laplace.temperature)
-        probs[held_out] = fold_laplace.predict(features[held_out], n_samples, generator=generator)
-        logit_std[held_out] = fold_laplace.logit_std(features[held_out])
-    return probs, logit_std
-
-
-def tune_laplace_ensemble(laplaces: Sequence[KFACLaplace], features_val: Sequence[Tensor], y_val: Tensor,
-                          flops: Sequence[float],
-                          temperatures: Sequence[float] = MERONEN_TEMPERATURES,
-                          prior_variances: Sequence[float] = MERONEN_PRIOR_VARIANCES,
-                          n_samples: int = 50, link: str = "mc",
-                          generator: Optional[torch.Generator] = None) -> list[KFACLaplace]:
-    """Greedy exit-by-exit tuning for the model-internal ensemble: exit ``k``'s ``(T, sigma^2)`` minimises the
-    validation NLL of the FLOPs-weighted ensemble of exits ``<= k``, earlier exits fixed.
-
-    Meronen et al. (2023), section 3.3 ("MIE + Laplace"). ``features_val[k]`` is (N, p_k); ``flops`` (K,).
-    """
-    _check_grid(temperatures, prior_variances, link)
-    if not len(laplaces) == len(features_val) == len(flops):
-        raise ValueError(f"laplaces, features_val and flops must have the same length K, got "
-                         f"{len(laplaces)}, {len(features_val)}, {len(flops)}")
-    tuned: list[KFACLaplace] = []
-    weighted_sum, weight_total = 0.0, 0.0  # running sum_m w_m p_m over the exits already fixed
-    for laplace, features, exit_flops in zip(laplaces, features_val, flops):
-        best, best_probs, best_nll = laplace, None, math.inf
-        for candidate, probs in _laplace_grid(laplace, features, temperatures, prior_variances,
-                                              n_samples, link, generator):
-            nll = nlpd((weighted_sum + exit_flops * probs) / (weight_total + exit_flops), y_val)
-            if nll < best_nll:
-                best, best_probs, best_nll = candidate, probs, nll
-        tuned.append(best)
-        weighted_sum, weight_total = weighted_sum + exit_flops * best_probs, weight_total + exit_flops
-    return tuned
-
-
-# ══════════════════════════════════════════════════════════════════════════════
-#  5. Model-internal ensemble and budgeted early exit
-# ══════════════════════════════════════════════════════════════════════════════
-
-
-def mie_ensemble(probs: Tensor, flops: Tensor) -> Tensor:
-    """Model-internal ensemble: ``p_k^ens = sum_{m<=k} w_m p_m / sum_{m<=k} w_m`` with ``w_m`` = cumulative FLOPs.
-
-    Later (costlier, usually better) exits weigh more. Meronen et al. (2023), section 3.3, eq. (6).
-    Shapes: ``probs`` (K, N, c), ``flops`` (K,) -> (K, N, c).
-    """
-    flops = torch.as_tensor(flops, dtype=probs.dtype, device=probs.device)
-    if probs.dim() != 3 or flops.shape != probs.shape[:1]:
-        raise ValueError(f"mie_ensemble: probs (K, N, c) and flops (K,) expected, got {tuple(probs.shape)} "
-                         f"and {tuple(flops.shape)}")
-    weighted = torch.cumsum(flops[:, None, None] * probs, dim=0)  # (K, N, c)
-    return weighted / torch.cumsum(flops, dim=0)[:, None, None]
-
-
-def budget_thresholds(confidences_val: Tensor, level: float) -> Tensor:
-    """Per-exit confidence thresholds that make exit ``k`` take a share ``pi_k ∝ level^k`` of the validation set.
-
-    Walk the exits in order; among samples not yet exited, the ``floor(N pi_k)`` most confident exit at ``k``
-    and ``threshold_k`` is the confidence of the last of them (``+inf`` when none exit); the last exit
-    takes the rest (``-inf``). Ties at a threshold exit together, so an exit may take more than its quota;
-    a later exit then takes at most what remains (its threshold is never ``-inf``).
-    Huang et al. (ICLR 2018), MSDNet budgeted classification; Meronen et al.
-    (2023), section 4. Shapes: ``confidences_val`` (K, N) -> (K,).
-    """
-    if confidences_val.dim() != 2:
-        raise ValueError(f"budget_thresholds: confidences_val must be (K, N), got {tuple(confidences_val.shape)}")
-    if not level > 0:
-        raise ValueError(f"budget_thresholds: level must be > 0, got {level}")
-    n_exits, n = confidences_val.shape
-    shares = torch.tensor([level ** (k + 1) for k in range(n_exits)], dtype=torch.float64)
-    exit_counts = torch.floor(n * shares / shares.sum()).long().tolist()  # K numbers: a loop over exits only
-    thresholds = torch.full((n_exits,), math.inf, dtype=confidences_val.dtype, device=confidences_val.device)
-    exited = torch.zeros(n, dtype=torch.bool, device=confidences_val.device)
-    for k in range(n_exits - 1):
-        if exit_counts[k] < 1:
-            continue
-        n_remaining = n - int(exited.sum())
-        if n_remaining < 1:  # ties at earlier exits already took every sample
-            continue
-        remaining = torch.where(exited, -math.inf, confidences_val[k])  # (N,): exited samples sort last
-        # ties can make earlier exits take more than their quota: the last exiter is among those still present
-        thresholds[k] = torch.sort(remaining, descending=True).values[min(exit_counts[k], n_remaining) - 1]
-        exited |= confidences_val[k] >= thresholds[k]
-    thresholds[-1] = -math.inf
-    return thresholds
-
-
-def early_exit(probs: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
-    """Budgeted early exit: each input leaves at the first exit ``k`` with ``max_c p_k >= threshold_k``.
-
-    The last exit takes everything that is left. Meronen et al. (2023), section 4.
-    Shapes: ``probs`` (K, N, c), ``thresholds`` (K,) -> ``exit_index`` (N,) int64, ``probs`` (N, c).
-    """
-    if probs.dim() != 3 or thresholds.shape != probs.shape[:1]:
-        raise ValueError(f"early_exit: probs (K, N, c) and thresholds (K,) expected, got {tuple(probs.shape)} "
-                         f"and {tuple(thresholds.shape)}")
-    confidence = probs.max(dim=-1).values  # (K, N)
-    leaves = confidence >= thresholds.to(confidence.dtype)[:, None]  # (K, N)
-    leaves[-1] = True
-    exit_index = leaves.int().argmax(dim=0)  # (N,): argmax returns the first maximum
-    return exit_index, probs[exit_index, torch.arange(probs.shape[1], device=probs.device)]
-
-
-# ══════════════════════════════════════════════════════════════════════════════
-#  6. Anytime-valid nested prediction sets (AVCS)
-# ══════════════════════════════════════════════════════════════════════════════
-# Jazbec et al. (UAI 2024), *Early-Exit Neural Networks with Nested Prediction Sets*. The predictive-likelihood
-# ratio R_t(y) = prod_{l<=t} p_l(y) / p(y | W_l), W_l a posterior draw, is a martingale under the model, so by
-# Ville's inequality {y : R_t(y) <= 1/alpha} covers y at every exit simultaneously with prob >= 1 - alpha
-# (when the model is right; on real data coverage is an empirical property, hence the threshold tuning).
-
-
-def _log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """``log X`` with ``X ~ Gamma(concentration, 1)`` elementwise, float64, finite even for tiny concentrations.
-
-    Marsaglia & Tsang (2000) for shape ``a + 1 >= 1``, then the boost ``X = Y U^(1/a)`` taken in log space:
-    ``log X = log Y + log(U) / a`` never underflows, where a direct draw of ``Gamma(1e-3)`` is 0."""
-    shape = concentration.double() + 1.0
-    d = shape - 1.0 / 3.0
-    c = torch.rsqrt(9.0 * d)
-    log_y = torch.zeros_like(shape)
-    pending = torch.ones_like(shape, dtype=torch.bool)
-    while bool(pending.any()):  # acceptance >= 95% per round: a handful of rounds
-        x = torch.randn(shape.shape, generator=generator, dtype=shape.dtype, device=shape.device)
-        log_u = torch.log1p(-torch.rand(shape.shape, generator=generator, dtype=shape.dtype, device=shape.device))
-        v = (1.0 + c * x) ** 3
-        log_v = torch.log(v.clamp(min=1e-300))
-        accept = pending & (v > 0) & (log_u < 0.5 * x * x + d - d * v + d * log_v)
-        log_y = torch.where(accept, torch.log(d) + log_v, log_y)
-        pending &= ~accept
-    log_boost = torch.log1p(-torch.rand(shape.shape, generator=generator, dtype=shape.dtype, device=shape.device))
-    return log_y + log_boost / concentration.double()
-
-
-def _sets_from_log_ratios(log_ratios: Tensor, alpha: float, intersect: bool) -> Tensor:
-    """``C_t = {k : sum_{l<=t} log r_l(k) <= log(1/alpha)}``, optionally ``C_t ∩ C_{t-1} ∩ ...``: bool (K, N, c)."""
-    sets = torch.cumsum(log_ratios, dim=0) <= -math.log(alpha)  # (K, N, c)
-    if intersect:
-        sets = torch.cumprod(sets.to(torch.uint8), dim=0).bool()
-    return sets
-
-
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-
-
-def _dirichlet_log_ratios(logits: Tensor, thresholds: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """``log r_t(k) = log p_t(k) - log pi_t(k)`` on the thresholded support, ``+inf`` off it: (K, N, c), float64."""
-    z = logits.double()
-    support = (z >= thresholds.double()[:, None, None]) & (z > 0)  # (K, N, c)
-    concentration = torch.where(support, z, torch.zeros_like(z))  # (K, N, c)
-    log_p = torch.log(concentration) - torch.log(concentration.sum(-1, keepdim=True).clamp(min=1e-300))
-    log_gamma = _log_gamma_variates(torch.where(support, z, torch.ones_like(z)), generator)  # (K, N, c)
-    log_gamma = torch.where(support, log_gamma, torch.full_like(log_gamma, -math.inf))
-    log_pi = log_gamma - torch.logsumexp(log_gamma, dim=-1, keepdim=True)  # Dirichlet draw, in log space
-    return torch.where(support, log_p - log_pi, torch.full_like(z, math.inf))
-
-
-def _check_logits_thresholds(logits: Tensor, thresholds: Tensor) -> None:
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape (K, N, c), got {tuple(logits.shape)}")
-    if thresholds.shape != logits.shape[:1]:
-        raise ValueError(f"thresholds must have shape ({logits.shape[0]},) to match K of logits, got "
-                         f"{tuple(thresholds.shape)}")
-    _check_finite("logits", logits)
-
-
-def avcs_sets(logits: Tensor, thresholds: Tensor, alpha: float = 0.05, intersect: bool = True,
-              generator: Optional[torch.Generator] = None) -> Tensor:
-    """Anytime-valid prediction sets of an early-exit classifier from its exit logits (Dirichlet AVCS).
-
-    Per exit ``t``: ``a_t,k = z_t,k`` if ``z_t,k >= tau_t`` and ``z_t,k > 0`` else 0, support ``S_t = {a > 0}``,
-    ``p_t(k) = a_t,k / sum_j a_t,j``, one draw ``pi_t ~ Dir(a_t on S_t)``, ratio ``r_t(k) = p_t(k) / pi_t(k)``
-    (``+inf`` off ``S_t``), ``R_t = prod_{l<=t} r_l`` and ``C_t = {k : R_t(k) <= 1/alpha}``; empty support gives an
-    empty set. ``intersect=True`` returns the running intersection, nested by construction.
-    Jazbec et al. (UAI 2024), section 4.2, eq. (9)-(10). Shapes: ``logits`` (K, N, c), ``thresholds`` (K,)
-    -> bool (K, N, c).
-    """
-    _check_alpha(alpha)
-    _check_logits_thresholds(logits, thresholds)
-    return _sets_from_log_ratios(_dirichlet_log_ratios(logits, thresholds, generator), alpha, intersect)
-
-
-def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: float = 0.5,
-                         generator: Optional[torch.Generator] = None, intersect: bool = True) -> Tensor:
-    """Greedy per-exit thresholds for :func:`avcs_sets` on a calibration split.
-
-    Start at ``tau = 1`` everywhere; exit by exit, raise ``tau_t`` by ``step`` while the marginal coverage
-    stays ``>= 1 - alpha`` at all exits; undo the step that broke it. Every evaluation replays the same
-    random stream, so a repeat of ``avcs_sets`` with an identically seeded generator reproduces the tuned
-    coverage. Jazbec et al. (UAI 2024), appendix (their notebook tunes on test; use a held-out split).
-    Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,).
-    """
-    _check_alpha(alpha)
-    if not step > 0:
-        raise ValueError(f"step must be > 0, got {step}")
-    if logits.dim() != 3 or y.shape != logits.shape[1:2]:
-        raise ValueError(f"logits (K, N, c) and y (N,) expected, got {tuple(logits.shape)} and {tuple(y.shape)}")
-    _check_finite("logits", logits)
-    if generator is None:
-        generator = torch.Generator(device=logits.device)
-        generator.manual_seed(int(torch.randint(2 ** 62, (1,))))
-    start_state = generator.get_state()
-    labels = y[None, :, None].expand(logits.shape[0], -1, 1)  # (K, N, 1)
-
-    def covers(thresholds: Tensor) -> bool:
-        generator.set_state(start_state)
-        sets = avcs_sets(logits, thresholds, alpha, intersect, generator)  # (K, N, c)
-        coverage = sets.gather(-1, labels).squeeze(-1).double().mean(-1)  # (K,)
-        return bool((coverage >= 1.0 - alpha).all())
-
-    thresholds = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
-    ceiling = float(logits.max()) + step  # above every logit every set is empty: the loop must stop there
-    for t in range(logits.shape[0]):
-        while thresholds[t] < ceiling:
-            thresholds[t] += step
-            if not covers(thresholds):
-                thresholds[t] -= step
-                break
-    generator.set_state(start_state)
-    return thresholds
-
-
-def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor], alpha: float = 0.05,
-                      n_samples: int = 50, intersect: bool = True,
-                      generator: Optional[torch.Generator] = None) -> Tensor:
-    """Anytime-valid sets from the Laplace posterior of every exit (the general form of the AVCS ratio).
-
-    ``R_t(y) = prod_{l<=t} p_l(y | x, D) / p(y | x, W_l)``, ``W_l ~ p(W_l | D)``: numerator the Laplace MC
-    predictive of exit ``l``, denominator ``softmax(z_l / T)`` of one posterior logit draw (marginally exact
-    per input); ``C_t = {y : R_t(y) <= 1/alpha}``. Both terms are computed as float64 log-probabilities
-    (``logsumexp`` over the MC samples), so a label far below the top class can still be excluded.
-    Jazbec et al. (UAI 2024), eq. (5); posterior of
-    :class:`KFACLaplace`. ``features[k]`` is (N, p_k) -> bool (K, N, c).
-    """
-    _check_alpha(alpha)
-    if len(laplaces) != len(features) or not laplaces:
-        raise ValueError(f"laplaces and features must be non-empty lists of the same length, got "
-                         f"{len(laplaces)} and {len(features)}")
-    log_ratios = []
-    for laplace, exit_features in zip(laplaces, features):
-        # float64 and log space throughout: a float32 probability underflows below ~1e-45, and every label
-        # below that would share one log-ratio, so none could be excluded
-        features64 = exit_features.double()  # (N, p)
-        log_predictive = laplace.log_predict(features64, n_samples, "mc", generator)  # (N, c)
-        draw = laplace.sample_logits(features64, 1, generator)[0]  # (N, c)
-        log_likelihood = torch.log_softmax(draw / laplace.temperature, dim=-1)  # (N, c)
-        log_ratios.append(log_predictive - log_likelihood)
-    if len({ratio.shape for ratio in log_ratios}) != 1:
-        raise ValueError(f"every exit must give the same (N, c), got {[tuple(r.shape) for r in log_ratios]}")
-    return _sets_from_log_ratios(torch.stack(log_ratios), alpha, intersect)
-
-
-@dataclass
-class BayesianLinearRegression:
-    """Gaussian posterior ``w~ ~ N(mean, covariance)`` of ``y = h~^T w~ + eps`` with ``h~ = [h, 1]``: the last
-    entry of ``mean`` is the intercept."""
-    mean: Tensor  # (p+1,)
-    covariance: Tensor  # (p+1, p+1)
-    noise_variance: float  # sigma^2 = 1 / beta
-    prior_precision: float  # alpha of the prior N(0, alpha^-1 I), intercept included
-
-
-def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 200,
-                                   tol: float = 1e-10) -> BayesianLinearRegression:
-    """Bayesian linear regression with an intercept and evidence-maximised prior precision ``alpha`` and
-    noise precision ``beta``.
-
-    The design is ``H~ = [H, 1]`` (a column of ones, as in the AVCS authors' regressor, so data with an
-    offset are not forced through 0); the isotropic prior ``N(0, alpha^-1 I)`` covers the intercept too.
-    MacKay's fixed point (Bishop, *PRML*, section 3.5.2, eq. 3.91-3.95), with ``lambda_i`` the eigenvalues
-    of ``H~^T H~``: ``S^-1 = alpha I + beta H~^T H~``, ``m = beta S H~^T y``, ``gamma = sum_i beta lambda_i /
-    (alpha + beta lambda_i)``, ``alpha = gamma / m^T m``, ``beta = (N - gamma) / ||y - H~ m||^2``.
-    Shapes: ``features`` (N, p), ``y`` (N,) -> mean (p+1,), covariance (p+1, p+1). Everything in float64.
-    """
-    if features.dim() != 2 or y.shape != features.shape[:1]:
-        raise ValueError(f"features (N, p) and y (N,) expected, got {tuple(features.shape)} and {tuple(y.shape)}")
-    if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(y).all())):
-        raise ValueError("fit_bayesian_linear_regression: features and y must be finite")
-    ones = torch.ones(features.shape[0], 1, dtype=torch.float64, device=features.device)
-    design = torch.cat([features.double(), ones], 1)  # (N, p+1): the intercept's column of ones
-    targets = y.double()  # (N,)
-    eigenvalues, eigenvectors = torch.linalg.eigh(design.T @ design)  # (p+1,), (p+1, p+1)
-    eigenvalues = eigenvalues.clamp(min=0)
-    projected_targets = eigenvectors.T @ (design.T @ targets)  # (p+1,)
-    n = design.shape[0]
-    alpha, beta = 1.0, 1.0 / max(float(targets.var()), 1e-12)
-    for _ in range(max_iter):
-        mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p+1,)
-        gamma = float((beta * eigenvalues / (alpha + beta * eigenvalues)).sum())
-        new_alpha = gamma / max(float(mean @ mean), 1e-300)
-        new_beta = (n - gamma) / max(float((targets - design @ mean).square().sum()), 1e-300)
-        done = abs(new_alpha - alpha) <= tol * alpha and abs(new_beta - beta) <= tol * beta
-        alpha, beta = new_alpha, new_beta
-        if done:
-            break
-    mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p+1,)
-    covariance = (eigenvectors / (alpha + beta * eigenvalues)) @ eigenvectors.T  # (p+1, p+1)
-    return BayesianLinearRegression(mean, covariance, 1.0 / beta, alpha)
-
-
-def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], features: Sequence[Tensor],
-                              alpha: float = 0.05, intersect: bool = True,
-                              generator: Optional[torch.Generator] = None) -> Tensor:
-    """Anytime-valid intervals of an early-exit regressor with a Bayesian last layer per exit.
-
-    Exit ``l``, with ``h = [features, 1]`` (the models carry an intercept, see
-    :func:`fit_bayesian_linear_regression`): numerator ``N(y; m_l, v_l)``, ``m_l = h^T mu_l``,
-    ``v_l = h^T Sigma_l h + sigma_l^2``; denominator ``N(y; d_l, sigma_l^2)``, ``d_l = h^T w_l``, one draw
-    ``w_l ~ N(mu_l, Sigma_l)`` per exit.
-    ``R_t(y) <= 1/alpha`` is ``A y^2 + B y + G <= 0`` with ``A = 1/2 sum(1/sigma^2 - 1/v)``,
-    ``B = sum(m/v - d/sigma^2)``, ``G = sum(d^2/(2 sigma^2) - m^2/(2v) + log sigma - 1/2 log v) + log alpha``:
-    the interval ``[(-B -+ sqrt(B^2 - 4AG)) / 2A]``, empty when ``B^2 < 4AG``; a half-line when rounding makes
-    ``A = 0``. Jazbec et al. (UAI 2024), section 4.1.
-    An empty interval is ``(+inf, -inf)`` (it stays empty under intersection). ``features[k]`` is
-    (N, p_k) -> (K, N, 2) float64.
-    """
-    _check_alpha(alpha)
-    if len(models) != len(features) or not models:
-        raise ValueError(f"models and features must be non-empty lists of the same length, got "
-                         f"{len(models)} and {len(features)}")
-    quadratic, linear, constant = [], [], []
-    for model, exit_features in zip(models, features):
-        if exit_features.dim() != 2 or exit_features.shape[1] != model.mean.shape[0] - 1:
-            raise ValueError(f"features must have shape (N, {model.mean.shape[0] - 1}), "
-                             f"got {tuple(exit_features.shape)}")
-        h = torch.cat([exit_features.double(), exit_features.new_ones(exit_features.shape[0], 1, dtype=torch.float64)],
-                      1)  # (N, p+1): the intercept's column of ones
-        noise = model.noise_variance
-        mean = h @ model.mean  # (N,)
-        variance = ((h @ model.covariance) * h).sum(-1) + noise  # (N,)
-        cholesky = torch.linalg.cholesky(model.covariance)
-        draw = model.mean + cholesky @ torch.randn(h.shape[1], generator=generator, dtype=h.dtype,
-                                                   device=h.device)  # (p,)
-        sampled = h @ draw  # (N,)
-        quadratic.append(0.5 * (1.0 / noise - 1.0 / variance))
-        linear.append(mean / variance - sampled / noise)
-        constant.append(sampled ** 2 / (2 * noise) - mean ** 2 / (2 * variance) + 0.5 * math.log(noise)
-                        - 0.5 * torch.log(variance))
-    A = torch.cumsum(torch.stack(quadratic), 0)  # (K, N)
-    B = torch.cumsum(torch.stack(linear), 0)  # (K, N)
-    G = torch.cumsum(torch.stack(constant), 0) + math.log(alpha)  # (K, N)
-    discriminant = B * B - 4 * A * G
-    root = discriminant.clamp(min=0).sqrt()
-    # A > 0 mathematically (v > sigma^2), but a collapsed posterior (evidence maximisation sends the prior
-    # precision of uninformative features to infinity) rounds it to 0: then B y + G <= 0 is linear, a half-line
-    linear = A <= 0
-    safe_A, safe_B = torch.where(linear, 1.0, A), torch.where(B == 0, 1.0, B)
-    lower = torch.where(linear, torch.where(B < 0, -G / safe_B, -math.inf), (-B - root) / (2 * safe_A))
-    upper = torch.where(linear, torch.where(B > 0, -G / safe_B, math.inf), (-B + root) / (2 * safe_A))
-    empty = torch.where(linear, (B == 0) & (G > 0), discriminant < 0)
-    lower, upper = torch.where(empty, math.inf, lower), torch.where(empty, -math.inf, upper)
-    if intersect:
-        lower, upper = torch.cummax(lower, 0).values, torch.cummin(upper, 0).values
-    return torch.stack([lower, upper], dim=-1)
-
-
-def set_metrics(sets: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """Size, coverage and nestedness of prediction sets per exit.
-
-    ``size(t) = mean_n |C_t|``, ``coverage(t) = mean_n [y_n in C_t]``, ``nestedness(t) = mean_n
-    |∩_{s<=t} C_s| / |C_t|`` (1 when both are empty). Jazbec et al. (UAI 2024), section 5.
-    Shapes: ``sets`` bool (K, N, c), ``y`` (N,) -> dict of (K,) tensors.
-    """
-    if sets.dim() != 3 or y.shape != sets.shape[1:2]:
-        raise ValueError(f"set_metrics: sets (K, N, c) and y (N,) expected, got {tuple(sets.shape)} and {tuple(y.shape)}")
-    sizes = sets.sum(-1).double()  # (K, N)
-    covered = sets.gather(-1, y[None, :, None].expand(sets.shape[0], -1, 1)).squeeze(-1).double()  # (K, N)
-    intersection_sizes = torch.cumprod(sets.to(torch.uint8), dim=0).sum(-1).double()  # (K, N)
-    nested = torch.where(sizes > 0, intersection_sizes / sizes.clamp(min=1), torch.ones_like(sizes))  # (K, N)
-    return {"size": sizes.mean(-1), "coverage": covered.mean(-1), "nestedness": nested.mean(-1)}
-
-
-def interval_metrics(intervals: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """Length, coverage and nestedness of intervals per exit: the regression twin of :func:`set_metrics`.
-
-    ``coverage(t) = mean_n [lo <= y_n <= hi]`` over every interval. An unbounded interval (a half-line or the
-    whole line: :func:`avcs_regression_intervals` returns one when a posterior collapses) is a legitimate
-    answer whose length is infinite, so it is counted apart: ``unbounded(t)`` = how many intervals at exit ``t``
-    are unbounded, and ``size(t) = mean |I_t|`` and ``nestedness(t) = mean |∩_{s<=t} I_s| / |I_t|`` average over
-    the bounded ones only (nestedness 1 when both are empty). Convention at an exit with no bounded interval:
-    ``size = inf``, ``nestedness = 1`` (no finite interval to compare). Never NaN.
-    Jazbec et al. (UAI 2024), section 5. Shapes: ``intervals`` (K, N, 2), ``y`` (N,) -> dict of (K,) tensors.
-    """
-    if intervals.dim() != 3 or intervals.shape[-1] != 2 or y.shape != intervals.shape[1:2]:
-        raise ValueError(f"interval_metrics: intervals (K, N, 2) and y (N,) expected, got "
-                         f"{tuple(intervals.shape)} and {tuple(y.shape)}")
-    lower, upper = intervals[..., 0].double(), intervals[..., 1].double()  # (K, N)
-    bounded = torch.isfinite(lower) & torch.isfinite(upper) | (lower > upper)  # (K, N): empty (inf, -inf) is bounded
-    lengths = torch.where(bounded, (upper - lower).clamp(min=0), torch.zeros_like(lower))  # (K, N)
-    covered = ((lower <= y) & (y <= upper)).double()  # (K, N)
-    common = (torch.cummin(upper, 0).values - torch.cummax(lower, 0).values).clamp(min=0)  # (K, N)
-    common = torch.where(bounded, common, torch.zeros_like(common))  # inside a bounded I_t: finite
-    nested = torch.where(lengths > 0, common / lengths.clamp(min=1e-300), torch.ones_like(lengths))  # (K, N)
-    n_bounded = bounded.sum(-1)  # (K,)
-    size = torch.where(n_bounded > 0, lengths.sum(-1) / n_bounded.clamp(min=1),
-                       torch.full_like(lengths[:, 0], math.inf))  # (K,)
-    nestedness = torch.where(n_bounded > 0, (nested * bounded).sum(-1) / n_bounded.clamp(min=1),
-                             torch.ones_like(lengths[:, 0]))
-    return {"size": size, "coverage": covered.mean(-1), "nestedness": nestedness,
-            "unbounded": (~bounded).sum(-1)}
-
-
-# ══════════════════════════════════════════════════════════════════════════════
-#  7. Metrics
-# ══════════════════════════════════════════════════════════════════════════════
-
-
-def group_accuracies(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> Tensor:
-    """Accuracy within each group: ``acc_g = mean_{n : g_n = g} [pred_n = y_n]``, NaN for an empty group.
-
-    Sagawa et al. (ICLR 2020), section 2. Shapes: ``pred``, ``y``, ``groups`` (N,) -> (n_groups,) float64.
-    """
-    if not pred.shape == y.shape == groups.shape or pred.dim() != 1:
-        raise ValueError(f"group_accuracies: pred, y and groups must all be (N,), got {tuple(pred.shape)}, "
-                         f"{tuple(y.shape)}, {tuple(groups.shape)}")
-    correct = torch.bincount(groups, weights=(pred == y).double(), minlength=n_groups)  # (G,)
-    counts = torch.bincount(groups, minlength=n_groups).double()  # (G,)
-    return torch.where(counts > 0, correct / counts.clamp(min=1), torch.full_like(counts, math.nan))
-
-
-def worst_group_accuracy(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> float:
-    """Worst-group accuracy ``min_g acc_g`` over the non-empty groups (not the smallest group's accuracy).
-
-    Sagawa et al. (ICLR 2020), section 2. Shapes: ``pred``, ``y``, ``groups`` (N,)."""
-    accuracies = group_accuracies(pred, y, groups, n_groups)
-    return float(accuracies[~accuracies.isnan()].min())
-
-
-def adjusted_average_accuracy(group_accuracy: Tensor, train_group_counts: Tensor) -> float:
-    """Waterbirds' adjusted average: per-group test accuracies weighted by the training group shares,
-    ``sum_g n_g acc_g / sum_g n_g`` (an empty test group counts 0). The convention behind the 97-98% averages of
-    the literature (train counts 3498, 184, 56, 1057), where the plain mean weighs the balanced test groups
-    equally. Sagawa et al. (ICLR 2020), appendix; Idrissi et al. (2022). Shapes: (G,), (G,)."""
-    counts = train_group_counts.double().to(group_accuracy.device)  # (G,)
-    return float((torch.nan_to_num(group_accuracy.double()) * counts).sum() / counts.sum())
-
-
-def reliability_bins(probs: Tensor, y: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
-    """Equal-width confidence bins ``(b/B, (b+1)/B]`` (0 in the first, exactly 1.0 in the last): per bin the count
-    ``n_b``, the summed confidence and the number correct, each (B,) float64. Confidence = max probability.
-    Guo et al. (ICML 2017), section 2 (reliability diagrams). Shapes: ``probs`` (N, c), ``y`` (N,)."""
-    if probs.dim() != 2 or y.shape != probs.shape[:1]:
-        raise ValueError(f"probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
-    confidence, pred = probs.double().max(dim=-1)  # (N,), (N,)
-    inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=probs.device)[1:-1]  # (B-1,)
-    bins = torch.bucketize(confidence, inner_edges, right=False)  # (N,): edges[b-1] < conf <= edges[b]
-    counts = torch.bincount(bins, minlength=n_bins).double()  # (B,)
-    confidence_sums = torch.bincount(bins, weights=confidence, minlength=n_bins)  # (B,)
-    correct_sums = torch.bincount(bins, weights=(pred == y).double(), minlength=n_bins)  # (B,)
-    return counts, confidence_sums, correct_sums
-
-
-def expected_calibration_error(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
-    """ECE with equal-width confidence bins: ``sum_b (n_b / N) |acc_b - conf_b| = sum_b |correct_b - conf_sum_b| / N``.
-
-    Bins of :func:`reliability_bins` (a confidence of exactly 1.0 counts, in the last bin).
-    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, eq. (3). Shapes: ``probs`` (N, c), ``y`` (N,).
-    """
-    _, confidence_sums, correct_sums = reliability_bins(probs, y, n_bins)
-    return float((correct_sums - confidence_sums).abs().sum() / probs.shape[0])
-
-
-def nlpd(probs: Tensor, y: Tensor) -> float:
-    """Negative log predictive density ``-(1/N) sum_n log p_hat(y_n | x_n)``, p clamped at 1e-12.
-
-    Shapes: ``probs`` (N, c), ``y`` (N,)."""
-    if probs.dim() != 2 or y.shape != probs.shape[:1]:
-        raise ValueError(f"nlpd: probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
-    return float(-torch.log(probs.gather(1, y[:, None]).clamp(min=1e-12)).mean())
-
-
-def top_k_accuracy(probs: Tensor, y: Tensor, k: int = 5) -> float:
-    """Fraction of inputs whose label is among the ``k`` most probable classes. Shapes: (N, c), (N,)."""
-    if probs.dim() != 2 or y.shape != probs.shape[:1] or not 1 <= k <= probs.shape[1]:
-        raise ValueError(f"top_k_accuracy: probs (N, c), y (N,) and 1 <= k <= c expected, got "
-                         f"{tuple(probs.shape)}, {tuple(y.shape)}, k={k}")
-    return float((probs.topk(k, dim=-1).indices == y[:, None]).any(-1).double().mean())
 
 
 # ══════════════════════════════════════════════════════════════════════════════
@@ -1845,6 +1701,157 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
         raise ValueError(f"checkpoint {path} is not a kdlaplace checkpoint (no model / model_config)")
     return checkpoint
+
+
+# ══════════════════════════════════════════════════════════════════════════════
+#  9. Torchvision-compatible ResNets and the model factory
+# ══════════════════════════════════════════════════════════════════════════════
+# Our own ResNet-18/50 with torchvision's parameter names, so torchvision's ImageNet weights load through
+# torch.hub without torchvision; build_model puts exits on any backbone of this module.
+
+
+def _downsample(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Sequential]:
+    if stride == 1 and in_planes == out_planes:
+        return None
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016), torchvision's attribute names."""
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block, stride on the 3x3 conv (torchvision's "ResNet v1.5"), torchvision's names."""
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """ResNet (He et al. 2016) whose ``state_dict`` keys equal torchvision's, so its ImageNet weights load as is.
+
+    ``cifar_stem=True`` swaps the 7x7/2 conv + max-pool stem for a 3x3/1 conv (32x32 inputs)."""
+
+    def __init__(self, block: type, layers: Sequence[int], n_classes: int, cifar_stem: bool = False) -> None:
+        super().__init__()
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
+        in_planes, self.stage_channels = 64, []
+        for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+            stride = 1 if index == 0 else 2
+            modules = []
+            for block_index in range(blocks):
+                modules.append(block(in_planes, planes, stride if block_index == 0 else 1))
+                in_planes = planes * block.expansion
+            setattr(self, f"layer{index + 1}", nn.Sequential(*modules))
+            self.stage_channels.append(in_planes)
+        self.fc = nn.Linear(in_planes, n_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def stage_modules(self) -> list[list[nn.Module]]:
+        return [[self.conv1, self.bn1, self.relu, self.maxpool, self.layer1], [self.layer2], [self.layer3],
+                [self.layer4]]
+
+
+TORCHVISION_URLS = {  # torchvision's IMAGENET1K_V1 weights, plain state dicts
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+}
+ARCHITECTURES = ("cnn", "resnet18", "resnet50", "resnet18-cifar")
+
+
+def _load_backbone_weights(backbone: nn.Module, arch: str, pretrained: Union[bool, str, Path]) -> None:
+    """Load torchvision-format weights into ``backbone``: every key must match; an ``fc`` of another class
+    count keeps its fresh initialisation (fine-tuning to a new task)."""
+    if pretrained is True:
+        if arch not in TORCHVISION_URLS:
+            raise ValueError(f"no ImageNet weights for arch {arch!r}; use pretrained=PATH to a state dict")
+        state = torch.hub.load_state_dict_from_url(TORCHVISION_URLS[arch], map_location="cpu", check_hash=True)
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights: no file {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"pretrained weights {path}: expected a state dict")
+    own = backbone.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"pretrained weights for {arch} do not match: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}")
+    if state["fc.weight"].shape != own["fc.weight"].shape:  # another class count: new classifier
+        state = {**state, "fc.weight": own["fc.weight"], "fc.bias": own["fc.bias"]}
+    wrong = [key for key in own if state[key].shape != own[key].shape]
+    if wrong:
+        raise ValueError(f"pretrained weights for {arch}: shape mismatch at {wrong[0]} "
+                         f"({tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})")
+    backbone.load_state_dict(state)
+
+
+def build_model(arch: str, n_classes: int, pretrained: Union[bool, str, Path] = False, width: int = 32,
+                input_size: Optional[int] = None, detach_exits: bool = True) -> EarlyExitNet:
+    """An :class:`EarlyExitNet` for ``arch`` in ``("cnn", "resnet18", "resnet50", "resnet18-cifar")``.
+
+    ``"cnn"``: :class:`SmallCNN` of ``width`` (exits after its 3 stages); ResNets: exits after layer1..4,
+    early heads are DEDIER readouts of width min(2 C, 128) (C for ``cnn``). ``pretrained``: ``True`` loads torchvision's
+    ImageNet weights through ``torch.hub``; a path loads a local torchvision-format state dict.
+    ``input_size`` (for the FLOP count) defaults to 32 for ``cnn``/``resnet18-cifar`` and 224 otherwise."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if not (isinstance(n_classes, int) and n_classes >= 2):
+        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes}")
+    if arch == "cnn":
+        backbone = SmallCNN(n_classes, width)
+    elif arch == "resnet50":
+        backbone = ResNet(Bottleneck, (3, 4, 6, 3), n_classes)
+    else:
+        backbone = ResNet(BasicBlock, (2, 2, 2, 2), n_classes, cifar_stem=arch == "resnet18-cifar")
+    if pretrained:
+        if arch == "cnn":
+            raise ValueError("arch 'cnn' has no pretrained weights")
+        _load_backbone_weights(backbone, arch, pretrained)
+    # DEDIER doubles the channels in its readout (capped at 128); the CPU-sized CNN keeps them, for speed
+    heads = [readout_head(c, c if arch == "cnn" else min(2 * c, 128), n_classes)
+             for c in backbone.stage_channels[:-1]]
+    size = input_size or (32 if arch in ("cnn", "resnet18-cifar") else 224)
+    return EarlyExitNet(backbone, heads, size, detach_exits)
 
 
 def model_from_checkpoint(checkpoint: dict) -> EarlyExitNet:

@@ -384,12 +384,12 @@ def test_budget_thresholds_with_ties_beyond_the_quota():
 
 def test_log_gamma_sampler_mean_and_tiny_concentrations():
     concentration = torch.tensor([0.3, 1.0, 4.0, 20.0], dtype=f64).repeat(20000, 1)
-    log_x = K._log_gamma_variates(concentration, seeded(17))
+    log_x = K.log_gamma_variates(concentration, seeded(17))
     means = log_x.exp().mean(0)
     torch.testing.assert_close(means, torch.tensor([0.3, 1.0, 4.0, 20.0], dtype=f64), rtol=0.03, atol=0)
     variances = log_x.exp().var(0)
     torch.testing.assert_close(variances, torch.tensor([0.3, 1.0, 4.0, 20.0], dtype=f64), rtol=0.08, atol=0)
-    tiny = K._log_gamma_variates(torch.full((1000,), 1e-4, dtype=f64), seeded(18))
+    tiny = K.log_gamma_variates(torch.full((1000,), 1e-4, dtype=f64), seeded(18))
     assert torch.isfinite(tiny).all()  # a direct Gamma(1e-4) draw underflows to 0 far more often than not
     assert (tiny.exp() == 0).float().mean() > 0.5
 
@@ -401,7 +401,7 @@ def test_avcs_sets_match_an_explicit_loop(monkeypatch):
     # the Gamma variates come from numpy (the sampler is tested on its own): the loop below shares no code
     # with the module's ratio, support and set construction
     log_gamma = torch.from_numpy(np.log(np.random.default_rng(20).gamma(np.abs(logits.numpy()) + 0.1)))
-    monkeypatch.setattr(K, "_log_gamma_variates", lambda concentration, generator: log_gamma)
+    monkeypatch.setattr(K, "log_gamma_variates", lambda concentration, generator: log_gamma)
     sets = K.avcs_sets(logits, thresholds, alpha=0.1, intersect=False)
     intersected = K.avcs_sets(logits, thresholds, alpha=0.1, intersect=True)
     support = (logits >= thresholds[:, None, None]) & (logits > 0)
@@ -685,6 +685,113 @@ def test_nlpd_and_top_k():
     y = torch.tensor([1, 0])
     assert K.nlpd(probs, y) == pytest.approx(-(math.log(0.3) + math.log(1e-12)) / 2)
     assert K.top_k_accuracy(probs, y, 2) == 0.5
+
+
+# ──────────────────────────────────────────────────────────────────────────────
+# The mathematics as copyable units
+# ──────────────────────────────────────────────────────────────────────────────
+# Every public function and class of sections 1-5 of the module runs when pasted, with the public units it
+# names, into a file that holds only ``from __future__ import annotations`` and the imports of math, numpy as
+# np, torch, torch.nn as nn and torch.nn.functional as F.
+
+def module_units():
+    """{name: (source, names of the module's units it uses)} for the top-level defs of sections 1-5."""
+    import ast
+    source = Path(K.__file__).read_text()
+    tree, lines = ast.parse(source), source.splitlines()
+    networks = next(i for i, line in enumerate(lines) if line.startswith("#  6. Networks")) + 1
+    module_names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    module_names |= {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
+                     if isinstance(target, ast.Name)}
+    units = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.lineno < networks:
+            start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+            used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & module_names - {node.name}
+            units[node.name] = ("\n".join(lines[start:node.end_lineno]), used)
+    return units
+
+
+def copied(name, units):
+    """A namespace holding ``name`` and the units it needs, executed from their source alone."""
+    namespace = {"math": math, "np": np, "torch": torch, "nn": torch.nn, "F": F}
+    needed, queue = [], [name]
+    while queue:
+        unit = queue.pop()
+        if unit not in needed:
+            needed.append(unit)
+            queue.extend(units[unit][1])
+    for unit in reversed(needed):  # dependencies first
+        exec(compile("from __future__ import annotations\n" + units[unit][0], f"<copy of {unit}>", "exec"), namespace)
+    return type("Copy", (), {k: staticmethod(v) if callable(v) and not isinstance(v, type) else v
+                             for k, v in namespace.items()})
+
+
+def unit_examples():
+    """name -> function(module or copy) -> a result to compare; every public unit of sections 1-5."""
+    features, weight, bias, y = random_head(n=30, p=4, c=3, seed=40)
+    logits = torch.randn(3, 8, 3, generator=seeded(41), dtype=f64) * 3  # (K, N, c)
+    probs = torch.softmax(logits, -1)  # (K, N, c)
+    groups = torch.arange(8) % 4
+    targets = features @ torch.randn(4, dtype=f64, generator=seeded(42)) + 0.1 * torch.randn(30, dtype=f64, generator=seeded(43))
+
+    def laplace(m):
+        return m.KFACLaplace.fit(features, weight, bias, 2.0, 1.5)
+
+    def regression(m):
+        return [m.fit_bayesian_linear_regression(features, targets) for _ in range(2)]
+
+    return {
+        "kd_loss": lambda m: m.kd_loss(logits[0], logits[1], 2.0),
+        "confidence_margin": lambda m: m.confidence_margin(probs[0]),
+        "dedier_weights": lambda m: m.dedier_weights(probs[0], y[:8], 0.5, 2.0),
+        "student_loss": lambda m: m.student_loss(logits[0], logits[1], y[:8], None, 0.5, 2.0),
+        "group_dro_loss": lambda m: m.group_dro_loss(torch.rand(8, generator=seeded(44), dtype=f64), groups,
+                                                     torch.full((4,), 0.25, dtype=f64), 0.1),
+        "early_exit_loss": lambda m: m.early_exit_loss(list(logits), y[:8]),
+        "KFACLaplace": lambda m: laplace(m).predict(features[:5], 20, generator=seeded(45)),
+        "tune_temperature": lambda m: m.tune_temperature(logits[0], y[:8]),
+        "tune_laplace": lambda m: m.tune_laplace(laplace(m), features, y, n_samples=10, generator=seeded(46)).temperature,
+        "tune_laplace_marglik": lambda m: m.tune_laplace_marglik(laplace(m)).prior_precision,
+        "cross_fitted_laplace_predict": lambda m: m.cross_fitted_laplace_predict(laplace(m), features, 3, 10, seeded(47)),
+        "mie_ensemble": lambda m: m.mie_ensemble(probs, torch.tensor([1.0, 2.0, 3.0], dtype=f64)),
+        "tune_laplace_ensemble": lambda m: [t.prior_precision for t in m.tune_laplace_ensemble(
+            [laplace(m)] * 2, [features] * 2, y, [1.0, 2.0], n_samples=10, generator=seeded(48))],
+        "budget_thresholds": lambda m: m.budget_thresholds(probs.max(-1).values, 0.5),
+        "early_exit": lambda m: m.early_exit(probs, torch.tensor([0.9, 0.8, 0.0], dtype=f64)),
+        "log_gamma_variates": lambda m: m.log_gamma_variates(torch.rand(10, generator=seeded(49), dtype=f64), seeded(50)),
+        "nested_sets": lambda m: m.nested_sets(logits, 0.1),
+        "dirichlet_log_ratios": lambda m: m.dirichlet_log_ratios(logits, torch.ones(3), seeded(51)),
+        "avcs_sets": lambda m: m.avcs_sets(logits, torch.ones(3), 0.1, generator=seeded(52)),
+        "tune_avcs_thresholds": lambda m: m.tune_avcs_thresholds(logits, y[:8], 0.2, generator=seeded(53)),
+        "laplace_avcs_sets": lambda m: m.laplace_avcs_sets([laplace(m)] * 2, [features] * 2, 0.1, 10,
+                                                           generator=seeded(54)),
+        "BayesianLinearRegression": lambda m: m.BayesianLinearRegression(bias, weight, 1.0, 2.0).covariance,
+        "fit_bayesian_linear_regression": lambda m: regression(m)[0].mean,
+        "avcs_regression_intervals": lambda m: m.avcs_regression_intervals(regression(K), [features] * 2, 0.1,
+                                                                           generator=seeded(55)),
+        "set_metrics": lambda m: m.set_metrics(logits > 0, y[:8]),
+        "interval_metrics": lambda m: m.interval_metrics(torch.stack([targets - 1, targets + 1], -1)[None], targets),
+        "group_accuracies": lambda m: m.group_accuracies(probs[0].argmax(-1), y[:8], groups, 4),
+        "worst_group_accuracy": lambda m: m.worst_group_accuracy(probs[0].argmax(-1), y[:8], groups, 4),
+        "adjusted_average_accuracy": lambda m: m.adjusted_average_accuracy(torch.tensor([0.9, 0.5, 0.7, 1.0]),
+                                                                           torch.tensor([10, 2, 1, 5])),
+        "reliability_bins": lambda m: m.reliability_bins(probs[0], y[:8], 5),
+        "expected_calibration_error": lambda m: m.expected_calibration_error(probs[0], y[:8]),
+        "nlpd": lambda m: m.nlpd(probs[0], y[:8]),
+        "top_k_accuracy": lambda m: m.top_k_accuracy(probs[0], y[:8], 2),
+    }
+
+
+def test_every_unit_of_the_mathematics_runs_copied_on_its_own():
+    units, examples = module_units(), unit_examples()
+    assert set(units) - {name for name in units if name.startswith("_")} == set(examples)
+    assert not [name for name in units if name.startswith("_")], "no private helpers in sections 1-5"
+    for name, (_, used) in units.items():  # the docstring says what to copy along
+        assert all(f"{other}`" in getattr(K, name).__doc__ for other in used), (name, used)
+    for name, example in examples.items():
+        expected, got = example(K), example(copied(name, units))
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 # ──────────────────────────────────────────────────────────────────────────────
