@@ -139,14 +139,14 @@ def bare_epoch(model: K.EarlyExitNet, data: K.SpuriousDataset, split: K.Split, d
 
 
 def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
-    """Pipeline epochs (train.py's own phase loop: model selection on val, readout pass, weights, checkpoints) as
-    a ratio to the bare loop of the same network: ``epoch_bare_loop`` (teacher and student), ``epoch_teacher``,
+    """Pipeline epochs (train.py's own ``train_phase``: model selection on val, readout pass, weights, checkpoints)
+    as a ratio to the bare loop of the same network: ``epoch_bare_loop`` (teacher and student), ``epoch_teacher``,
     ``epoch_student_none``, ``epoch_student_dedier``, ``epoch_student_laplace``."""
     rows = []
     cfg = train.parse_args(["--synth-n-train", "1200" if quick else "4800", "--device", device.type])
-    data = train.load_data(cfg)
-    splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
-    amp = train.use_amp(cfg, device)
+    data = K.load_run_data(vars(cfg))
+    splits = K.splits_to_device(data, device)
+    amp = K.run_uses_bf16(vars(cfg), device)
     torch.manual_seed(0)
     teacher = train.new_model(cfg, "teacher", data, device)
     repeats = 1 if quick else 3
@@ -156,32 +156,25 @@ def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
                      "seconds": seconds, "throughput": len(data.train) / seconds, "unit": "images/s",
                      "baseline_seconds": baseline, "ratio": seconds / baseline if baseline else None})
 
+    def one_epoch(cfg: train.Config, role: str, model: K.EarlyExitNet, targets: Optional[Callable] = None) -> float:
+        with tempfile.TemporaryDirectory() as out:
+            return timed(lambda: train.train_phase(cfg, role, model, data, splits, device, 1, Path(out),
+                                                   lambda record: None, {}, targets), repeats, device)
+
     bare_teacher = timed(bare_epoch(teacher, data, splits["train"], device, amp, cfg.batch_size), repeats, device)
     add("epoch_bare_loop", f"teacher cnn w={cfg.teacher_width}", bare_teacher, None)
-    with tempfile.TemporaryDirectory() as out:
-        seconds = timed(lambda: train.train_phase(cfg, "teacher", teacher, data, splits, device, 1,
-                                                  train.teacher_batch_loss(cfg, splits, data, device), None, {},
-                                                  Path(out), lambda record: None), repeats, device)
-    add("epoch_teacher", f"teacher cnn w={cfg.teacher_width}", seconds, bare_teacher)
+    add("epoch_teacher", f"teacher cnn w={cfg.teacher_width}", one_epoch(cfg, "teacher", teacher), bare_teacher)
     teacher.eval()
     student = train.new_model(cfg, "student", data, device)
-    bare_student = timed(bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size,
-                                    train.teacher_targets(cfg, teacher, splits, data, device)), repeats, device)
+    targets = train.teacher_targets(cfg, teacher, splits, data, device)
+    bare_student = timed(bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size, targets),
+                         repeats, device)
     add("epoch_bare_loop", f"student cnn w={cfg.width} + teacher targets", bare_student, None)
-    for weighting in ("none", "dedier", "laplace"):
+    for weighting in ("none", "dedier", "laplace"):  # the readout's weights are computed at the end of the epoch
         cfg_w = train.parse_args(["--weighting", weighting, "--synth-n-train", str(len(data.train)),
                                   "--device", device.type])
-        targets = train.teacher_targets(cfg_w, teacher, splits, data, device)
-        refresher = train.weight_refresher(cfg_w, splits, data, device)
-        extra: dict = {}
-        if refresher:  # a realistic epoch: last epoch's weights are in use, this epoch's are computed at its end
-            refresher(student, 0, extra)
-        with tempfile.TemporaryDirectory() as out:
-            seconds = timed(lambda: train.train_phase(cfg_w, "student", student, data, splits, device, 1,
-                                                      train.student_batch_loss(cfg_w, splits, targets), refresher,
-                                                      {"extra": extra}, Path(out), lambda record: None),
-                            repeats, device)
-        add(f"epoch_student_{weighting}", f"student cnn w={cfg.width}", seconds, bare_student)
+        add(f"epoch_student_{weighting}", f"student cnn w={cfg.width}", one_epoch(cfg_w, "student", student, targets),
+            bare_student)
     return rows
 
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 import kdlaplace as K
-from train import Config, load_data, to_device, use_amp  # the same set-up as training: one definition
 
 BUDGET_LEVELS = [j / 20 for j in range(1, 40)]  # Meronen et al.'s budget levels q
+PRINTED_LEVEL_STRIDE = 6  # the printed excerpt of the budget curve: every 6th level (the JSON holds all 39)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -81,22 +80,23 @@ def budget_curve(probs_val: torch.Tensor, probs_test: torch.Tensor, y_test: torc
 def report(args: argparse.Namespace) -> dict:
     path = resolve_checkpoint(Path(args.checkpoint))
     checkpoint = K.load_checkpoint(path)
-    names = {f.name for f in fields(Config)}
-    cfg = Config(**{k: v for k, v in checkpoint.get("config", {}).items() if k in names})
+    if "config" not in checkpoint:
+        raise ValueError(f"{path} has no run configuration (it was not written by train.py)")
+    config = dict(checkpoint["config"])  # the run's flags: the same data and precision as training
     if args.data_root:
-        cfg.data_root = args.data_root
-    elif cfg.data_root and not Path(cfg.data_root).expanduser().is_dir():  # the run moved: the default rule
-        cfg.data_root = None
-    seed = cfg.seed if args.seed is None else args.seed
+        config["data_root"] = args.data_root
+    elif config.get("data_root") and not Path(config["data_root"]).expanduser().is_dir():  # the run moved
+        config["data_root"] = None  # the default rule
+    seed = config["seed"] if args.seed is None else args.seed
     K.use_allowed_cores()
     device = K.pick_device(args.device)
-    data = load_data(cfg)
+    data = K.load_run_data(config)
     if checkpoint["model_config"]["n_classes"] != data.n_classes:
         raise ValueError(f"{path} has {checkpoint['model_config']['n_classes']} classes; {data.name} has {data.n_classes}")
-    amp = use_amp(cfg, device)
-    model = to_device(K.model_from_checkpoint(checkpoint), device, amp)
+    amp = K.run_uses_bf16(config, device)
+    model = K.model_to_device(K.model_from_checkpoint(checkpoint), device, amp)
     n_exits, flops = len(model.heads), model.exit_flops
-    splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
+    splits = K.splits_to_device(data, device)
     outputs = {name: K.predict_split(model, split, data.mean, data.std, device, amp=amp)
                for name, split in splits.items()}  # name -> (logits (K, N, c), [features (N, p_k)])
     val, test = splits["val"], splits["test"]
@@ -164,7 +164,7 @@ def print_report(result: dict) -> None:
         print(f"{e['exit']:4d} {a['threshold']:6.2f} {a['size']:10.3f} {a['coverage']:7.3f} {a['nestedness']:7.3f} "
               f"{a['nestedness_without_intersection']:7.3f}   {la['size']:18.3f} {la['coverage']:7.3f} {la['nestedness']:7.3f}")
     print("\nbudgeted early exit (MIE+Laplace): expected GFLOPs -> accuracy, NLPD, ECE")
-    for point in [p for p in result["budget_curve"] if p["method"] == "MIE+Laplace"][::6]:
+    for point in [p for p in result["budget_curve"] if p["method"] == "MIE+Laplace"][::PRINTED_LEVEL_STRIDE]:
         print(f"  q={point['level']:.2f}  {point['expected_flops'] / 1e9:8.4f}  {point['accuracy']:.4f}  "
               f"{point['nlpd']:.4f}  {point['ece']:.4f}")
 

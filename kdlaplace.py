@@ -1675,6 +1675,35 @@ def tuned_exit_laplace(linear: nn.Linear, train_features: Tensor, val_features: 
                         generator=seeded_generator(seed, val_features.device))
 
 
+def splits_to_device(data: SpuriousDataset, device: torch.device) -> dict[str, Split]:
+    """``{"train", "val", "test"}`` of a dataset on the device (see :func:`split_to_device`)."""
+    return {name: split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
+
+
+def load_run_data(config: dict) -> SpuriousDataset:
+    """The dataset of a run from its configuration (train.py's flags as a dict: ``dataset``, ``data_root``,
+    ``seed``, ``synth_n_train``, ``image_size``, ``cache_dir``): synth regenerated from the seed with val and test
+    1/4 and 1/2 of train, the others read from ``data_root`` (or its default, :func:`resolve_data_root`)."""
+    name = config["dataset"]
+    if name == "synth":
+        n = config["synth_n_train"]
+        return load_dataset("synth", n_train=n, n_val=n // 4, n_test=n // 2, seed=config["seed"])
+    if name == "cifar100":
+        return load_dataset(name, config.get("data_root"), seed=config["seed"])
+    return load_dataset(name, config.get("data_root"), image_size=config.get("image_size") or 224,
+                        cache_dir=config.get("cache_dir"))
+
+
+def run_uses_bf16(config: dict, device: torch.device) -> bool:
+    """bf16 autocast and channels_last for a run's networks: where they are fast, unless it asked for float32."""
+    return bf16_is_fast(device) and not config.get("float32", False)
+
+
+def model_to_device(model: EarlyExitNet, device: torch.device, channels_last: bool) -> EarlyExitNet:
+    """Move a network to the device; channels_last with bf16 (faster convolutions)."""
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
 def atomic_save(obj: object, path: Union[str, Path]) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)

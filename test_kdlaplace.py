@@ -1236,7 +1236,7 @@ MERONEN_GRID = ((0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0), (0.5, 0.7, 1
 
 def tiny_setup(*flags: str):
     cfg = train.parse_args(TINY + list(flags))
-    data = train.load_data(cfg)
+    data = K.load_run_data(vars(cfg))
     splits = {name: getattr(data, name) for name in ("train", "val", "test")}
     return cfg, data, splits
 
@@ -1393,7 +1393,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypat
     assert cut["epoch"] == full["epoch"] == 3
     for key, value in full["model"].items():
         assert torch.equal(cut["model"][key], value), key
-    assert torch.equal(cut["extra"]["weights"], full["extra"]["weights"])
+    assert torch.equal(cut["sample_weights"], full["sample_weights"])
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text()) == json.loads((tmp_path / "full" / "metrics.json").read_text())
 
 

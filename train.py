@@ -3,9 +3,11 @@
     python train.py                                             # synth benchmark, CPU, a few minutes
     python train.py --dataset waterbirds --data-root DIR --weighting laplace
 
-Weightings: ``none`` (plain KD), ``dedier`` (the readout's softmax margin, Tiwari et al. 2024) and ``laplace``
-(the margin of the readout's KFAC Laplace predictive). Writes teacher.pt, student.pt, last.pt, log.jsonl and
-metrics.json to --out; ``--resume`` continues an interrupted run.
+Weightings: ``none`` (plain KD), ``dedier`` (the readout's softmax margin, Tiwari et al. 2024), ``dedier-ts``
+(the margin of its softmax at a temperature tuned on val), ``laplace`` (the margin of its KFAC Laplace
+predictive, (T, sigma^2) tuned on val), ``laplace-cv`` (the same, every sample's posterior fit without it) and
+``laplace-ml`` (the prior precision by the marginal likelihood, T = 1). Writes teacher.pt, student.pt, last.pt,
+log.jsonl and metrics.json to --out; ``--resume`` continues an interrupted run.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import json
 import math
 import sys
 import time
-import warnings
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,49 +27,39 @@ import torch.nn.functional as F
 import kdlaplace as K
 
 WEIGHTINGS = ("none", "dedier", "dedier-ts", "laplace", "laplace-cv", "laplace-ml")
-CROSS_FIT_FOLDS = 5  # laplace-cv: each sample's posterior is fit on the other 4/5 of the training set
 N_SAMPLES = 50  # MC samples of every Laplace predictive in training and in its summary
 SEED_STRIDE = 100003  # a prime: the readout pass of (seed, epoch) draws from seed * SEED_STRIDE + epoch
+CROSS_FIT_FOLDS = 5  # laplace-cv: each sample's posterior is fit on the other 4/5 of the training set
 
-# ── Defaults per dataset: the one table (``--help`` prints it) ──────────────────────────────────────────
-# alpha/beta per weighting: DEDIER's published values for Waterbirds (0.05, 4) and CelebA (0.1, 3.5), T = 3,
-# lam = 1 (Tiwari et al. 2024). The Laplace margin needs its own alpha: with alpha = 0.05, m ** alpha is ~1 for
-# any margin, so the (better calibrated) margin would not matter; alpha = 1, beta = 2 (weights up to e^2 ~ 7.4x)
-# was the best setting on synth (README). Optimiser settings follow group DRO's recipes (Sagawa et al. 2020).
+# ── Defaults per dataset (``--help`` prints them) ───────────────────────────────────────────────────────
+# alpha/beta per weighting: DEDIER's published values (Tiwari et al. 2024) for Waterbirds (0.05, 4) and CelebA
+# (0.1, 3.5); alpha = 1, beta = 2 for the calibrated margins. Optimiser settings follow group DRO's recipes
+# (Sagawa et al. 2020). lam = 1 and T = 3 are DEDIER's.
+CALIBRATED_MARGINS = ("dedier-ts", "laplace", "laplace-cv", "laplace-ml")
+SHARED = dict(width=32, teacher_width=64, lam=1.0, temperature=3.0,
+              alpha={"dedier": 0.05, **dict.fromkeys(CALIBRATED_MARGINS, 1.0)},
+              beta={"dedier": 4.0, **dict.fromkeys(CALIBRATED_MARGINS, 2.0)})
 DATASET_DEFAULTS = {
-    "synth": dict(arch="cnn", teacher_arch="cnn", width=32, teacher_width=64, pretrained="none",
-                  epochs=20, teacher_epochs=15, batch_size=128, lr=0.05, weight_decay=5e-4, lam=1.0,
-                  temperature=3.0, teacher_objective="gdro",
-                  alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0, "laplace-cv": 1.0, "laplace-ml": 1.0},
-                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0, "laplace-cv": 2.0, "laplace-ml": 2.0}),
-    "waterbirds": dict(arch="resnet18", teacher_arch="resnet50", width=32, teacher_width=64, pretrained="imagenet",
-                       epochs=100, teacher_epochs=100, batch_size=64, lr=1e-3, weight_decay=1e-4, lam=1.0,
-                       temperature=3.0, teacher_objective="gdro",
-                       alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0, "laplace-cv": 1.0, "laplace-ml": 1.0},
-                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0, "laplace-cv": 2.0, "laplace-ml": 2.0}),
-    "celeba": dict(arch="resnet18", teacher_arch="resnet50", width=32, teacher_width=64, pretrained="imagenet",
-                   epochs=20, teacher_epochs=20, batch_size=128, lr=1e-4, weight_decay=1e-4, lam=1.0,
-                   temperature=3.0, teacher_objective="gdro",
-                   alpha={"dedier": 0.1, "dedier-ts": 1.0, "laplace": 1.0, "laplace-cv": 1.0, "laplace-ml": 1.0},
-                  beta={"dedier": 3.5, "dedier-ts": 2.0, "laplace": 2.0, "laplace-cv": 2.0, "laplace-ml": 2.0}),
-    "cifar100": dict(arch="resnet18-cifar", teacher_arch="resnet18-cifar", width=32, teacher_width=64,
-                     pretrained="none", epochs=100, teacher_epochs=100, batch_size=128, lr=0.05, weight_decay=5e-4,
-                     lam=1.0, temperature=3.0, teacher_objective="erm",
-                     alpha={"dedier": 0.05, "dedier-ts": 1.0, "laplace": 1.0, "laplace-cv": 1.0, "laplace-ml": 1.0},
-                  beta={"dedier": 4.0, "dedier-ts": 2.0, "laplace": 2.0, "laplace-cv": 2.0, "laplace-ml": 2.0}),
+    "synth": {**SHARED, "arch": "cnn", "teacher_arch": "cnn", "pretrained": "none", "epochs": 20, "teacher_epochs": 15,
+              "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "teacher_objective": "gdro"},
+    "waterbirds": {**SHARED, "arch": "resnet18", "teacher_arch": "resnet50", "pretrained": "imagenet", "epochs": 100,
+                   "teacher_epochs": 100, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "teacher_objective": "gdro"},
+    "celeba": {**SHARED, "arch": "resnet18", "teacher_arch": "resnet50", "pretrained": "imagenet", "epochs": 20,
+               "teacher_epochs": 20, "batch_size": 128, "lr": 1e-4, "weight_decay": 1e-4, "teacher_objective": "gdro",
+               "alpha": {**SHARED["alpha"], "dedier": 0.1}, "beta": {**SHARED["beta"], "dedier": 3.5}},
+    "cifar100": {**SHARED, "arch": "resnet18-cifar", "teacher_arch": "resnet18-cifar", "pretrained": "none",
+                 "epochs": 100, "teacher_epochs": 100, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4,
+                 "teacher_objective": "erm"},
 }
 
 
 @dataclass
 class Config:
-    """Every flag of train.py; ``None`` means "the dataset's default" (table above)."""
-    dataset: str = field(default="synth", metadata={"help": "synth, waterbirds, celeba or cifar100",
-                                                    "choices": list(K.DATASETS)})
+    """Every flag of train.py; ``None`` means "the dataset's default" (DATASET_DEFAULTS)."""
+    dataset: str = field(default="synth", metadata={"help": "the benchmark", "choices": list(K.DATASETS)})
     data_root: Optional[str] = field(default=None, metadata={"help": "folder of the dataset, not for synth (default: "
                                                                      "$KDLAPLACE_DATA/<dataset>, else ./data/<dataset>)"})
-    weighting: str = field(default="laplace", metadata={"help": "sample weights from the readout: none, its softmax "
-                                                                "margin (dedier), its temperature-scaled softmax "
-                                                                "(dedier-ts) or its Laplace predictive (laplace)",
+    weighting: str = field(default="laplace", metadata={"help": "sample weights from the readout (module docstring)",
                                                         "choices": list(WEIGHTINGS)})
     arch: Optional[str] = field(default=None, metadata={"help": "student architecture", "choices": list(K.ARCHITECTURES)})
     teacher_arch: Optional[str] = field(default=None, metadata={"help": "teacher architecture",
@@ -76,19 +68,18 @@ class Config:
     teacher_width: Optional[int] = field(default=None, metadata={"help": "teacher width (arch cnn only)"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "student weights: imagenet, none, or a "
                                                                       "torchvision-format state dict path"})
-    teacher_pretrained: Optional[str] = field(default=None, metadata={"help": "teacher weights, same values as "
-                                                                              "--pretrained (default: as --pretrained "
-                                                                              "when the architectures match, else the "
-                                                                              "dataset's default)"})
+    teacher_pretrained: Optional[str] = field(default=None, metadata={
+        "help": "teacher weights, same values as --pretrained (default: as --pretrained when the architectures "
+                "match, else the dataset's --pretrained)"})
     teacher: Optional[str] = field(default=None, metadata={"help": "reuse this trained teacher.pt instead of training one"})
-    teacher_objective: Optional[str] = field(default=None, metadata={"help": "erm, or gdro: group DRO with online group weights",
-                                                                     "choices": ["erm", "gdro"]})
-    teacher_targets: str = field(default="softmax", metadata={"help": "KD targets: the teacher's softmax or its Laplace predictive",
-                                                              "choices": ["softmax", "laplace"]})
+    teacher_objective: Optional[str] = field(default=None, metadata={
+        "help": "erm, or gdro: group DRO with online group weights", "choices": ["erm", "gdro"]})
+    teacher_targets: str = field(default="softmax", metadata={
+        "help": "KD targets: the teacher's softmax or its Laplace predictive", "choices": ["softmax", "laplace"]})
     epochs: Optional[int] = field(default=None, metadata={"help": "student epochs (in total, with --resume)"})
     teacher_epochs: Optional[int] = field(default=None, metadata={"help": "teacher epochs"})
     batch_size: Optional[int] = field(default=None, metadata={"help": "batch size"})
-    lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate (SGD, momentum 0.9, cosine decay)"})
+    lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate of the one-cycle schedule"})
     weight_decay: Optional[float] = field(default=None, metadata={"help": "weight decay"})
     lam: Optional[float] = field(default=None, metadata={"help": "KD share in [0, 1]: (1 - lam) CE + lam KD"})
     temperature: Optional[float] = field(default=None, metadata={"help": "KD temperature T > 0"})
@@ -109,24 +100,34 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt"})
 
 
+def dataset_default_help(name: str) -> str:
+    """'(default: X)' or '(default: synth X, waterbirds Y, ...)' from DATASET_DEFAULTS, for --help."""
+    def show(value) -> str:
+        return " ".join(f"{k}={v:g}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+    values = {dataset: show(defaults[name]) for dataset, defaults in DATASET_DEFAULTS.items()}
+    if len(set(values.values())) == 1:
+        return f" (default: {next(iter(values.values()))})"
+    return " (default: " + "; ".join(f"{dataset} {value}" for dataset, value in values.items()) + ")"
+
+
 def parse_args(argv: Optional[list[str]] = None) -> Config:
-    table = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
-                      for name, values in DATASET_DEFAULTS.items())
-    parser = argparse.ArgumentParser(description=__doc__, epilog="defaults per dataset:\n" + table,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(Config)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        if kind is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
-        kind = {"int": int, "float": float}.get(f.type.replace("Optional[", "").rstrip("]"), str)
+        kind = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))  # Optional[X] -> X
+        default = dataset_default_help(f.name) if f.name in DATASET_DEFAULTS["synth"] else \
+            "" if f.default is None else f" (default: {f.default})"
         parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                            help=f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else ""))
+                            help=f.metadata["help"] + default)
     cfg = Config(**vars(parser.parse_args(argv)))
     defaults = DATASET_DEFAULTS[cfg.dataset]
     student_pretrained = cfg.pretrained  # as given, before the dataset's defaults fill it
-    for name, value in defaults.items():  # fill what the user left to the dataset
-        if getattr(cfg, name) is None:  # (alpha, beta: per weighting; unused by "none")
+    for name, value in defaults.items():  # fill what the user left to the dataset (alpha, beta: per weighting)
+        if getattr(cfg, name) is None:
             setattr(cfg, name, value.get(cfg.weighting, 1.0) if isinstance(value, dict) else value)
     if cfg.teacher_pretrained is None:  # a weight file holds one architecture: shared only when they match
         same = student_pretrained is not None and cfg.arch == cfg.teacher_arch
@@ -144,17 +145,29 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     return cfg
 
 
-# ── Building blocks ──────────────────────────────────────────────────────────────────────────────────────
+# ── Schedule and checkpoints ─────────────────────────────────────────────────────────────────────────────
 
-def load_data(cfg: Config) -> K.SpuriousDataset:
-    """The run's dataset: synth generated from the seed, the others read from --data-root (or its default)."""
-    if cfg.dataset == "synth":
-        n = cfg.synth_n_train
-        return K.load_dataset("synth", n_train=n, n_val=n // 4, n_test=n // 2, seed=cfg.seed)
-    options = {"cifar100": dict(seed=cfg.seed)}.get(cfg.dataset, dict(image_size=cfg.image_size or 224,
-                                                                      cache_dir=cfg.cache_dir))
-    return K.load_dataset(cfg.dataset, cfg.data_root, **options)
+def lr_at(step: int, total_steps: int, peak_lr: float) -> tuple[float, float]:
+    """Learning rate and SGD momentum of optimiser step ``step`` (0-based) of the one-cycle schedule (Smith 2018;
+    PyTorch's OneCycleLR, cosine): over the first 15% of the steps the rate rises from peak/25 to the peak while
+    the momentum falls from 0.95 to 0.85, then the rate falls to peak/25e4 while the momentum climbs back."""
+    def cosine(start: float, end: float, fraction: float) -> float:
+        return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1)
+    warmup_end = float(0.15 * total_steps) - 1
+    if step <= warmup_end:
+        return cosine(peak_lr / 25, peak_lr, step / warmup_end), cosine(0.95, 0.85, step / warmup_end)
+    fraction = (step - warmup_end) / (total_steps - 1 - warmup_end)
+    return cosine(peak_lr, peak_lr / 25 / 1e4, fraction), cosine(0.85, 0.95, fraction)
 
+
+def save(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, path: Path, **state) -> None:
+    """Write what eval.py needs to rebuild the model (weights, model and run config), plus ``state`` (the
+    optimiser, generator and per-sample weights that --resume needs, in last.pt), atomically."""
+    K.atomic_save({"model": model.state_dict(), "model_config": model_config(cfg, role, data), "role": role,
+                   "config": asdict(cfg), "dataset": data.name, "n_classes": data.n_classes, **state}, path)
+
+
+# ── Networks and the teacher's targets ───────────────────────────────────────────────────────────────────
 
 def model_config(cfg: Config, role: str, data: K.SpuriousDataset) -> dict:
     arch = cfg.arch if role == "student" else cfg.teacher_arch
@@ -162,15 +175,9 @@ def model_config(cfg: Config, role: str, data: K.SpuriousDataset) -> dict:
                 input_size=data.image_size, detach_exits=not cfg.joint_exits)
 
 
-def use_amp(cfg: Config, device: torch.device) -> bool:
-    """bf16 autocast and channels_last for the networks where they are fast, unless --float32."""
-    return K.bf16_is_fast(device) and not cfg.float32
-
-
 def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
     """A fresh network for ``role`` with its own pretrained weights (--pretrained or --teacher-pretrained)."""
-    flag, value = ("--pretrained", cfg.pretrained) if role == "student" else \
-        ("--teacher-pretrained", cfg.teacher_pretrained)
+    flag, value = ("--pretrained", cfg.pretrained) if role == "student" else ("--teacher-pretrained", cfg.teacher_pretrained)
     config = model_config(cfg, role, data)
     try:
         model = K.build_model(**config, pretrained={"none": False, "imagenet": True}.get(value, value))
@@ -179,48 +186,52 @@ def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.dev
                          f"a local torchvision-format state dict: {flag} FILE") from None
     except ValueError as error:
         raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}") from None
-    return to_device(model, device, use_amp(cfg, device))
+    return K.model_to_device(model, device, K.run_uses_bf16(asdict(cfg), device))
 
 
-def to_device(model: K.EarlyExitNet, device: torch.device, channels_last: bool) -> K.EarlyExitNet:
-    """Move a network to the device; channels_last with bf16 (faster convolutions)."""
-    return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
+                    device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
+    """A function (batch x, sample indices, flips or None) -> KD target logits (B, c): the teacher's last-exit
+    logits, or the log of its last-layer Laplace predictive (fit once on train, tuned on val; the probit link keeps
+    the targets deterministic; log space, since a probability that underflows to 0 gives -inf and a NaN KD loss).
+    With no augmentation or flips only, the targets of both views of every training image are computed once and
+    looked up: the teacher's forward pass costs more than the student's whole step."""
+    teacher.eval()
+    last, amp = len(teacher.heads) - 1, K.run_uses_bf16(asdict(cfg), device)
+    head = teacher.heads[last].linear
+    if cfg.teacher_targets == "laplace":
+        _, (train_features,) = K.predict_split(teacher, splits["train"], data.mean, data.std, device, exits=[last])
+        _, (val_features,) = K.predict_split(teacher, splits["val"], data.mean, data.std, device, exits=[last])
+        laplace = K.KFACLaplace.fit(train_features, head.weight.detach(), head.bias.detach())
+        laplace = K.tune_laplace(laplace, val_features, splits["val"].labels, link="probit")
+        print(f"teacher Laplace targets: T={laplace.temperature}, prior precision={laplace.prior_precision:.3g}")
+
+    def compute(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), K.autocast(device, amp):
+            features = teacher.forward_features(x, exits=[last], float32_heads=True)[0]  # (B, p) float32
+            with torch.autocast(device.type, enabled=False):  # the backbone may run in bf16, the heads do not
+                if cfg.teacher_targets == "laplace":
+                    return laplace.log_predict(features, link="probit")  # (B, c)
+                return head(features)  # (B, c)
+
+    if data.augment not in ("none", "flip"):  # random crops: every batch is new to the teacher
+        return lambda x, index, flips: compute(x)
+    train = splits["train"]
+    table = torch.empty(2, len(train), data.n_classes, device=device)  # (view, N, c): as is, mirrored
+    for index in torch.arange(len(train), device=device).split(512):
+        x = K.prepare_batch(K.batch_images(train, index, device), data.mean, data.std, channels_last=amp)
+        table[0, index], table[1, index] = compute(x), compute(x.flip(-1))  # a flip commutes with normalising
+    return lambda x, index, flips: table[0 if flips is None else flips.long().to(device), index]  # (B, c)
 
 
-def evaluate(cfg: Config, model: K.EarlyExitNet, split: K.Split, data: K.SpuriousDataset, device: torch.device,
-             exit_index: int = -1) -> dict:
-    """Average, worst-group and per-group accuracy of one exit (default: the last) on a split."""
-    logits, _ = K.predict_split(model, split, data.mean, data.std, device, exits=[exit_index % len(model.heads)],
-                                amp=use_amp(cfg, device))
-    pred = logits[0].argmax(-1)
-    groups = K.group_accuracies(pred, split.labels, split.groups, data.n_groups)
-    metrics = {"avg_acc": float((pred == split.labels).double().mean()),
-               "worst_group_acc": K.worst_group_accuracy(pred, split.labels, split.groups, data.n_groups),
-               "group_acc": [None if math.isnan(a) else a for a in groups.tolist()]}
-    if data.name == "waterbirds":  # per-group accuracy weighted by the training group shares (the literature's average)
-        metrics["adjusted_avg_acc"] = K.adjusted_average_accuracy(groups, torch.bincount(data.train.groups,
-                                                                                          minlength=data.n_groups))
-    return metrics
-
-
-def early_exit_loss(logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of every early exit: trains the readouts (on detached features unless --joint-exits)."""
-    return sum(F.cross_entropy(z.float(), y) for z in logits[:-1])
-
+# ── The readout: sample weights, their diagnostics, and its calibration ──────────────────────────────────
 
 def readout_pass(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                  device: torch.device, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The readout exit's logits (N, c) and head features (N, p) on one split (eval mode, float32 heads)."""
     logits, (features,) = K.predict_split(student, splits[split], data.mean, data.std, device,
-                                          exits=[cfg.readout_exit], amp=use_amp(cfg, device))
+                                          exits=[cfg.readout_exit], amp=K.run_uses_bf16(asdict(cfg), device))
     return logits[0], features
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
-    """Pearson correlation of two (N,) tensors; None when either is constant (e.g. all weights 1)."""
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denominator = float(a.norm() * b.norm())
-    return float(a @ b) / denominator if denominator > 0 else None
 
 
 def per_group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> list[Optional[float]]:
@@ -230,17 +241,23 @@ def per_group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) ->
     return [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
 
 
+def pearson(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
+    """Pearson correlation of two (N,) tensors; None when either is constant (e.g. all weights 1)."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    denominator = float(a.norm() * b.norm())
+    return float(a @ b) / denominator if denominator > 0 else None
+
+
 def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                     device: torch.device, epoch: int) -> tuple[torch.Tensor, dict]:
     """DEDIER weights ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, from one eval-mode
-    pass of the readout over the training set. The margin comes from the readout's softmax (``dedier``), its
-    softmax at a temperature tuned on val NLL (``dedier-ts``), or its KFAC Laplace predictive (``laplace``, fit
-    on this pass, (T, sigma^2) tuned on val NLL). Returns the weights (N,) and the epoch's diagnostics."""
+    pass of the readout over the training set; the margin's probabilities depend on --weighting (module
+    docstring). Returns the weights (N,) and the epoch's diagnostics for log.jsonl."""
     seed = cfg.seed * SEED_STRIDE + epoch
     train, val = splits["train"], splits["val"]
     train_logits, train_features = readout_pass(cfg, student, splits, data, device, "train")
     val_logits, val_features = readout_pass(cfg, student, splits, data, device, "val")
-    # the temperature-only softmax: the ablation that the Laplace weights are compared with every epoch
+    # the temperature-only softmax: the ablation that every weighting is compared with, every epoch
     temperature = K.tune_temperature(val_logits, val.labels)
     temperature_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels,
                                            cfg.alpha, cfg.beta)  # (N,)
@@ -257,7 +274,7 @@ def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.
             laplace = K.tune_laplace_marglik(K.KFACLaplace.fit(train_features, linear.weight.detach(), bias))
         else:  # (T, sigma^2) tuned on val NLL
             laplace = K.tuned_exit_laplace(linear, train_features, val_features, val.labels, N_SAMPLES, seed)
-        if cfg.weighting == "laplace-cv":  # every sample's posterior fit without it (5 folds)
+        if cfg.weighting == "laplace-cv":  # every sample's posterior fit without it
             probs, logit_std = K.cross_fitted_laplace_predict(laplace, train_features, CROSS_FIT_FOLDS, N_SAMPLES,
                                                               generator)  # (N, c), (N,)
         else:
@@ -292,152 +309,115 @@ def readout_calibration(cfg: Config, student: K.EarlyExitNet, splits: dict, data
     return result
 
 
-def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
-                    device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
-    """A function (batch x, sample indices, flips or None) -> KD target logits (B, c): the teacher's last-exit
-    logits, or the log of its last-layer Laplace predictive (fit once on train, tuned on val; the probit link keeps
-    the targets deterministic; log space, since a probability that underflows to 0 gives -inf and a NaN KD loss).
-    With no augmentation or flips only, the targets of both views of every training image are computed once and
-    looked up: the teacher's forward pass costs more than the student's whole step."""
-    teacher.eval()
-    last, amp = len(teacher.heads) - 1, use_amp(cfg, device)
-    head = teacher.heads[last].linear
-    if cfg.teacher_targets == "laplace":
-        _, (train_features,) = K.predict_split(teacher, splits["train"], data.mean, data.std, device, exits=[last])
-        _, (val_features,) = K.predict_split(teacher, splits["val"], data.mean, data.std, device, exits=[last])
-        laplace = K.KFACLaplace.fit(train_features, head.weight.detach(), head.bias.detach())
-        laplace = K.tune_laplace(laplace, val_features, splits["val"].labels, link="probit")
-        print(f"teacher Laplace targets: T={laplace.temperature}, prior precision={laplace.prior_precision:.3g}")
+def evaluate(cfg: Config, model: K.EarlyExitNet, split: K.Split, data: K.SpuriousDataset, device: torch.device) -> dict:
+    """Average, worst-group and per-group accuracy of the last exit on a split."""
+    logits, _ = K.predict_split(model, split, data.mean, data.std, device, exits=[len(model.heads) - 1],
+                                amp=K.run_uses_bf16(asdict(cfg), device))
+    pred = logits[0].argmax(-1)
+    groups = K.group_accuracies(pred, split.labels, split.groups, data.n_groups)
+    metrics = {"avg_acc": float((pred == split.labels).double().mean()),
+               "worst_group_acc": K.worst_group_accuracy(pred, split.labels, split.groups, data.n_groups),
+               "group_acc": [None if math.isnan(a) else a for a in groups.tolist()]}
+    if data.name == "waterbirds":  # per-group accuracy weighted by the training group shares (the literature's average)
+        train_counts = torch.bincount(data.train.groups, minlength=data.n_groups)
+        metrics["adjusted_avg_acc"] = K.adjusted_average_accuracy(groups, train_counts)
+    return metrics
 
-    def compute(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), K.autocast(device, amp):
-            features = teacher.forward_features(x, exits=[last], float32_heads=True)[0]  # (B, p) float32
-            with torch.autocast(device.type, enabled=False):  # the backbone may run in bf16, the heads do not
-                if cfg.teacher_targets == "laplace":
-                    return laplace.log_predict(features, link="probit")  # (B, c)
-                return head(features)  # (B, c)
 
-    if data.augment not in ("none", "flip"):  # random crops: every batch is new to the teacher
-        return lambda x, index, flips: compute(x)
+# ── Training: one phase (teacher or student), one epoch top to bottom ─────────────────────────────────────
+
+def teacher_step(cfg: Config, model: Callable, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor,
+                 group_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of one teacher batch: cross-entropy (ERM) or group DRO on the last exit, plus the early exits'
+    cross-entropy. Returns the loss and group DRO's updated group weights (n_groups,)."""
+    logits = model(x)  # K x (B, c)
+    per_sample = F.cross_entropy(logits[-1].float(), y, reduction="none")  # (B,)
+    if cfg.teacher_objective == "gdro":
+        loss, group_weights = K.group_dro_loss(per_sample, groups, group_weights, cfg.gdro_step)
+    else:
+        loss = per_sample.mean()
+    return loss + K.early_exit_loss(logits, y), group_weights
+
+
+def student_step(cfg: Config, model: Callable, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor,
+                 weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Loss of one student batch: the weighted KD (+ CE) loss on the last exit plus the readouts' cross-entropy."""
+    logits = model(x)  # K x (B, c)
+    loss = K.student_loss(logits[-1], teacher_logits, y, weights, cfg.lam, cfg.temperature)
+    loss = loss + K.early_exit_loss(logits, y)
+    return loss / len(logits) if cfg.joint_exits else loss
+
+
+def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, splits: dict,
+                device: torch.device, epochs: int, out: Path, log: Callable[[dict], None], state: dict,
+                targets: Optional[Callable] = None) -> K.EarlyExitNet:
+    """Train ``role`` ("teacher", or "student" distilling ``targets``) with nesterov SGD on the one-cycle
+    schedule. After every epoch: validation, the readout's new sample weights (student), OUT/<role>.pt when the
+    validation worst-group accuracy improves, and OUT/last.pt, from which ``state`` resumes this phase."""
     train = splits["train"]
-    table = torch.empty(2, len(train), data.n_classes, device=device)  # (view, N, c): as is, mirrored
-    for index in torch.arange(len(train), device=device).split(512):
-        x = K.prepare_batch(K.batch_images(train, index, device), data.mean, data.std, channels_last=amp)
-        table[0, index], table[1, index] = compute(x), compute(x.flip(-1))  # a flip commutes with normalising
-    return lambda x, index, flips: table[0 if flips is None else flips.long().to(device), index]  # (B, c)
-
-
-def teacher_batch_loss(cfg: Config, splits: dict, data: K.SpuriousDataset, device: torch.device) -> Callable:
-    """Batch loss of the teacher: cross-entropy (ERM) or group DRO on the last exit, plus the exits' cross-entropy."""
-    def loss_fn(model, x, index, flips, extra):
-        logits = model(x)  # K x (B, c)
-        y, groups = splits["train"].labels[index], splits["train"].groups[index]
-        per_sample = F.cross_entropy(logits[-1].float(), y, reduction="none")  # (B,)
-        if cfg.teacher_objective == "gdro":
-            extra.setdefault("group_weights", torch.full((data.n_groups,), 1 / data.n_groups, device=device))
-            loss, extra["group_weights"] = K.group_dro_loss(per_sample, groups, extra["group_weights"], cfg.gdro_step)
-        else:
-            loss = per_sample.mean()
-        return loss + early_exit_loss(logits, y)
-    return loss_fn
-
-
-def student_batch_loss(cfg: Config, splits: dict, targets: Callable) -> Callable:
-    """Batch loss of the student: weighted KD (+ CE) on the last exit plus the readouts' cross-entropy."""
-    def loss_fn(model, x, index, flips, extra):
-        logits = model(x)  # K x (B, c)
-        y = splits["train"].labels[index]
-        teacher_logits = targets(x, index, flips)  # (B, c)
-        weights = extra["weights"][index] if "weights" in extra else None  # epoch 1: the readout is untrained
-        loss = K.student_loss(logits[-1], teacher_logits, y, weights, cfg.lam, cfg.temperature)
-        loss = loss + early_exit_loss(logits, y)
-        return loss / len(logits) if cfg.joint_exits else loss
-    return loss_fn
-
-
-def weight_refresher(cfg: Config, splits: dict, data: K.SpuriousDataset, device: torch.device) -> Optional[Callable]:
-    """End-of-epoch hook that recomputes every sample's weight from the readout (None for --weighting none)."""
-    if cfg.weighting == "none":
-        return None
-
-    def refresh(model, epoch, extra):
-        extra["weights"], info = readout_weights(cfg, model, splits, data, device, epoch)
-        return info
-    return refresh
-
-
-# ── One training phase (teacher or student): epochs, model selection, checkpoints, resume ──────────────────
-
-def train_phase(cfg: Config, phase: str, model: K.EarlyExitNet, data: K.SpuriousDataset, splits: dict,
-                device: torch.device, epochs: int, batch_loss: Callable, end_of_epoch: Optional[Callable],
-                state: dict, out: Path, log) -> K.EarlyExitNet:
-    """SGD (momentum 0.9, nesterov) with cosine decay; keeps the epoch with the best validation worst-group
-    accuracy in OUT/<phase>.pt and everything needed to resume in OUT/last.pt after every epoch."""
-    train, val = splits["train"], splits["val"]
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                                weight_decay=cfg.weight_decay)
+                                weight_decay=cfg.weight_decay)  # lr and momentum: set every step by lr_at
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch,
-                                                    pct_start=0.15, anneal_strategy="cos")
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
     start_epoch, best = 1, {"worst_group_acc": -1.0, "avg_acc": -1.0, "epoch": 0}
-    if state.get("phase") == phase:  # resuming this phase
+    sample_weights = None  # (N,) the readout's weights, from the end of the first epoch on
+    group_weights = torch.full((data.n_groups,), 1 / data.n_groups, device=device)  # group DRO's q
+    if state.get("phase") == role:  # resuming this phase where last.pt left it
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if state["scheduler"]["total_steps"] == scheduler.total_steps:
-            scheduler.load_state_dict(state["scheduler"])
-        else:  # --epochs changed on resume: follow the new schedule from the step reached
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
-                for _ in range(state["epoch"] * steps_per_epoch):
-                    scheduler.step()
         generator.set_state(state["generator"])
         start_epoch, best = state["epoch"] + 1, state["best"]
-        state["extra"] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state["extra"].items()}
-    else:  # a fresh phase: only the per-sample/per-group extras the caller passed in carry over
-        state.setdefault("extra", {})
-    step = torch.compile(model) if cfg.compile else model
-    amp = use_amp(cfg, device)
+        group_weights = state["group_weights"].to(device)
+        sample_weights = None if state["sample_weights"] is None else state["sample_weights"].to(device)
+    forward = torch.compile(model) if cfg.compile else model
+    amp = K.run_uses_bf16(asdict(cfg), device)
     for epoch in range(start_epoch, epochs + 1):
         started = time.perf_counter()
         model.train()
-        total_loss = torch.zeros((), device=device)  # summed on the device: no sync per batch
-        order = torch.randperm(len(train), generator=generator)
-        for index in order.split(cfg.batch_size):
+        total_loss = torch.zeros((), device=device)  # summed on the device: no host sync per batch
+        for batch, index in enumerate(torch.randperm(len(train), generator=generator).split(cfg.batch_size)):
+            lr, momentum = lr_at((epoch - 1) * steps_per_epoch + batch, epochs * steps_per_epoch, cfg.lr)
+            for group in optimizer.param_groups:
+                group.update(lr=lr, momentum=momentum)
             flips = K.random_flips(len(index), generator) if data.augment == "flip" else None  # (B,) or None
             x = K.prepare_batch(K.batch_images(train, index, device), data.mean, data.std, data.augment, generator,
                                 channels_last=amp, flips=flips)
             index = index.to(device)
+            y = train.labels[index]
             with K.autocast(device, amp):
-                loss = batch_loss(step, x, index, flips, state["extra"])
+                if role == "teacher":
+                    loss, group_weights = teacher_step(cfg, forward, x, y, train.groups[index], group_weights)
+                else:
+                    weights = None if sample_weights is None else sample_weights[index]  # epoch 1: untrained readout
+                    loss = student_step(cfg, forward, x, y, targets(x, index, flips), weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
             total_loss += loss.detach()
         train_loss = float(total_loss) / steps_per_epoch
         if not math.isfinite(train_loss):
-            raise ValueError(f"{phase} training diverged at epoch {epoch} (loss {train_loss}); lower --lr")
-        val_metrics = evaluate(cfg, model, val, data, device)
-        info = end_of_epoch(model, epoch, state["extra"]) if end_of_epoch else {}
+            raise ValueError(f"{role} training diverged at epoch {epoch} (loss {train_loss}); lower --lr")
+        val_metrics = evaluate(cfg, model, splits["val"], data, device)
+        info = {}
+        if role == "student" and cfg.weighting != "none":  # the weights of the next epoch
+            sample_weights, info = readout_weights(cfg, model, splits, data, device, epoch)
         seconds = time.perf_counter() - started
         score = (val_metrics["worst_group_acc"], val_metrics["avg_acc"])
         if score > (best["worst_group_acc"], best["avg_acc"]):
             best = {"worst_group_acc": score[0], "avg_acc": score[1], "epoch": epoch}
-            K.atomic_save(checkpoint(cfg, phase, model, data, best), out / f"{phase}.pt")
-        record = {"phase": phase, "epoch": epoch, "seconds": round(seconds, 3), "train_loss": train_loss,
+            save(cfg, role, model, data, out / f"{role}.pt", best=best)
+        record = {"phase": role, "epoch": epoch, "seconds": round(seconds, 3), "train_loss": train_loss,
                   "val_avg_acc": val_metrics["avg_acc"], "val_worst_group_acc": val_metrics["worst_group_acc"],
-                  "images_per_s": round(len(train) / seconds, 1), "lr": scheduler.get_last_lr()[0], **info}
+                  "images_per_s": round(len(train) / seconds, 1), "lr": lr, **info}
         log(record)
-        print(f"{phase} epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  val avg {val_metrics['avg_acc']:.3f}  "
+        print(f"{role} epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  val avg {val_metrics['avg_acc']:.3f}  "
               f"worst-group {val_metrics['worst_group_acc']:.3f}  {seconds:.1f}s  {record['images_per_s']:.0f} img/s"
               + weighting_summary(info), flush=True)
-        state.update(phase=phase, epoch=epoch, best=best, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), generator=generator.get_state())
-        K.atomic_save({**state, "config": asdict(cfg), "model_config": model_config(cfg, phase, data)}, out / "last.pt")
-    best_checkpoint = K.load_checkpoint(out / f"{phase}.pt")
-    model.load_state_dict(best_checkpoint["model"])
-    print(f"{phase}: best validation worst-group accuracy {best['worst_group_acc']:.3f} at epoch {best['epoch']}")
+        save(cfg, role, model, data, out / "last.pt", phase=role, epoch=epoch, best=best,
+             optimizer=optimizer.state_dict(), generator=generator.get_state(), group_weights=group_weights,
+             sample_weights=sample_weights)
+    model.load_state_dict(K.load_checkpoint(out / f"{role}.pt")["model"])
+    print(f"{role}: best validation worst-group accuracy {best['worst_group_acc']:.3f} at epoch {best['epoch']}")
     return model
 
 
@@ -453,41 +433,40 @@ def weighting_summary(info: dict) -> str:
     return "  | " + "  ".join(part for part in parts if part)
 
 
-def checkpoint(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, best: dict) -> dict:
-    """What eval.py needs to rebuild and evaluate the model: weights, model config, data config."""
-    return {"model": model.state_dict(), "model_config": model_config(cfg, role, data), "role": role,
-            "config": asdict(cfg), "dataset": data.name, "n_classes": data.n_classes, "best": best}
+# ── The pipeline ─────────────────────────────────────────────────────────────────────────────────────────
+
+def resume_state(cfg: Config, out: Path) -> dict:
+    """OUT/last.pt, checked to be a run of the same dataset and architectures."""
+    last = out / "last.pt"
+    if not last.is_file():
+        raise FileNotFoundError(f"--resume: no {last} to resume from (run without --resume first)")
+    state = K.load_checkpoint(last)
+    saved = state["config"]
+    if (saved["dataset"], saved["arch"], saved["teacher_arch"]) != (cfg.dataset, cfg.arch, cfg.teacher_arch):
+        raise ValueError(f"--resume: {last} is a run of dataset {saved['dataset']} with arch {saved['arch']} / "
+                         f"teacher {saved['teacher_arch']}, not {cfg.dataset} with {cfg.arch} / {cfg.teacher_arch}")
+    return state
 
 
-def check_teacher(saved: dict, data: K.SpuriousDataset, path: Path) -> None:
-    """A reused teacher must come from the same dataset (its architecture may be any)."""
+def load_teacher(cfg: Config, path: Path, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
+    """A trained teacher.pt; it must come from the same dataset (its architecture may be any)."""
+    saved = K.load_checkpoint(path)
     trained_on = saved.get("dataset", saved.get("config", {}).get("dataset"))
     if trained_on != data.name:
         raise ValueError(f"{path} was trained on another dataset ({trained_on}), not {data.name}")
     if saved["model_config"]["n_classes"] != data.n_classes:
         raise ValueError(f"{path} has {saved['model_config']['n_classes']} classes, {data.name} has {data.n_classes}")
+    return K.model_to_device(K.model_from_checkpoint(saved), device, K.run_uses_bf16(asdict(cfg), device))
 
-
-# ── The pipeline ─────────────────────────────────────────────────────────────────────────────────────────
 
 def run(cfg: Config) -> dict:
     out = Path(cfg.out)
-    state: dict = {}
-    if cfg.resume:
-        last = out / "last.pt"
-        if not last.is_file():
-            raise FileNotFoundError(f"--resume: no {last} to resume from (run without --resume first)")
-        state = K.load_checkpoint(last)
-        if state["config"]["dataset"] != cfg.dataset or state["config"]["arch"] != cfg.arch \
-                or state["config"]["teacher_arch"] != cfg.teacher_arch:
-            raise ValueError(f"--resume: {last} is a run of dataset {state['config']['dataset']} with arch "
-                             f"{state['config']['arch']} / teacher {state['config']['teacher_arch']}, not "
-                             f"{cfg.dataset} with {cfg.arch} / {cfg.teacher_arch}")
+    state = resume_state(cfg, out) if cfg.resume else {}
     torch.manual_seed(cfg.seed)
     K.use_allowed_cores()
     device = K.pick_device(cfg.device)
-    data = load_data(cfg)
-    splits = {name: K.split_to_device(getattr(data, name), device) for name in ("train", "val", "test")}
+    data = K.load_run_data(asdict(cfg))
+    splits = K.splits_to_device(data, device)
     student = new_model(cfg, "student", data, device)
     if not 0 <= cfg.readout_exit < len(student.heads) - 1:
         raise ValueError(f"--readout-exit {cfg.readout_exit}: the student's early exits are 0..{len(student.heads) - 2} "
@@ -497,30 +476,22 @@ def run(cfg: Config) -> dict:
         (out / "log.jsonl").unlink(missing_ok=True)
     print(f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
           f"{data.n_classes} classes, {data.n_groups} groups; device {device}"
-          f"{' (bf16 autocast)' if use_amp(cfg, device) else ''}; out {out}")
+          f"{' (bf16 autocast)' if K.run_uses_bf16(asdict(cfg), device) else ''}; out {out}")
 
     def log(record: dict) -> None:
         with open(out / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    # 1. Teacher: reused, resumed, or trained here with ERM or group DRO on the last exit
-    teacher_path = Path(cfg.teacher) if cfg.teacher else out / "teacher.pt"
-    if cfg.teacher or (cfg.resume and state.get("phase") == "student"):  # no network to build: it is loaded
-        saved = K.load_checkpoint(teacher_path)
-        check_teacher(saved, data, teacher_path)
-        teacher = to_device(K.model_from_checkpoint(saved), device, use_amp(cfg, device))
+    # 1. Teacher: reused, or trained here (ERM or group DRO on the last exit), or resumed
+    if cfg.teacher or state.get("phase") == "student":
+        teacher = load_teacher(cfg, Path(cfg.teacher) if cfg.teacher else out / "teacher.pt", data, device)
     else:
         teacher = train_phase(cfg, "teacher", new_model(cfg, "teacher", data, device), data, splits, device,
-                              cfg.teacher_epochs, teacher_batch_loss(cfg, splits, data, device),
-                              None, state, out, log)
-    teacher.eval()
+                              cfg.teacher_epochs, out, log, state)
     targets = teacher_targets(cfg, teacher, splits, data, device)
 
     # 2. Student: weighted KD on the last exit, readouts trained on the side, weights refreshed every epoch
-    student_state = state if state.get("phase") == "student" else {}  # the teacher's state stays behind
-    student = train_phase(cfg, "student", student, data, splits, device, cfg.epochs,
-                          student_batch_loss(cfg, splits, targets), weight_refresher(cfg, splits, data, device),
-                          student_state, out, log)
+    student = train_phase(cfg, "student", student, data, splits, device, cfg.epochs, out, log, state, targets)
 
     # 3. Summary on the test split
     metrics = {"dataset": data.name, "weighting": cfg.weighting, "seed": cfg.seed,
