@@ -159,7 +159,7 @@ def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
     def one_epoch(cfg: train.Config, role: str, model: K.EarlyExitNet, targets: Optional[Callable] = None) -> float:
         with tempfile.TemporaryDirectory() as out:
             return timed(lambda: train.train_phase(cfg, role, model, data, splits, device, 1, Path(out),
-                                                   lambda record: None, {}, targets), repeats, device)
+                                                   lambda record, epochs: None, {}, targets), repeats, device)
 
     bare_teacher = timed(bare_epoch(teacher, data, splits["train"], device, amp, cfg.batch_size), repeats, device)
     add("epoch_bare_loop", f"teacher cnn w={cfg.teacher_width}", bare_teacher, None)
@@ -241,15 +241,34 @@ def run_table(seeds: list[int], root: Path) -> None:
     (root / "table.md").write_text(table + "\n")
 
 
+def load_run(root: Path, name: str, seed: int) -> dict:
+    """A table run's metrics.json, with its weighted student epochs from log.jsonl under "epochs"."""
+    folder = root / f"{name}-seed{seed}"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    epochs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    metrics["epochs"] = [r for r in epochs if r["phase"] == "student" and "mean_weight" in r]
+    return metrics
+
+
+def grid_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
+    """The selection grid: mean validation / test worst-group accuracy of every (alpha, beta) and weighting,
+    the selected point in bold."""
+    lines = ["", "Selection grid: validation / test worst-group accuracy (%), mean over seeds", "",
+             "| α | β | " + " | ".join(TUNED_WEIGHTINGS) + " |", "|---|---|" + "---|" * len(TUNED_WEIGHTINGS)]
+    for a in GRID_ALPHAS:
+        for b in GRID_BETAS:
+            entries = []
+            for weighting in TUNED_WEIGHTINGS:
+                runs = [load_run(root, grid_name(weighting, a, b), s) for s in seeds]
+                entry = (f"{100 * statistics.mean(r['student']['val']['worst_group_acc'] for r in runs):.1f} / "
+                         f"{100 * statistics.mean(r['student']['test']['worst_group_acc'] for r in runs):.1f}")
+                entries.append(f"**{entry}**" if grid_name(weighting, a, b) == selected[weighting] else entry)
+            lines.append(f"| {a:g} | {b:g} | " + " | ".join(entries) + " |")
+    return lines
+
+
 def summarize_table(seeds: list[int], root: Path) -> str:
     """The markdown tables of the README from the runs' metrics.json and log.jsonl."""
-    def load(name: str, seed: int) -> dict:
-        folder = root / f"{name}-seed{seed}"
-        metrics = json.loads((folder / "metrics.json").read_text())
-        epochs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-        metrics["epochs"] = [r for r in epochs if r["phase"] == "student" and "mean_weight" in r]
-        return metrics
-
     def cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
         values = [v for v in values if v is not None]
         if not values:
@@ -258,7 +277,7 @@ def summarize_table(seeds: list[int], root: Path) -> str:
         return f"{scale * statistics.mean(values):.{digits}f}{spread}"
 
     def val_score(name: str) -> tuple[float, float]:
-        runs = [load(name, s) for s in seeds]
+        runs = [load_run(root, name, s) for s in seeds]
         return (statistics.mean(r["student"]["val"]["worst_group_acc"] for r in runs),
                 statistics.mean(r["student"]["val"]["avg_acc"] for r in runs))
 
@@ -275,7 +294,7 @@ def summarize_table(seeds: list[int], root: Path) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     per_seed = []
     for label, name in rows:
-        runs = [load(name, s) for s in seeds]
+        runs = [load_run(root, name, s) for s in seeds]
         epoch_mean = lambda key: [statistics.mean(e[key] for e in r["epochs"]) if r["epochs"] and
                                   r["epochs"][0].get(key) is not None else None for r in runs]
         values = [cell([r["student"]["val"]["worst_group_acc"] for r in runs]),
@@ -285,18 +304,8 @@ def summarize_table(seeds: list[int], root: Path) -> str:
                   cell(epoch_mean("posterior_logit_std_median"), 1.0, 3), cell(epoch_mean("weight_corr_temperature"), 1.0, 3)]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
         per_seed.append(f"{label}: " + " ".join(f"{100 * r['student']['test']['worst_group_acc']:.0f}" for r in runs))
-    grid = ["", "Selection grid: validation / test worst-group accuracy (%), mean over seeds", "",
-            "| α | β | " + " | ".join(TUNED_WEIGHTINGS) + " |", "|---|---|" + "---|" * len(TUNED_WEIGHTINGS)]
-    for a in GRID_ALPHAS:
-        for b in GRID_BETAS:
-            entries = []
-            for weighting in TUNED_WEIGHTINGS:
-                runs = [load(grid_name(weighting, a, b), s) for s in seeds]
-                entry = (f"{100 * statistics.mean(r['student']['val']['worst_group_acc'] for r in runs):.1f} / "
-                         f"{100 * statistics.mean(r['student']['test']['worst_group_acc'] for r in runs):.1f}")
-                entries.append(f"**{entry}**" if grid_name(weighting, a, b) == selected[weighting] else entry)
-            grid.append(f"| {a:g} | {b:g} | " + " | ".join(entries) + " |")
-    teachers = {objective: [load(name, s)["teacher"]["test"] for s in seeds]
+    grid = grid_lines(seeds, root, selected)
+    teachers = {objective: [load_run(root, name, s)["teacher"]["test"] for s in seeds]
                 for objective, name in (("group DRO", "none"), ("ERM", "erm"))}
     shortcut = ["", "| teacher objective | test avg | test worst-group |", "|---|---|---|"] + [
         f"| {objective} | {cell([m['avg_acc'] for m in runs])} | {cell([m['worst_group_acc'] for m in runs])} |"

@@ -77,6 +77,20 @@ def budget_curve(probs_val: torch.Tensor, probs_test: torch.Tensor, y_test: torc
     return curve
 
 
+def prediction_sets(logits_val: torch.Tensor, y_val: torch.Tensor, test: tuple, y_test: torch.Tensor,
+                    laplaces: list[K.KFACLaplace], args: argparse.Namespace, seed: int, device: torch.device) -> dict:
+    """Per-exit size, coverage and nestedness on test of the Dirichlet AVCS (thresholds tuned on val; also without
+    the running intersection) and of the Laplace-AVCS. ``test`` is predict_split's (logits (K, N, c), features)."""
+    thresholds = K.tune_avcs_thresholds(logits_val, y_val, args.alpha, generator=K.seeded_generator(seed, device))
+    avcs = K.set_metrics(K.avcs_sets(test[0], thresholds, args.alpha, True, K.seeded_generator(seed, device)), y_test)
+    avcs_plain = K.set_metrics(K.avcs_sets(test[0], thresholds, args.alpha, False, K.seeded_generator(seed, device)),
+                               y_test)
+    laplace_sets = K.laplace_avcs_sets(laplaces, test[1], args.alpha, args.n_samples, True,
+                                       K.seeded_generator(seed, device))
+    return {"avcs": {"threshold": thresholds, **avcs, "nestedness_without_intersection": avcs_plain["nestedness"]},
+            "laplace_avcs": K.set_metrics(laplace_sets, y_test)}
+
+
 def report(args: argparse.Namespace) -> dict:
     path = resolve_checkpoint(Path(args.checkpoint))
     checkpoint = K.load_checkpoint(path)
@@ -119,27 +133,14 @@ def report(args: argparse.Namespace) -> dict:
         probs[split]["MIE"] = K.mie_ensemble(probs[split]["MAP"], flops)
     methods = ["MAP", "Laplace", "MIE", "MIE+Laplace"]
 
-    # Anytime-valid sets: Dirichlet AVCS (thresholds tuned on val) and Laplace-AVCS, on test
-    thresholds = K.tune_avcs_thresholds(outputs["val"][0], val.labels, args.alpha,
-                                        generator=K.seeded_generator(seed, device))
-    avcs = K.set_metrics(K.avcs_sets(outputs["test"][0], thresholds, args.alpha, True,
-                                     K.seeded_generator(seed, device)), test.labels)
-    avcs_plain = K.set_metrics(K.avcs_sets(outputs["test"][0], thresholds, args.alpha, False,
-                                           K.seeded_generator(seed, device)), test.labels)
-    laplace_sets = K.laplace_avcs_sets(tuned, outputs["test"][1], args.alpha, args.n_samples, True,
-                                       K.seeded_generator(seed, device))
-    laplace_avcs = K.set_metrics(laplace_sets, test.labels)
-
+    sets = prediction_sets(outputs["val"][0], val.labels, outputs["test"], test.labels, tuned, args, seed, device)
     exits = []
     for k in range(n_exits):
         exits.append({
             "exit": k, "flops": flops[k],
             "laplace": {"temperature": tuned[k].temperature, "prior_precision": tuned[k].prior_precision},
             **{m: classification_metrics(probs["test"][m][k], test, data.n_groups) for m in methods},
-            "avcs": {"threshold": float(thresholds[k]), "size": float(avcs["size"][k]),
-                     "coverage": float(avcs["coverage"][k]), "nestedness": float(avcs["nestedness"][k]),
-                     "nestedness_without_intersection": float(avcs_plain["nestedness"][k])},
-            "laplace_avcs": {name: float(values[k]) for name, values in laplace_avcs.items()},
+            **{key: {name: float(values[k]) for name, values in metrics.items()} for key, metrics in sets.items()},
             "reliability": {m: [t.tolist() for t in K.reliability_bins(probs["test"][m][k], test.labels)]
                             for m in ("MAP", "Laplace")}})  # per bin: count, confidence sum, correct count
     curves = {m: budget_curve(probs["val"][m], probs["test"][m], test.labels, flops) for m in ("MAP", "MIE+Laplace")}

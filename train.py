@@ -349,7 +349,7 @@ def student_step(cfg: Config, model: Callable, x: torch.Tensor, y: torch.Tensor,
 
 
 def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, splits: dict,
-                device: torch.device, epochs: int, out: Path, log: Callable[[dict], None], state: dict,
+                device: torch.device, epochs: int, out: Path, log: Callable[[dict, int], None], state: dict,
                 targets: Optional[Callable] = None) -> K.EarlyExitNet:
     """Train ``role`` ("teacher", or "student" distilling ``targets``) with nesterov SGD on the one-cycle
     schedule. After every epoch: validation, the readout's new sample weights (student), OUT/<role>.pt when the
@@ -406,13 +406,9 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
         if score > (best["worst_group_acc"], best["avg_acc"]):
             best = {"worst_group_acc": score[0], "avg_acc": score[1], "epoch": epoch}
             save(cfg, role, model, data, out / f"{role}.pt", best=best)
-        record = {"phase": role, "epoch": epoch, "seconds": round(seconds, 3), "train_loss": train_loss,
-                  "val_avg_acc": val_metrics["avg_acc"], "val_worst_group_acc": val_metrics["worst_group_acc"],
-                  "images_per_s": round(len(train) / seconds, 1), "lr": lr, **info}
-        log(record)
-        print(f"{role} epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  val avg {val_metrics['avg_acc']:.3f}  "
-              f"worst-group {val_metrics['worst_group_acc']:.3f}  {seconds:.1f}s  {record['images_per_s']:.0f} img/s"
-              + weighting_summary(info), flush=True)
+        log({"phase": role, "epoch": epoch, "seconds": round(seconds, 3), "train_loss": train_loss,
+             "val_avg_acc": val_metrics["avg_acc"], "val_worst_group_acc": val_metrics["worst_group_acc"],
+             "images_per_s": round(len(train) / seconds, 1), "lr": lr, **info}, epochs)
         save(cfg, role, model, data, out / "last.pt", phase=role, epoch=epoch, best=best,
              optimizer=optimizer.state_dict(), generator=generator.get_state(), group_weights=group_weights,
              sample_weights=sample_weights)
@@ -421,16 +417,19 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
     return model
 
 
-def weighting_summary(info: dict) -> str:
-    """The key readout diagnostics of an epoch, for its printed line ('' when the epoch has none)."""
-    if "mean_weight" not in info:
-        return ""
-    parts = [f"T {info['readout_temperature']:g}" if info["readout_temperature"] is not None else "",
-             f"s2 {info['readout_prior_variance']:.3g}" if info["readout_prior_variance"] is not None else "",
-             f"logit std {info['posterior_logit_std_median']:.3f}" if "posterior_logit_std_median" in info else "",
-             "up " + "/".join(f"{share:.2f}" if share is not None else "-" for share in info["upweighted_share"]),
-             f"corr(T) {info['weight_corr_temperature']:.3f}" if info["weight_corr_temperature"] is not None else ""]
-    return "  | " + "  ".join(part for part in parts if part)
+def epoch_line(record: dict, epochs: int) -> str:
+    """The printed line of an epoch's log record, with the key readout diagnostics where the epoch has them."""
+    line = (f"{record['phase']} epoch {record['epoch']:3d}/{epochs}  loss {record['train_loss']:.4f}  val avg "
+            f"{record['val_avg_acc']:.3f}  worst-group {record['val_worst_group_acc']:.3f}  {record['seconds']:.1f}s  "
+            f"{record['images_per_s']:.0f} img/s")
+    if "mean_weight" not in record:
+        return line
+    parts = [f"T {record['readout_temperature']:g}" if record["readout_temperature"] is not None else "",
+             f"s2 {record['readout_prior_variance']:.3g}" if record["readout_prior_variance"] is not None else "",
+             f"logit std {record['posterior_logit_std_median']:.3f}" if "posterior_logit_std_median" in record else "",
+             "up " + "/".join(f"{share:.2f}" if share is not None else "-" for share in record["upweighted_share"]),
+             f"corr(T) {record['weight_corr_temperature']:.3f}" if record["weight_corr_temperature"] is not None else ""]
+    return line + "  | " + "  ".join(part for part in parts if part)
 
 
 # ── The pipeline ─────────────────────────────────────────────────────────────────────────────────────────
@@ -478,9 +477,10 @@ def run(cfg: Config) -> dict:
           f"{data.n_classes} classes, {data.n_groups} groups; device {device}"
           f"{' (bf16 autocast)' if K.run_uses_bf16(asdict(cfg), device) else ''}; out {out}")
 
-    def log(record: dict) -> None:
+    def log(record: dict, epochs: int) -> None:  # one line of log.jsonl and one printed line per epoch
         with open(out / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        print(epoch_line(record, epochs), flush=True)
 
     # 1. Teacher: reused, or trained here (ERM or group DRO on the last exit), or resumed
     if cfg.teacher or state.get("phase") == "student":
