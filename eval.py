@@ -4,7 +4,7 @@ prediction sets, and the budgeted early-exit curve.
     python eval.py runs/synth/laplace-seed0                      # the run's student.pt
     python eval.py runs/waterbirds/laplace-seed0/teacher.pt --data-root DIR --json report.json --plot figures/
 
-Per exit (Meronen et al. 2023's table): MAP, +Laplace, +MIE, +MIE+Laplace, each with top-1, top-5 (c >= 5),
+Per exit (Meronen et al. 2024's table): MAP, +Laplace, +MIE, +MIE+Laplace, each with top-1, top-5 (c >= 5),
 NLPD, ECE and worst-group accuracy on test; the KFAC Laplace is fit on train, (T, sigma^2) tuned on val.
 Sets (Jazbec et al. 2024): Dirichlet AVCS with thresholds tuned on val, and Laplace-AVCS.
 """

@@ -157,7 +157,7 @@ def early_exit_loss(logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor
 class KFACLaplace:
     """Kronecker-factored Laplace posterior over one exit's last linear layer, in closed form.
 
-    Fit (Ritter et al. 2018, *A Scalable Laplace Approximation for Neural Networks*; Meronen et al. 2023,
+    Fit (Ritter et al. 2018, *A Scalable Laplace Approximation for Neural Networks*; Meronen et al. 2024,
     *Fixing Overconfidence in Dynamic Neural Networks*, section 3), with ``phi~ = [phi, 1]``, ``p_n`` the MAP
     softmax probabilities and ``N`` samples:
 
@@ -176,7 +176,7 @@ class KFACLaplace:
     ``weight`` (c, p+1) (``W~``; width p without a bias), ``has_bias``.
     """
 
-    # Meronen et al. (2023)'s validation grids for the logit temperature and the prior variance sigma^2
+    # Meronen et al. (2024)'s validation grids for the logit temperature and the prior variance sigma^2
     TEMPERATURE_GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0)
     PRIOR_VARIANCE_GRID = (0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0)
 
@@ -314,7 +314,7 @@ class KFACLaplace:
         """Predictive probabilities (N, c) with the logit temperature ``T`` applied.
 
         ``link="mc"``: ``(1/S) sum_s softmax(z_s / T)``.  ``link="probit"``:
-        ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))`` (MacKay 1992; Meronen et al. 2023).
+        ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))`` (MacKay 1992; Meronen et al. 2024).
         Probabilities that underflow are 0: where their logarithm matters (KD targets, likelihood ratios)
         use :meth:`log_predict`."""
         return self._predictive(features, n_samples, link, generator, log=False)
@@ -403,7 +403,7 @@ def tune_temperature(logits_val: Tensor, y_val: Tensor,
 
     ``argmin_T -(1/N) sum_n log softmax(z_n / T)_{y_n}`` over the same grid and criterion as :func:`tune_laplace`,
     with no posterior: the baseline that isolates what the Laplace adds to a tuned temperature. The default grid
-    is Meronen et al. (2023)'s (``KFACLaplace.TEMPERATURE_GRID``).
+    is Meronen et al. (2024)'s (``KFACLaplace.TEMPERATURE_GRID``).
     Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, section 4.2 (here on a grid).
     Shapes: ``logits_val`` (N, c), ``y_val`` (N,).
     """
@@ -422,7 +422,7 @@ def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor,
     """Copy of ``laplace`` with the ``(T, sigma^2)`` of the grid that minimises validation NLL.
 
     ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (``p_hat`` clamped at 1e-12); no refit (the
-    factors are shared). Meronen et al. (2023), section 4 and appendix: grids ``T in {0.3..3.0}``,
+    factors are shared). Meronen et al. (2024), section 4 and appendix: grids ``T in {0.3..3.0}``,
     ``sigma^2 in {0.5..4.0}``. Shapes: ``features_val`` (N, p), ``y_val`` (N,).
     Copy it with :class:`KFACLaplace`.
     """
@@ -496,7 +496,7 @@ def cross_fitted_laplace_predict(laplace: KFACLaplace, features: Tensor, n_folds
 def mie_ensemble(probs: Tensor, flops: Tensor) -> Tensor:
     """Model-internal ensemble: ``p_k^ens = sum_{m<=k} w_m p_m / sum_{m<=k} w_m`` with ``w_m`` = cumulative FLOPs.
 
-    Later (costlier, usually better) exits weigh more. Meronen et al. (2023), section 3.3, eq. (6).
+    Later (costlier, usually better) exits weigh more. Meronen et al. (2024), section 3.3, eq. (6).
     Shapes: ``probs`` (K, N, c), ``flops`` (K,) -> (K, N, c).
     """
     flops = torch.as_tensor(flops, dtype=probs.dtype, device=probs.device)
@@ -516,7 +516,7 @@ def tune_laplace_ensemble(laplaces: Sequence[KFACLaplace], features_val: Sequenc
     """Greedy exit-by-exit tuning for the model-internal ensemble: exit ``k``'s ``(T, sigma^2)`` minimises the
     validation NLL of the FLOPs-weighted ensemble of exits ``<= k``, earlier exits fixed.
 
-    Meronen et al. (2023), section 3.3 ("MIE + Laplace"). ``features_val[k]`` is (N, p_k); ``flops`` (K,).
+    Meronen et al. (2024), section 3.3 ("MIE + Laplace"). ``features_val[k]`` is (N, p_k); ``flops`` (K,).
     Copy it with :class:`KFACLaplace`.
     """
     if not len(laplaces) == len(features_val) == len(flops):
@@ -573,7 +573,7 @@ def budget_thresholds(confidences_val: Tensor, level: float) -> Tensor:
 def early_exit(probs: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
     """Budgeted early exit: each input leaves at the first exit ``k`` with ``max_c p_k >= threshold_k``.
 
-    The last exit takes everything that is left. Meronen et al. (2023), section 4.
+    The last exit takes everything that is left. Meronen et al. (2024), section 4.
     Shapes: ``probs`` (K, N, c), ``thresholds`` (K,) -> ``exit_index`` (N,) int64, ``probs`` (N, c).
     """
     if probs.dim() != 3 or thresholds.shape != probs.shape[:1]:
@@ -1024,7 +1024,7 @@ class EarlyExitNet(nn.Module):
     ``forward(x)`` -> K logits (N, c), first exit first; ``forward_features(x)`` -> K features (N, p_k), the
     inputs of each head's ``linear`` (one pass computes all). ``detach_exits=True`` (DEDIER's readouts, the
     default) feeds the early heads detached stage outputs, so they never push gradients into the backbone;
-    ``False`` trains the exits jointly (Meronen et al. 2023's early-exit loss averages over exits).
+    ``False`` trains the exits jointly (Meronen et al. 2024's early-exit loss averages over exits).
     ``exit_flops[k]`` = multiply-adds of one input up to and including exit k (earlier heads included),
     counted from the modules by forward hooks at construction."""
 

@@ -1,5 +1,6 @@
 """Tests for kdlaplace: every numerical routine against a brute-force float64 reference, then the networks,
 the data loaders on tiny datasets written in their real formats, and the two scripts end to end."""
+import ast
 import copy
 import csv
 import json
@@ -15,7 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
+import eval as evaluate_script
 import kdlaplace as K
+import train  # the scripts are importable: their work happens in main()
 
 torch.set_num_threads(2)
 HERE = Path(__file__).resolve().parent
@@ -696,7 +700,6 @@ def test_nlpd_and_top_k():
 
 def module_units():
     """{name: (source, names of the module's units it uses)} for the top-level defs of sections 1-5."""
-    import ast
     source = Path(K.__file__).read_text()
     tree, lines = ast.parse(source), source.splitlines()
     networks = next(i for i, line in enumerate(lines) if line.startswith("#  6. Networks")) + 1
@@ -781,6 +784,21 @@ def unit_examples():
         "nlpd": lambda m: m.nlpd(probs[0], y[:8]),
         "top_k_accuracy": lambda m: m.top_k_accuracy(probs[0], y[:8], 2),
     }
+
+
+def test_the_module_defines_every_name_before_its_first_use():
+    tree = ast.parse(Path(K.__file__).read_text())
+    position = {}
+    for index, node in enumerate(tree.body):
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t for n in (node.targets if isinstance(node, ast.Assign) else []) for t in ast.walk(n)]
+        for target in targets:
+            name = getattr(target, "name", getattr(target, "id", None))
+            if name is not None:
+                position[name] = index
+    late = [(getattr(node, "name", "?"), name) for index, node in enumerate(tree.body)
+            for name in {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} if position.get(name, -1) > index]
+    assert not late
 
 
 def test_every_unit_of_the_mathematics_runs_copied_on_its_own():
@@ -1143,8 +1161,6 @@ def test_cifar100_loader_reads_the_pickles(tmp_path):
 # ──────────────────────────────────────────────────────────────────────────────
 # train.py and eval.py end to end
 # ──────────────────────────────────────────────────────────────────────────────
-import train  # noqa: E402  (the scripts are importable: their work happens in main())
-import eval as evaluate_script  # noqa: E402
 
 TINY = ["--synth-n-train", "64", "--epochs", "2", "--teacher-epochs", "1", "--width", "4", "--teacher-width", "4",
         "--batch-size", "32", "--device", "cpu"]
@@ -1447,7 +1463,6 @@ def test_resume_with_more_epochs_continues_the_run(tmp_path):
 
 
 def test_table_runner_selects_each_weighting_on_validation_and_skips_finished_runs(tmp_path, monkeypatch):
-    import bench
     tiny = [flag for flag in TINY if flag not in ("--epochs", "2")] + ["--epochs", "1"]
     monkeypatch.setattr(bench, "TABLE_FLAGS", tiny)
     monkeypatch.setattr(bench, "SHORTCUT_CHECK", ["--weighting", "none", "--teacher-objective", "erm", *tiny])
