@@ -305,6 +305,16 @@ def summarize_table(seeds: list[int], root: Path) -> str:
         lines.append(f"| {label} | " + " | ".join(values) + " |")
         per_seed.append(f"{label}: " + " ".join(f"{100 * r['student']['test']['worst_group_acc']:.0f}" for r in runs))
     grid = grid_lines(seeds, root, selected)
+    posterior = ["", "Posterior of the readout on the training inputs (selected runs; mean over the weighted epochs, then "
+                     "over seeds): tuned T and sigma^2, and the posterior standard deviation of the temperature-scaled "
+                     "logits per group", "", "| weighting | T | σ² | logit std g0 | g1 | g2 | g3 |", "|---|---|---|---|---|---|---|"]
+    for weighting in [w for w in TUNED_WEIGHTINGS if w.startswith("laplace")]:
+        epochs = [e for s in seeds for e in load_run(root, selected[weighting], s)["epochs"]]
+        stds = [statistics.mean(e["posterior_logit_std"][g] for e in epochs if e["posterior_logit_std"][g] is not None)
+                for g in range(len(epochs[0]["posterior_logit_std"]))]
+        posterior.append(f"| {weighting} | {statistics.mean(e['readout_temperature'] for e in epochs):.2f} | "
+                         f"{statistics.mean(e['readout_prior_variance'] for e in epochs):.3g} | "
+                         + " | ".join(f"{v:.3f}" for v in stds) + " |")
     teachers = {objective: [load_run(root, name, s)["teacher"]["test"] for s in seeds]
                 for objective, name in (("group DRO", "none"), ("ERM", "erm"))}
     shortcut = ["", "| teacher objective | test avg | test worst-group |", "|---|---|---|"] + [
@@ -313,7 +323,7 @@ def summarize_table(seeds: list[int], root: Path) -> str:
     wall = sum(float(path.read_text()) for s in seeds for name, _ in table_runs()
                for path in [root / f"{name}-seed{s}" / "wall_seconds.txt"] if path.exists())
     return "\n".join(lines + ["", "student test worst-group accuracy per seed (%): " + "; ".join(per_seed)] + grid
-                     + shortcut + ["", f"{len(seeds) * len(table_runs())} runs, {wall / 60:.0f} min of train.py in all "
+                     + posterior + shortcut + ["", f"{len(seeds) * len(table_runs())} runs, {wall / 60:.0f} min of train.py in all "
                                        f"(wall time of the runs, one at a time)"])
 
 
