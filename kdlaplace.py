@@ -921,6 +921,22 @@ def adjusted_average_accuracy(group_accuracy: Tensor, train_group_counts: Tensor
     return float((torch.nan_to_num(group_accuracy.double()) * counts).sum() / counts.sum())
 
 
+def group_means(values: Tensor, groups: Tensor, n_groups: int) -> list[Optional[float]]:
+    """Mean of ``values`` within each group, ``sum_{n: g_n = g} v_n / |{n: g_n = g}|``; None for an empty group.
+    Shapes: ``values``, ``groups`` (N,) -> a list of ``n_groups`` floats."""
+    sums = torch.bincount(groups, weights=values.double(), minlength=n_groups)  # (G,)
+    counts = torch.bincount(groups, minlength=n_groups)  # (G,)
+    return [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
+
+
+def pearson_correlation(a: Tensor, b: Tensor) -> Optional[float]:
+    """Pearson correlation ``sum (a - mean a)(b - mean b) / (||a - mean a|| ||b - mean b||)`` of two (N,) tensors,
+    in float64; None when either is constant (e.g. all sample weights 1)."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    denominator = float(a.norm() * b.norm())
+    return float(a @ b) / denominator if denominator > 0 else None
+
+
 def reliability_bins(probs: Tensor, y: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
     """Equal-width confidence bins ``(b/B, (b+1)/B]`` (0 in the first, exactly 1.0 in the last): per bin the count
     ``n_b``, the summed confidence and the number correct, each (B,) float64. Confidence = max probability.

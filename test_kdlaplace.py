@@ -684,6 +684,16 @@ def test_ece_matches_explicit_loop_with_confidence_one():
     assert K.expected_calibration_error(probs, y) == pytest.approx(total, abs=1e-12)
 
 
+def test_group_means_and_pearson_correlation_by_hand():
+    values = torch.tensor([1.0, 2.0, 4.0, 8.0, 3.0], dtype=f64)
+    groups = torch.tensor([0, 0, 2, 2, 2])
+    assert K.group_means(values, groups, 4) == [1.5, None, 5.0, None]
+    a, b = torch.randn(50, generator=seeded(60), dtype=f64), torch.randn(50, generator=seeded(61), dtype=f64)
+    assert K.pearson_correlation(a, a + 0.5 * b) == pytest.approx(float(np.corrcoef(a.numpy(), (a + 0.5 * b).numpy())[0, 1]),
+                                                                  rel=1e-12)
+    assert K.pearson_correlation(a, torch.ones(50)) is None
+
+
 def test_nlpd_and_top_k():
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.0, 0.1, 0.9]], dtype=f64)
     y = torch.tensor([1, 0])
@@ -779,6 +789,8 @@ def unit_examples():
         "worst_group_accuracy": lambda m: m.worst_group_accuracy(probs[0].argmax(-1), y[:8], groups, 4),
         "adjusted_average_accuracy": lambda m: m.adjusted_average_accuracy(torch.tensor([0.9, 0.5, 0.7, 1.0]),
                                                                            torch.tensor([10, 2, 1, 5])),
+        "group_means": lambda m: torch.tensor(m.group_means(probs[0, :, 0], groups, 4), dtype=f64),
+        "pearson_correlation": lambda m: m.pearson_correlation(probs[0, :, 0], probs[1, :, 0]),
         "reliability_bins": lambda m: m.reliability_bins(probs[0], y[:8], 5),
         "expected_calibration_error": lambda m: m.expected_calibration_error(probs[0], y[:8]),
         "nlpd": lambda m: m.nlpd(probs[0], y[:8]),

@@ -234,20 +234,6 @@ def readout_pass(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.Spu
     return logits[0], features
 
 
-def per_group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> list[Optional[float]]:
-    """Mean of ``values`` (N,) within each group; None for an empty group."""
-    sums = torch.bincount(groups, weights=values.double(), minlength=n_groups)
-    counts = torch.bincount(groups, minlength=n_groups)
-    return [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
-    """Pearson correlation of two (N,) tensors; None when either is constant (e.g. all weights 1)."""
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denominator = float(a.norm() * b.norm())
-    return float(a @ b) / denominator if denominator > 0 else None
-
-
 def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                     device: torch.device, epoch: int) -> tuple[torch.Tensor, dict]:
     """DEDIER weights ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, from one eval-mode
@@ -282,11 +268,11 @@ def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.
             logit_std = laplace.logit_std(train_features)  # (N,)
         weights = K.dedier_weights(probs, train.labels, cfg.alpha, cfg.beta)
         info.update(readout_temperature=laplace.temperature, readout_prior_variance=1.0 / laplace.prior_precision,
-                    posterior_logit_std=per_group_mean(logit_std, train.groups, data.n_groups),
+                    posterior_logit_std=K.group_means(logit_std, train.groups, data.n_groups),
                     posterior_logit_std_median=float(logit_std.median()))
-    info.update(upweighted_share=per_group_mean((weights > 1).double(), train.groups, data.n_groups),
-                mean_weight=per_group_mean(weights, train.groups, data.n_groups),
-                weight_corr_temperature=pearson(weights, temperature_weights))
+    info.update(upweighted_share=K.group_means((weights > 1).double(), train.groups, data.n_groups),
+                mean_weight=K.group_means(weights, train.groups, data.n_groups),
+                weight_corr_temperature=K.pearson_correlation(weights, temperature_weights))
     return weights, info
 
 
