@@ -1449,6 +1449,10 @@ def test_train_rejects_bad_runs_without_a_traceback(tiny_runs, tmp_path, capsys)
     saved["dataset"] = "cifar100"
     torch.save(saved, tmp_path / "cifar_teacher.pt")
     cases.append((["--teacher", str(tmp_path / "cifar_teacher.pt"), "--out", str(tmp_path / "t")], "another dataset"))
+    old_last = {key: value for key, value in K.load_checkpoint(root / "none" / "last.pt").items()
+                if key != "sample_weights"}  # a last.pt of the scheduler-based train.py had no sample_weights
+    K.atomic_save(old_last, tmp_path / "old" / "last.pt")
+    cases.append((["--resume", "--out", str(tmp_path / "old")], "written by an earlier version"))
     for flags, message in cases:
         with pytest.raises(SystemExit) as stopped:
             train.main(TINY + flags)

@@ -433,6 +433,9 @@ def resume_state(cfg: Config, out: Path) -> dict:
     if not last.is_file():
         raise FileNotFoundError(f"--resume: no {last} to resume from (run without --resume first)")
     state = K.load_checkpoint(last)
+    if "sample_weights" not in state:
+        raise ValueError(f"--resume: {last} was written by an earlier version of train.py (before lr_at); "
+                         "start the run again without --resume")
     saved = state["config"]
     if (saved["dataset"], saved["arch"], saved["teacher_arch"]) != (cfg.dataset, cfg.arch, cfg.teacher_arch):
         raise ValueError(f"--resume: {last} is a run of dataset {saved['dataset']} with arch {saved['arch']} / "
