@@ -59,52 +59,52 @@ DATASET_DEFAULTS = {
 }
 
 
+def flag(default, help: str, choices=None):
+    """A Config field: its default, its --help text and its allowed values."""
+    return field(default=default, metadata={"help": help, "choices": None if choices is None else list(choices)})
+
+
 @dataclass
 class Config:
     """Every flag of train.py; ``None`` means "the dataset's default" (DATASET_DEFAULTS)."""
-    dataset: str = field(default="synth", metadata={"help": "the benchmark", "choices": list(K.DATASETS)})
-    data_root: Optional[str] = field(default=None, metadata={"help": "folder of the dataset, not for synth (default: "
-                                                                     "$KDLAPLACE_DATA/<dataset>, else ./data/<dataset>)"})
-    weighting: str = field(default="dedier-ts", metadata={"help": "sample weights from the readout (module docstring; "
-                                                                  "the default: README, Results)",
-                                                        "choices": list(WEIGHTINGS)})
-    arch: Optional[str] = field(default=None, metadata={"help": "student architecture", "choices": list(K.ARCHITECTURES)})
-    teacher_arch: Optional[str] = field(default=None, metadata={"help": "teacher architecture",
-                                                                "choices": list(K.ARCHITECTURES)})
-    width: Optional[int] = field(default=None, metadata={"help": "student width (arch cnn only)"})
-    teacher_width: Optional[int] = field(default=None, metadata={"help": "teacher width (arch cnn only)"})
-    pretrained: Optional[str] = field(default=None, metadata={"help": "student weights: imagenet, none, or a "
-                                                                      "torchvision-format state dict path"})
-    teacher_pretrained: Optional[str] = field(default=None, metadata={
-        "help": "teacher weights, same values as --pretrained (default: as --pretrained when the architectures "
-                "match, else the dataset's --pretrained)"})
-    teacher: Optional[str] = field(default=None, metadata={"help": "reuse this trained teacher.pt instead of training one"})
-    teacher_objective: Optional[str] = field(default=None, metadata={
-        "help": "erm, or gdro: group DRO with online group weights", "choices": ["erm", "gdro"]})
-    teacher_targets: str = field(default="softmax", metadata={
-        "help": "KD targets: the teacher's softmax or its Laplace predictive", "choices": ["softmax", "laplace"]})
-    epochs: Optional[int] = field(default=None, metadata={"help": "student epochs (in total, with --resume)"})
-    teacher_epochs: Optional[int] = field(default=None, metadata={"help": "teacher epochs"})
-    batch_size: Optional[int] = field(default=None, metadata={"help": "batch size"})
-    lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate of the one-cycle schedule"})
-    weight_decay: Optional[float] = field(default=None, metadata={"help": "weight decay"})
-    lam: Optional[float] = field(default=None, metadata={"help": "KD share in [0, 1]: (1 - lam) CE + lam KD"})
-    temperature: Optional[float] = field(default=None, metadata={"help": "KD temperature T > 0"})
-    alpha: Optional[float] = field(default=None, metadata={"help": "exponent on the readout margin (> 0)"})
-    beta: Optional[float] = field(default=None, metadata={"help": "scale of the weights exp(beta * margin ** alpha) (>= 0)"})
-    readout_exit: int = field(default=0, metadata={"help": "which student exit is the readout (0 = the first)"})
-    joint_exits: bool = field(default=False, metadata={"help": "train the exits jointly instead of on detached features"})
-    gdro_step: float = field(default=0.01, metadata={"help": "group DRO step size eta"})
-    image_size: Optional[int] = field(default=None, metadata={"help": "input size of the JPEG datasets (default 224)"})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "where decoded images are cached"})
-    synth_n_train: int = field(default=4800, metadata={"help": "synth training images (val = 1/4, test = 1/2 of it)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the networks"})
-    float32: bool = field(default=False, metadata={"help": "no bf16 autocast, even where it is fast (CUDA, CPUs "
-                                                           "with AVX512-BF16 or AMX)"})
-    out: Optional[str] = field(default=None, metadata={"help": "output folder (default runs/<dataset>/<weighting>-seed<seed>)"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt"})
+    dataset: str = flag("synth", "the benchmark", K.DATASETS)
+    data_root: Optional[str] = flag(None,
+        "folder of the dataset, not for synth (default: $KDLAPLACE_DATA/<dataset>, else ./data/<dataset>)")
+    weighting: str = flag("dedier-ts",
+        "sample weights from the readout (module docstring; the default: README, Results)", WEIGHTINGS)
+    arch: Optional[str] = flag(None, "student architecture", K.ARCHITECTURES)
+    teacher_arch: Optional[str] = flag(None, "teacher architecture", K.ARCHITECTURES)
+    width: Optional[int] = flag(None, "student width (arch cnn only)")
+    teacher_width: Optional[int] = flag(None, "teacher width (arch cnn only)")
+    pretrained: Optional[str] = flag(None, "student weights: imagenet, none, or a torchvision-format state dict path")
+    teacher_pretrained: Optional[str] = flag(None,
+        "teacher weights, same values as --pretrained (default: as --pretrained when the architectures match, "
+        "else the dataset's --pretrained)")
+    teacher: Optional[str] = flag(None, "reuse this trained teacher.pt instead of training one")
+    teacher_objective: Optional[str] = flag(None, "erm, or gdro: group DRO with online group weights", ["erm", "gdro"])
+    teacher_targets: str = flag("softmax",
+        "KD targets: the teacher's softmax or its Laplace predictive", ["softmax", "laplace"])
+    epochs: Optional[int] = flag(None, "student epochs (in total, with --resume)")
+    teacher_epochs: Optional[int] = flag(None, "teacher epochs")
+    batch_size: Optional[int] = flag(None, "batch size")
+    lr: Optional[float] = flag(None, "peak learning rate of the one-cycle schedule")
+    weight_decay: Optional[float] = flag(None, "weight decay")
+    lam: Optional[float] = flag(None, "KD share in [0, 1]: (1 - lam) CE + lam KD")
+    temperature: Optional[float] = flag(None, "KD temperature T > 0")
+    alpha: Optional[float] = flag(None, "exponent on the readout margin (> 0)")
+    beta: Optional[float] = flag(None, "scale of the weights exp(beta * margin ** alpha) (>= 0)")
+    readout_exit: int = flag(0, "which student exit is the readout (0 = the first)")
+    joint_exits: bool = flag(False, "train the exits jointly instead of on detached features")
+    gdro_step: float = flag(0.01, "group DRO step size eta")
+    image_size: Optional[int] = flag(None, "input size of the JPEG datasets (default 224)")
+    cache_dir: Optional[str] = flag(None, "where decoded images are cached")
+    synth_n_train: int = flag(4800, "synth training images (val = 1/4, test = 1/2 of it)")
+    seed: int = flag(0, "random seed")
+    device: str = flag("auto", "auto, cpu or cuda", ["auto", "cpu", "cuda"])
+    compile: bool = flag(False, "torch.compile the networks")
+    float32: bool = flag(False, "no bf16 autocast, even where it is fast (CUDA, CPUs with AVX512-BF16 or AMX)")
+    out: Optional[str] = flag(None, "output folder (default runs/<dataset>/<weighting>-seed<seed>)")
+    resume: bool = flag(False, "continue from OUT/last.pt")
 
 
 def dataset_default_help(name: str) -> str:
