@@ -193,7 +193,7 @@ def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.dev
                          f"a local torchvision-format state dict: {flag} FILE") from None
     except ValueError as error:
         raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}") from None
-    return K.model_to_device(model, device, K.run_uses_bf16(asdict(cfg), device))
+    return K.model_to_device(model, device, K.run_uses_bf16(vars(cfg), device))
 
 
 def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
@@ -204,7 +204,7 @@ def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.
     With no augmentation or flips only, the targets of both views of every training image are computed once and
     looked up: the teacher's forward pass costs more than the student's whole step."""
     teacher.eval()
-    last, amp = len(teacher.heads) - 1, K.run_uses_bf16(asdict(cfg), device)
+    last, amp = len(teacher.heads) - 1, K.run_uses_bf16(vars(cfg), device)
     head = teacher.heads[last].linear
     if cfg.teacher_targets == "laplace":
         _, (train_features,) = K.predict_split(teacher, splits["train"], data.mean, data.std, device, exits=[last])
@@ -227,7 +227,9 @@ def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.
     table = torch.empty(2, len(train), data.n_classes, device=device)  # (view, N, c): as is, mirrored
     for index in torch.arange(len(train), device=device).split(512):
         x = K.prepare_batch(K.batch_images(train, index, device), data.mean, data.std, channels_last=amp)
-        table[0, index], table[1, index] = compute(x), compute(x.flip(-1))  # a flip commutes with normalising
+        table[0, index] = compute(x)
+        if data.augment == "flip":  # a flip commutes with normalising; without augmentation view 1 is never read
+            table[1, index] = compute(x.flip(-1))
     return lambda x, index, flips: table[0 if flips is None else flips.long().to(device), index]  # (B, c)
 
 
@@ -237,7 +239,7 @@ def readout_pass(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.Spu
                  device: torch.device, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The readout exit's logits (N, c) and head features (N, p) on one split (eval mode, float32 heads)."""
     logits, (features,) = K.predict_split(student, splits[split], data.mean, data.std, device,
-                                          exits=[cfg.readout_exit], amp=K.run_uses_bf16(asdict(cfg), device))
+                                          exits=[cfg.readout_exit], amp=K.run_uses_bf16(vars(cfg), device))
     return logits[0], features
 
 
@@ -305,7 +307,7 @@ def readout_calibration(cfg: Config, student: K.EarlyExitNet, splits: dict, data
 def evaluate(cfg: Config, model: K.EarlyExitNet, split: K.Split, data: K.SpuriousDataset, device: torch.device) -> dict:
     """Average, worst-group and per-group accuracy of the last exit on a split."""
     logits, _ = K.predict_split(model, split, data.mean, data.std, device, exits=[len(model.heads) - 1],
-                                amp=K.run_uses_bf16(asdict(cfg), device))
+                                amp=K.run_uses_bf16(vars(cfg), device))
     pred = logits[0].argmax(-1)
     groups = K.group_accuracies(pred, split.labels, split.groups, data.n_groups)
     metrics = {"avg_acc": float((pred == split.labels).double().mean()),
@@ -363,7 +365,7 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
         group_weights = state["group_weights"].to(device)
         sample_weights = None if state["sample_weights"] is None else state["sample_weights"].to(device)
     forward = torch.compile(model) if cfg.compile else model
-    amp = K.run_uses_bf16(asdict(cfg), device)
+    amp = K.run_uses_bf16(vars(cfg), device)
     for epoch in range(start_epoch, epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -451,7 +453,7 @@ def load_teacher(cfg: Config, path: Path, data: K.SpuriousDataset, device: torch
         raise ValueError(f"{path} was trained on another dataset ({trained_on}), not {data.name}")
     if saved["model_config"]["n_classes"] != data.n_classes:
         raise ValueError(f"{path} has {saved['model_config']['n_classes']} classes, {data.name} has {data.n_classes}")
-    return K.model_to_device(K.model_from_checkpoint(saved), device, K.run_uses_bf16(asdict(cfg), device))
+    return K.model_to_device(K.model_from_checkpoint(saved), device, K.run_uses_bf16(vars(cfg), device))
 
 
 def run(cfg: Config) -> dict:
@@ -460,7 +462,7 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     K.use_allowed_cores()
     device = K.pick_device(cfg.device)
-    data = K.load_run_data(asdict(cfg))
+    data = K.load_run_data(vars(cfg))
     splits = K.splits_to_device(data, device)
     student = new_model(cfg, "student", data, device)
     if not 0 <= cfg.readout_exit < len(student.heads) - 1:
@@ -471,7 +473,7 @@ def run(cfg: Config) -> dict:
         (out / "log.jsonl").unlink(missing_ok=True)
     print(f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
           f"{data.n_classes} classes, {data.n_groups} groups; device {device}"
-          f"{' (bf16 autocast)' if K.run_uses_bf16(asdict(cfg), device) else ''}; out {out}")
+          f"{' (bf16 autocast)' if K.run_uses_bf16(vars(cfg), device) else ''}; out {out}")
 
     def log(record: dict, epochs: int) -> None:  # one line of log.jsonl and one printed line per epoch
         with open(out / "log.jsonl", "a") as handle:
