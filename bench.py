@@ -30,6 +30,8 @@ import kdlaplace as K
 import train
 
 
+# ── Speed: micro-benchmarks of the methods and epochs of the pipeline against a bare loop ──────────────────
+
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs after one warm-up (synchronising CUDA)."""
     fn()
@@ -178,6 +180,25 @@ def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
     return rows
 
 
+def resnet_epoch_cases(device: torch.device) -> list[dict]:
+    """Images/s of one training epoch of a ResNet-18 and a ResNet-50 early-exit network at 224 px on a device-resident
+    uint8 dataset (bf16 autocast and channels_last where they are fast): the Waterbirds / CelebA regime."""
+    rows = []
+    n_images = 512
+    split = K.split_to_device(K.Split(torch.randint(0, 256, (n_images, 3, 224, 224), dtype=torch.uint8),
+                                      torch.randint(0, 2, (n_images,)), torch.zeros(n_images, dtype=torch.long)), device)
+    data = K.SpuriousDataset("bench", split, split, split, 2, 4, ["g"] * 4, K.IMAGENET_MEAN, K.IMAGENET_STD,
+                             "y", "a", "crop")
+    amp = K.bf16_is_fast(device)
+    for arch in ("resnet18", "resnet50"):
+        model = K.build_model(arch, 2).to(device, memory_format=torch.channels_last if amp else torch.preserve_format)
+        seconds = timed(bare_epoch(model, data, split, device, amp, 64), 2, device)
+        rows.append({"case": f"epoch_{arch}_224", "device": device.type, "sizes": f"N={n_images} batch=64 bf16={amp}",
+                     "seconds": seconds, "throughput": n_images / seconds, "unit": "images/s",
+                     "baseline_seconds": None, "ratio": None})
+    return rows
+
+
 def main_job(device: torch.device) -> dict:
     """``python train.py`` (teacher, student, summary) as a user runs it, timed once."""
     with tempfile.TemporaryDirectory() as out:
@@ -267,28 +288,34 @@ def grid_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
     return lines
 
 
-def summarize_table(seeds: list[int], root: Path) -> str:
-    """The markdown tables of the README from the runs' metrics.json and log.jsonl."""
-    def cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-        values = [v for v in values if v is not None]
-        if not values:
-            return "–"
-        spread = f" ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-        return f"{scale * statistics.mean(values):.{digits}f}{spread}"
+def cell(values: list[Optional[float]], scale: float = 100.0, digits: int = 1) -> str:
+    """'mean ± standard deviation' of the values that exist (times ``scale``), '–' when none does."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    spread = f" ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{scale * statistics.mean(values):.{digits}f}{spread}"
 
+
+def select_runs(seeds: list[int], root: Path) -> dict:
+    """weighting -> the run name of the grid point with the best mean validation worst-group accuracy (ties: the
+    best mean validation average accuracy)."""
     def val_score(name: str) -> tuple[float, float]:
         runs = [load_run(root, name, s) for s in seeds]
         return (statistics.mean(r["student"]["val"]["worst_group_acc"] for r in runs),
                 statistics.mean(r["student"]["val"]["avg_acc"] for r in runs))
+    return {weighting: max((grid_name(weighting, a, b) for a in GRID_ALPHAS for b in GRID_BETAS), key=val_score)
+            for weighting in TUNED_WEIGHTINGS}
 
-    rows = [("none", "none")]
-    rows.append((f"dedier, paper (α={PAPER_ALPHA_BETA[0]:g}, β={PAPER_ALPHA_BETA[1]:g})", grid_name("dedier", *PAPER_ALPHA_BETA)))
-    selected = {}
-    for weighting in TUNED_WEIGHTINGS:
-        names = [grid_name(weighting, a, b) for a in GRID_ALPHAS for b in GRID_BETAS]
-        selected[weighting] = max(names, key=val_score)
-        alpha_beta = selected[weighting].split("_")[1:]
-        rows.append((f"{weighting}, tuned (α={alpha_beta[0][1:]}, β={alpha_beta[1][1:]})", selected[weighting]))
+
+def main_table_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
+    """The main table (one row per weighting: plain KD, the paper's point, every tuned weighting) and the student's
+    test worst-group accuracy per seed."""
+    rows = [("none", "none"), (f"dedier, paper (α={PAPER_ALPHA_BETA[0]:g}, β={PAPER_ALPHA_BETA[1]:g})",
+                               grid_name("dedier", *PAPER_ALPHA_BETA))]
+    for weighting, name in selected.items():
+        alpha, beta = (part[1:] for part in name.split("_")[1:])
+        rows.append((f"{weighting}, tuned (α={alpha}, β={beta})", name))
     lines = ["| weighting | val worst-group | student avg | student worst-group | readout ECE softmax | "
              "readout ECE temperature | readout ECE Laplace | posterior logit std | corr with T-softmax weights |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -304,17 +331,28 @@ def summarize_table(seeds: list[int], root: Path) -> str:
                   cell(epoch_mean("posterior_logit_std_median"), 1.0, 3), cell(epoch_mean("weight_corr_temperature"), 1.0, 3)]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
         per_seed.append(f"{label}: " + " ".join(f"{100 * r['student']['test']['worst_group_acc']:.0f}" for r in runs))
-    grid = grid_lines(seeds, root, selected)
-    posterior = ["", "Posterior of the readout on the training inputs (selected runs; mean over the weighted epochs, then "
-                     "over seeds): tuned T and sigma^2, and the posterior standard deviation of the temperature-scaled "
-                     "logits per group", "", "| weighting | T | σ² | logit std g0 | g1 | g2 | g3 |", "|---|---|---|---|---|---|---|"]
+    return lines + ["", "student test worst-group accuracy per seed (%): " + "; ".join(per_seed)]
+
+
+def posterior_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
+    """The readout posterior's tuned T, sigma^2 and logit standard deviation per group, for the Laplace weightings."""
+    lines = ["", "Posterior of the readout on the training inputs (selected runs; mean over the weighted epochs, then "
+                 "over seeds): tuned T and sigma^2, and the posterior standard deviation of the temperature-scaled "
+                 "logits per group", "", "| weighting | T | σ² | logit std g0 | g1 | g2 | g3 |", "|---|---|---|---|---|---|---|"]
     for weighting in [w for w in TUNED_WEIGHTINGS if w.startswith("laplace")]:
         epochs = [e for s in seeds for e in load_run(root, selected[weighting], s)["epochs"]]
         stds = [statistics.mean(e["posterior_logit_std"][g] for e in epochs if e["posterior_logit_std"][g] is not None)
                 for g in range(len(epochs[0]["posterior_logit_std"]))]
-        posterior.append(f"| {weighting} | {statistics.mean(e['readout_temperature'] for e in epochs):.2f} | "
-                         f"{statistics.mean(e['readout_prior_variance'] for e in epochs):.3g} | "
-                         + " | ".join(f"{v:.3f}" for v in stds) + " |")
+        lines.append(f"| {weighting} | {statistics.mean(e['readout_temperature'] for e in epochs):.2f} | "
+                     f"{statistics.mean(e['readout_prior_variance'] for e in epochs):.3g} | "
+                     + " | ".join(f"{v:.3f}" for v in stds) + " |")
+    return lines
+
+
+def summarize_table(seeds: list[int], root: Path) -> str:
+    """The markdown tables of the README from the runs' metrics.json and log.jsonl: the main table, the selection
+    grid, the posterior's size, the ERM vs group DRO teacher, and the run time."""
+    selected = select_runs(seeds, root)
     teachers = {objective: [load_run(root, name, s)["teacher"]["test"] for s in seeds]
                 for objective, name in (("group DRO", "none"), ("ERM", "erm"))}
     shortcut = ["", "| teacher objective | test avg | test worst-group |", "|---|---|---|"] + [
@@ -322,29 +360,13 @@ def summarize_table(seeds: list[int], root: Path) -> str:
         for objective, runs in teachers.items()]
     wall = sum(float(path.read_text()) for s in seeds for name, _ in table_runs()
                for path in [root / f"{name}-seed{s}" / "wall_seconds.txt"] if path.exists())
-    return "\n".join(lines + ["", "student test worst-group accuracy per seed (%): " + "; ".join(per_seed)] + grid
-                     + posterior + shortcut + ["", f"{len(seeds) * len(table_runs())} runs, {wall / 60:.0f} min of train.py in all "
-                                       f"(wall time of the runs, one at a time)"])
+    footer = ["", f"{len(seeds) * len(table_runs())} runs, {wall / 60:.0f} min of train.py in all "
+                  "(wall time of the runs, one at a time)"]
+    return "\n".join(main_table_lines(seeds, root, selected) + grid_lines(seeds, root, selected)
+                     + posterior_lines(seeds, root, selected) + shortcut + footer)
 
 
-def resnet_epoch_cases(device: torch.device) -> list[dict]:
-    """Images/s of one training epoch of a ResNet-18 and a ResNet-50 early-exit network at 224 px on a device-resident
-    uint8 dataset (bf16 autocast and channels_last where they are fast): the Waterbirds / CelebA regime."""
-    rows = []
-    n_images = 512
-    split = K.split_to_device(K.Split(torch.randint(0, 256, (n_images, 3, 224, 224), dtype=torch.uint8),
-                                      torch.randint(0, 2, (n_images,)), torch.zeros(n_images, dtype=torch.long)), device)
-    data = K.SpuriousDataset("bench", split, split, split, 2, 4, ["g"] * 4, K.IMAGENET_MEAN, K.IMAGENET_STD,
-                             "y", "a", "crop")
-    amp = K.bf16_is_fast(device)
-    for arch in ("resnet18", "resnet50"):
-        model = K.build_model(arch, 2).to(device, memory_format=torch.channels_last if amp else torch.preserve_format)
-        seconds = timed(bare_epoch(model, data, split, device, amp, 64), 2, device)
-        rows.append({"case": f"epoch_{arch}_224", "device": device.type, "sizes": f"N={n_images} batch=64 bf16={amp}",
-                     "seconds": seconds, "throughput": n_images / seconds, "unit": "images/s",
-                     "baseline_seconds": None, "ratio": None})
-    return rows
-
+# ── Entry point: the speed rows, or the table ───────────────────────────────────────────────────────────
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

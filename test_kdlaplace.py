@@ -829,40 +829,20 @@ def test_every_unit_of_the_mathematics_runs_copied_on_its_own():
 # ──────────────────────────────────────────────────────────────────────────────
 
 
-# torchvision resnet18().state_dict().keys(), in order
-RESNET18_KEYS = """
-conv1.weight bn1.weight bn1.bias bn1.running_mean bn1.running_var bn1.num_batches_tracked layer1.0.conv1.weight
-layer1.0.bn1.weight layer1.0.bn1.bias layer1.0.bn1.running_mean layer1.0.bn1.running_var
-layer1.0.bn1.num_batches_tracked layer1.0.conv2.weight layer1.0.bn2.weight layer1.0.bn2.bias
-layer1.0.bn2.running_mean layer1.0.bn2.running_var layer1.0.bn2.num_batches_tracked layer1.1.conv1.weight
-layer1.1.bn1.weight layer1.1.bn1.bias layer1.1.bn1.running_mean layer1.1.bn1.running_var
-layer1.1.bn1.num_batches_tracked layer1.1.conv2.weight layer1.1.bn2.weight layer1.1.bn2.bias
-layer1.1.bn2.running_mean layer1.1.bn2.running_var layer1.1.bn2.num_batches_tracked layer2.0.conv1.weight
-layer2.0.bn1.weight layer2.0.bn1.bias layer2.0.bn1.running_mean layer2.0.bn1.running_var
-layer2.0.bn1.num_batches_tracked layer2.0.conv2.weight layer2.0.bn2.weight layer2.0.bn2.bias
-layer2.0.bn2.running_mean layer2.0.bn2.running_var layer2.0.bn2.num_batches_tracked layer2.0.downsample.0.weight
-layer2.0.downsample.1.weight layer2.0.downsample.1.bias layer2.0.downsample.1.running_mean
-layer2.0.downsample.1.running_var layer2.0.downsample.1.num_batches_tracked layer2.1.conv1.weight
-layer2.1.bn1.weight layer2.1.bn1.bias layer2.1.bn1.running_mean layer2.1.bn1.running_var
-layer2.1.bn1.num_batches_tracked layer2.1.conv2.weight layer2.1.bn2.weight layer2.1.bn2.bias
-layer2.1.bn2.running_mean layer2.1.bn2.running_var layer2.1.bn2.num_batches_tracked layer3.0.conv1.weight
-layer3.0.bn1.weight layer3.0.bn1.bias layer3.0.bn1.running_mean layer3.0.bn1.running_var
-layer3.0.bn1.num_batches_tracked layer3.0.conv2.weight layer3.0.bn2.weight layer3.0.bn2.bias
-layer3.0.bn2.running_mean layer3.0.bn2.running_var layer3.0.bn2.num_batches_tracked layer3.0.downsample.0.weight
-layer3.0.downsample.1.weight layer3.0.downsample.1.bias layer3.0.downsample.1.running_mean
-layer3.0.downsample.1.running_var layer3.0.downsample.1.num_batches_tracked layer3.1.conv1.weight
-layer3.1.bn1.weight layer3.1.bn1.bias layer3.1.bn1.running_mean layer3.1.bn1.running_var
-layer3.1.bn1.num_batches_tracked layer3.1.conv2.weight layer3.1.bn2.weight layer3.1.bn2.bias
-layer3.1.bn2.running_mean layer3.1.bn2.running_var layer3.1.bn2.num_batches_tracked layer4.0.conv1.weight
-layer4.0.bn1.weight layer4.0.bn1.bias layer4.0.bn1.running_mean layer4.0.bn1.running_var
-layer4.0.bn1.num_batches_tracked layer4.0.conv2.weight layer4.0.bn2.weight layer4.0.bn2.bias
-layer4.0.bn2.running_mean layer4.0.bn2.running_var layer4.0.bn2.num_batches_tracked layer4.0.downsample.0.weight
-layer4.0.downsample.1.weight layer4.0.downsample.1.bias layer4.0.downsample.1.running_mean
-layer4.0.downsample.1.running_var layer4.0.downsample.1.num_batches_tracked layer4.1.conv1.weight
-layer4.1.bn1.weight layer4.1.bn1.bias layer4.1.bn1.running_mean layer4.1.bn1.running_var
-layer4.1.bn1.num_batches_tracked layer4.1.conv2.weight layer4.1.bn2.weight layer4.1.bn2.bias
-layer4.1.bn2.running_mean layer4.1.bn2.running_var layer4.1.bn2.num_batches_tracked fc.weight fc.bias
-""".split()
+# torchvision resnet18().state_dict().keys(), in order (122 keys): the stem, four layers of two BasicBlocks (a
+# downsample on the first block of layers 2-4), the classifier
+BATCHNORM_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def conv_bn_keys(conv: str, bn: str) -> list[str]:
+    return [f"{conv}.weight"] + [f"{bn}.{key}" for key in BATCHNORM_KEYS]
+
+
+RESNET18_KEYS = conv_bn_keys("conv1", "bn1") + [
+    key for layer in range(1, 5) for block in range(2) for prefix in [f"layer{layer}.{block}"]
+    for key in conv_bn_keys(f"{prefix}.conv1", f"{prefix}.bn1") + conv_bn_keys(f"{prefix}.conv2", f"{prefix}.bn2")
+    + (conv_bn_keys(f"{prefix}.downsample.0", f"{prefix}.downsample.1") if layer > 1 and block == 0 else [])
+] + ["fc.weight", "fc.bias"]
 
 
 @pytest.mark.parametrize("arch,size", [("cnn", 32), ("resnet18-cifar", 32), ("resnet18", 64), ("resnet50", 64)])

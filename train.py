@@ -343,6 +343,22 @@ def student_step(cfg: Config, model: Callable, x: torch.Tensor, y: torch.Tensor,
     return loss / len(logits) if cfg.joint_exits else loss
 
 
+def phase_progress(role: str, model: K.EarlyExitNet, optimizer: torch.optim.Optimizer,
+                   generator: torch.Generator, state: dict, n_groups: int, device: torch.device) -> dict:
+    """Where a phase starts: the last finished epoch, the best validation score so far, group DRO's group weights
+    (n_groups,) and the readout's sample weights (N,) or None. Fresh, or, when ``state`` (last.pt) was written in
+    this phase, where it left off: the model, optimiser and generator are restored too."""
+    if state.get("phase") != role:
+        return {"epoch": 0, "best": {"worst_group_acc": -1.0, "avg_acc": -1.0, "epoch": 0},
+                "group_weights": torch.full((n_groups,), 1 / n_groups, device=device), "sample_weights": None}
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    sample_weights = state["sample_weights"]
+    return {"epoch": state["epoch"], "best": state["best"], "group_weights": state["group_weights"].to(device),
+            "sample_weights": None if sample_weights is None else sample_weights.to(device)}
+
+
 def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, splits: dict,
                 device: torch.device, epochs: int, out: Path, log: Callable[[dict, int], None], state: dict,
                 targets: Optional[Callable] = None) -> K.EarlyExitNet:
@@ -354,19 +370,10 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
                                 weight_decay=cfg.weight_decay)  # lr and momentum: set every step by lr_at
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
-    start_epoch, best = 1, {"worst_group_acc": -1.0, "avg_acc": -1.0, "epoch": 0}
-    sample_weights = None  # (N,) the readout's weights, from the end of the first epoch on
-    group_weights = torch.full((data.n_groups,), 1 / data.n_groups, device=device)  # group DRO's q
-    if state.get("phase") == role:  # resuming this phase where last.pt left it
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        group_weights = state["group_weights"].to(device)
-        sample_weights = None if state["sample_weights"] is None else state["sample_weights"].to(device)
+    progress = phase_progress(role, model, optimizer, generator, state, data.n_groups, device)
     forward = torch.compile(model) if cfg.compile else model
     amp = K.run_uses_bf16(vars(cfg), device)
-    for epoch in range(start_epoch, epochs + 1):
+    for epoch in range(progress["epoch"] + 1, epochs + 1):
         started = time.perf_counter()
         model.train()
         total_loss = torch.zeros((), device=device)  # summed on the device: no host sync per batch
@@ -381,9 +388,10 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
             y = train.labels[index]
             with K.autocast(device, amp):
                 if role == "teacher":
-                    loss, group_weights = teacher_step(cfg, forward, x, y, train.groups[index], group_weights)
-                else:
-                    weights = None if sample_weights is None else sample_weights[index]  # epoch 1: untrained readout
+                    loss, progress["group_weights"] = teacher_step(cfg, forward, x, y, train.groups[index],
+                                                                   progress["group_weights"])
+                else:  # no weights in epoch 1: the readout is untrained
+                    weights = None if progress["sample_weights"] is None else progress["sample_weights"][index]
                     loss = student_step(cfg, forward, x, y, targets(x, index, flips), weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -392,23 +400,23 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
         train_loss = float(total_loss) / steps_per_epoch
         if not math.isfinite(train_loss):
             raise ValueError(f"{role} training diverged at epoch {epoch} (loss {train_loss}); lower --lr")
-        val_metrics = evaluate(cfg, model, splits["val"], data, device)
-        info = {}
+        val_metrics, info = evaluate(cfg, model, splits["val"], data, device), {}
         if role == "student" and cfg.weighting != "none":  # the weights of the next epoch
-            sample_weights, info = readout_weights(cfg, model, splits, data, device, epoch)
+            progress["sample_weights"], info = readout_weights(cfg, model, splits, data, device, epoch)
         seconds = time.perf_counter() - started
         score = (val_metrics["worst_group_acc"], val_metrics["avg_acc"])
-        if score > (best["worst_group_acc"], best["avg_acc"]):
-            best = {"worst_group_acc": score[0], "avg_acc": score[1], "epoch": epoch}
-            save(cfg, role, model, data, out / f"{role}.pt", best=best)
+        if score > (progress["best"]["worst_group_acc"], progress["best"]["avg_acc"]):
+            progress["best"] = {"worst_group_acc": score[0], "avg_acc": score[1], "epoch": epoch}
+            save(cfg, role, model, data, out / f"{role}.pt", best=progress["best"])
         log({"phase": role, "epoch": epoch, "seconds": round(seconds, 3), "train_loss": train_loss,
              "val_avg_acc": val_metrics["avg_acc"], "val_worst_group_acc": val_metrics["worst_group_acc"],
              "images_per_s": round(len(train) / seconds, 1), "lr": lr, **info}, epochs)
-        save(cfg, role, model, data, out / "last.pt", phase=role, epoch=epoch, best=best,
-             optimizer=optimizer.state_dict(), generator=generator.get_state(), group_weights=group_weights,
-             sample_weights=sample_weights)
+        progress["epoch"] = epoch
+        save(cfg, role, model, data, out / "last.pt", phase=role, optimizer=optimizer.state_dict(),
+             generator=generator.get_state(), **progress)
     model.load_state_dict(K.load_checkpoint(out / f"{role}.pt")["model"])
-    print(f"{role}: best validation worst-group accuracy {best['worst_group_acc']:.3f} at epoch {best['epoch']}")
+    print(f"{role}: best validation worst-group accuracy {progress['best']['worst_group_acc']:.3f} "
+          f"at epoch {progress['best']['epoch']}")
     return model
 
 
