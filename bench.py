@@ -32,19 +32,27 @@ import train
 
 # ── Speed: micro-benchmarks of the methods and epochs of the pipeline against a bare loop ──────────────────
 
+def timed_rounds(cases: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall time of every case over ``repeats`` rounds after one warm-up round, the cases taking turns within
+    each round (synchronising CUDA): when the machine's speed drifts (a neighbour, the clock), every case of a round
+    feels it alike, so the ratios between cases hold better than with each case timed in a block of its own."""
+    times = {name: [] for name in cases}
+    for round_index in range(repeats + 1):
+        for name, fn in cases.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_index > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up (synchronising CUDA)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
+    return timed_rounds({"case": fn}, repeats, device)["case"]
 
 
 def per_input_covariance_predict(laplace: K.KFACLaplace, features: torch.Tensor, n_samples: int) -> torch.Tensor:
@@ -151,32 +159,37 @@ def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
     amp = K.run_uses_bf16(vars(cfg), device)
     torch.manual_seed(0)
     teacher = train.new_model(cfg, "teacher", data, device)
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 5
 
     def add(case: str, network: str, seconds: float, baseline: Optional[float]) -> None:
         rows.append({"case": case, "device": device.type, "sizes": f"synth N={len(data.train)} {network}",
                      "seconds": seconds, "throughput": len(data.train) / seconds, "unit": "images/s",
                      "baseline_seconds": baseline, "ratio": seconds / baseline if baseline else None})
 
-    def one_epoch(cfg: train.Config, role: str, model: K.EarlyExitNet, targets: Optional[Callable] = None) -> float:
-        with tempfile.TemporaryDirectory() as out:
-            return timed(lambda: train.train_phase(cfg, role, model, data, splits, device, 1, Path(out),
-                                                   lambda record, epochs: None, {}, targets), repeats, device)
+    def phase_epoch(cfg: train.Config, role: str, model: K.EarlyExitNet, out: str,
+                    targets: Optional[Callable] = None) -> Callable[[], object]:
+        return lambda: train.train_phase(cfg, role, model, data, splits, device, 1, Path(out),
+                                         lambda record, epochs: None, {}, targets)
 
-    bare_teacher = timed(bare_epoch(teacher, data, splits["train"], device, amp, cfg.batch_size), repeats, device)
-    add("epoch_bare_loop", f"teacher cnn w={cfg.teacher_width}", bare_teacher, None)
-    add("epoch_teacher", f"teacher cnn w={cfg.teacher_width}", one_epoch(cfg, "teacher", teacher), bare_teacher)
+    with tempfile.TemporaryDirectory() as out:
+        seconds = timed_rounds({"bare": bare_epoch(teacher, data, splits["train"], device, amp, cfg.batch_size),
+                                "teacher": phase_epoch(cfg, "teacher", teacher, out)}, repeats, device)
+    add("epoch_bare_loop", f"teacher cnn w={cfg.teacher_width}", seconds["bare"], None)
+    add("epoch_teacher", f"teacher cnn w={cfg.teacher_width}", seconds["teacher"], seconds["bare"])
     teacher.eval()
     student = train.new_model(cfg, "student", data, device)
     targets = train.teacher_targets(cfg, teacher, splits, data, device)
-    bare_student = timed(bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size, targets),
-                         repeats, device)
-    add("epoch_bare_loop", f"student cnn w={cfg.width} + teacher targets", bare_student, None)
-    for weighting in ("none", "dedier", "laplace"):  # the readout's weights are computed at the end of the epoch
-        cfg_w = train.parse_args(["--weighting", weighting, "--synth-n-train", str(len(data.train)),
-                                  "--device", device.type])
-        add(f"epoch_student_{weighting}", f"student cnn w={cfg.width}", one_epoch(cfg_w, "student", student, targets),
-            bare_student)
+    weightings = ("none", "dedier", "laplace")  # the readout's weights are computed at the end of the epoch
+    with tempfile.TemporaryDirectory() as out:
+        cases = {"bare": bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size, targets)}
+        for weighting in weightings:
+            cfg_w = train.parse_args(["--weighting", weighting, "--synth-n-train", str(len(data.train)),
+                                      "--device", device.type])
+            cases[weighting] = phase_epoch(cfg_w, "student", student, out, targets)
+        seconds = timed_rounds(cases, repeats, device)
+    add("epoch_bare_loop", f"student cnn w={cfg.width} + teacher targets", seconds["bare"], None)
+    for weighting in weightings:
+        add(f"epoch_student_{weighting}", f"student cnn w={cfg.width}", seconds[weighting], seconds["bare"])
     return rows
 
 
