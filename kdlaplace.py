@@ -1736,8 +1736,10 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which, not a pickle traceback
-        raise ValueError(f"checkpoint {path} cannot be read: {error}") from None
+    except Exception as error:  # a truncated or foreign file: one line that says so, not torch's advice to unpickle
+        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"checkpoint {path} cannot be read as a weights-only torch file (truncated, or not written "
+                         f"by train.py): {reason}") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
         raise ValueError(f"checkpoint {path} is not a kdlaplace checkpoint (no model / model_config)")
     return checkpoint

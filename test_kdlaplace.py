@@ -1439,9 +1439,14 @@ def test_train_rejects_bad_runs_without_a_traceback(tiny_runs, tmp_path, capsys)
         assert stopped.value.code == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and err.count("\n") == 1, err
-    with pytest.raises(SystemExit):
-        evaluate_script.main([str(tmp_path / "missing")])
-    assert "no checkpoint at" in capsys.readouterr().err
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "truncated.pt").write_bytes((root / "none" / "student.pt").read_bytes()[:1000])
+    for name, message in (("missing", "no checkpoint at"), ("garbage.pt", "cannot be read as a weights-only torch file"),
+                          ("truncated.pt", "cannot be read as a weights-only torch file")):
+        with pytest.raises(SystemExit):
+            evaluate_script.main([str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert message in err and str(tmp_path / name) in err and err.count("\n") == 1, err
 
 
 def test_a_bad_flag_in_a_real_process_prints_one_line():
