@@ -394,7 +394,10 @@ def main() -> None:
     if args.table:
         run_table(args.seeds, Path(args.out))
         return
-    device = K.pick_device(args.device)
+    try:
+        device = K.pick_device(args.device)
+    except ValueError as error:  # --device cuda on a machine without one
+        parser.error(str(error))
     rows = speed_cases(args.quick, device)
     if device.type == "cuda":
         rows += resnet_epoch_cases(device)
