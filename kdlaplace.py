@@ -1645,7 +1645,7 @@ def batch_images(split: Split, index: Tensor, device: torch.device) -> Tensor:
 
 @torch.no_grad()
 def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std: Sequence[float],
-                  device: torch.device, batch_size: int = 512, exits: Optional[Sequence[int]] = None,
+                  device: torch.device, batch_size: int = 256, exits: Optional[Sequence[int]] = None,
                   amp: bool = False) -> tuple[Tensor, list[Tensor]]:
     """One eval-mode pass over ``split``: logits (K', N, c) float32 and features [(N, p_k)] float32 of the
     exits in ``exits`` (default all), on ``device``. BatchNorm uses running statistics (``model.eval()``).
