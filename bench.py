@@ -62,7 +62,8 @@ def per_input_covariance_predict(laplace: K.KFACLaplace, features: torch.Tensor,
     out = []
     for n in range(features.shape[0]):  # the per-input loop this project avoids
         cholesky = torch.linalg.cholesky(scale[n] * U)  # (c, c)
-        logits = mean[n] + torch.randn(n_samples, U.shape[0], dtype=features.dtype) @ cholesky.T  # (S, c)
+        normal = torch.randn(n_samples, U.shape[0], dtype=features.dtype, device=features.device)  # (S, c)
+        logits = mean[n] + normal @ cholesky.T  # (S, c)
         out.append(torch.softmax(logits, -1).mean(0))
     return torch.stack(out)
 
@@ -87,8 +88,8 @@ def speed_cases(quick: bool, device: torch.device) -> list[dict]:
     laplace = K.KFACLaplace.fit(features, weight, bias)
     n_predict, n_baseline = (2000 if quick else 10000), 300
     inputs = features[:n_predict]
-    baseline = timed(lambda: per_input_covariance_predict(laplace, inputs[:n_baseline].cpu(), 50), 1,
-                     torch.device("cpu")) * n_predict / n_baseline  # scaled from a subset: it is that slow
+    baseline = timed(lambda: per_input_covariance_predict(laplace, inputs[:n_baseline], 50), 1,
+                     device) * n_predict / n_baseline  # scaled from a subset: it is that slow
     for link in ("mc", "probit"):
         seconds = timed(lambda: laplace.predict(inputs, 50, link, generator=g), repeats, device)
         add(f"predict_{link}", f"N={n_predict} p={p} c={c} S=50", seconds, n_predict, baseline, "inputs/s")
