@@ -7,8 +7,8 @@ Weightings: ``none`` (plain KD), ``dedier`` (the readout's softmax margin, Tiwar
 (the margin of its softmax at a temperature tuned on val; the default: the best validation worst-group accuracy
 of the README's table), ``laplace`` (the margin of its KFAC Laplace predictive, (T, sigma^2) tuned on val),
 ``laplace-cv`` (the same, every sample's posterior fit without it: an ablation, the table shows the posterior
-unchanged) and ``laplace-ml`` (the prior precision by the marginal likelihood, T = 1). Writes teacher.pt, student.pt, last.pt,
-log.jsonl and metrics.json to --out; ``--resume`` continues an interrupted run.
+unchanged) and ``laplace-ml`` (the prior precision by the marginal likelihood, T = 1). Writes teacher.pt,
+student.pt, last.pt, log.jsonl and metrics.json to --out; ``--resume`` continues an interrupted run.
 """
 from __future__ import annotations
 
