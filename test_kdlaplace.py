@@ -897,6 +897,14 @@ def test_predict_split_runs_heads_in_float32_under_cpu_bf16_autocast():
     torch.testing.assert_close(logits[0].double(), expected_logits, rtol=1e-4, atol=1e-5)
     relative = (bf16_logits.double() - expected_logits).abs().max() / expected_logits.abs().max()
     assert relative > 1e-3  # a bf16 head is visibly off (~3 significant digits); the float32 one is not
+    # float32_heads=False (train.py's per-epoch weight passes): the heads' convolutions in bf16, their features
+    # and the linear layers' logits returned in float32, within bf16's rounding of the float64 reference
+    logits_bf16, features_bf16 = K.predict_split(model, data.val, data.mean, data.std, torch.device("cpu"), amp=True,
+                                                 float32_heads=False)
+    assert logits_bf16.dtype == features_bf16[0].dtype == torch.float32
+    torch.testing.assert_close(features_bf16[0].double(), expected_features, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(logits_bf16[0], head.linear.float()(features_bf16[0]), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(features_bf16[0], features[0])
 
 
 def test_detached_exits_leave_the_backbone_gradients_untouched():
