@@ -215,6 +215,21 @@ def test_probit_agrees_with_large_sample_mc_and_no_sample_predict_is_determinist
     torch.testing.assert_close(laplace.predict(features[:10], 50, generator=seeded(10)), by_hand)
 
 
+@pytest.mark.parametrize("n_classes", [3, 20])  # classes first (c < 16) and last: the two layouts of the kernel
+def test_mc_softmax_mean_matches_a_loop_over_samples_in_both_layouts(n_classes):
+    generator = seeded(21)
+    n_inputs = 30000 if n_classes == 3 else 300  # 30000 > one block (2^22 / (S c)): the blocking is covered too
+    mean = 3 * torch.randn(n_inputs, n_classes, generator=generator, dtype=f64)  # (N, c)
+    scale = torch.rand(n_inputs, generator=generator, dtype=f64)  # (N,)
+    directions = torch.randn(50, n_classes, generator=generator, dtype=f64)  # (S, c)
+    by_hand = [torch.log_softmax((mean + scale.sqrt()[:, None] * d) / 1.7, -1) for d in directions]  # S x (N, c)
+    expected = torch.stack(by_hand).exp().mean(0)  # (N, c)
+    torch.testing.assert_close(K.KFACLaplace.mc_softmax_mean(mean, scale, directions, 1.7), expected,
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(K.KFACLaplace.mc_softmax_mean(mean, scale, directions, 1.7, log=True),
+                               torch.logsumexp(torch.stack(by_hand), 0) - math.log(50), rtol=1e-12, atol=1e-12)
+
+
 def test_huge_prior_collapses_to_the_map_softmax():
     features, weight, bias, _ = random_head(seed=11)
     laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=1e12, temperature=2.0)
