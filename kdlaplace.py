@@ -1068,9 +1068,9 @@ class EarlyExitNet(nn.Module):
                          float32_heads: bool = False) -> list[Tensor]:
         """Features (N, p_k) of every exit, or of ``exits`` only: stages past the last one asked for are skipped
         (a readout pass costs one stage and one head). ``float32_heads=True`` runs the heads in float32 on
-        float32 stage outputs even under bf16 autocast (the backbone stays bf16): what the calibration
-        figures, the exits' Laplace fits and the sets read does not carry bf16's 3 significant digits. (train.py's
-        per-epoch readout passes for the weights keep bf16 heads: measured, they move the weights by < 2%.)"""
+        float32 stage outputs even under bf16 autocast (the backbone stays bf16), so that the calibration
+        figures, the exits' Laplace fits and the sets do not read bf16's 3 significant digits. (train.py's per-epoch
+        readout passes for the weights use bf16 heads: measured, they move the weights by less than 2%.)"""
         last = len(self.heads) - 1
         wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
         features, h = {}, x

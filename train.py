@@ -250,8 +250,8 @@ def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.
     """DEDIER weights ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, from one eval-mode
     pass of the readout over the training set; the margin's probabilities depend on --weighting (module
     docstring). Returns the weights (N,) and the epoch's diagnostics for log.jsonl. Under bf16 autocast the
-    readout head's convolutions run in bf16 here (every epoch; README, "Speed": 0.23 -> 0.13 s a pass, weights
-    within 2%, results unchanged over five seeds); the summary and eval.py read float32 heads."""
+    readout head's convolutions run in bf16 here, every epoch (README, "Speed": a pass 0.23 -> 0.13 s, the weights
+    within 2% of float32 heads'); the summary and eval.py read float32 heads."""
     seed = cfg.seed * SEED_STRIDE + epoch
     train, val = splits["train"], splits["val"]
     train_logits, train_features = readout_pass(cfg, student, splits, data, device, "train", float32_heads=False)
