@@ -1,7 +1,7 @@
 """Benchmarks: the methods must cost what their mathematics costs, the pipeline what its training costs.
 
     python bench.py [--quick] [--json PATH] [--device cuda]   # speed rows, median of repeats after a warm-up
-    python bench.py --table [--seeds 0 1 2 3 4]             # the README's synth benchmark table (trains the runs)
+    python bench.py --table [--seeds 0 1 2 3 4] [--fresh-seeds 5 6 7 8 9]   # the README's synth table (trains the runs)
 
 Speed cases and their baselines: ``kfac_fit`` vs the bare ``features.T @ features``; ``predict_mc`` /
 ``predict_probit`` vs the per-input ``c x c`` covariance + Cholesky that a generic library does; ``avcs`` vs
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -258,20 +258,37 @@ def table_runs() -> list[tuple[str, list[str]]]:
     return runs + [("erm", SHORTCUT_CHECK)]
 
 
-def run_table(seeds: list[int], root: Path) -> None:
-    """Run every (seed, run) that has no metrics.json yet, one train.py process at a time, then write the table."""
+def fresh_seed_runs(selected: dict) -> list[tuple[str, list[str]]]:
+    """(run name, train.py flags) of a fresh seed: "none" (it trains the teacher) and each weighting's selected
+    point, nothing else."""
+    return [(name, flags) for name, flags in table_runs() if name == "none" or name in selected.values()]
+
+
+def run_once(root: Path, seed: int, name: str, flags: list[str]) -> None:
+    """One train.py process for (run, seed) unless its metrics.json exists; its wall time goes next to it."""
+    out = root / f"{name}-seed{seed}"
+    if (out / "metrics.json").exists():
+        return
+    teacher = [] if name in ("none", "erm") else ["--teacher", str(root / f"none-seed{seed}" / "teacher.pt")]
+    command = [sys.executable, "train.py", *flags, *teacher, "--seed", str(seed), "--out", str(out)]
+    print(" ".join(command), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+
+
+def run_table(seeds: list[int], root: Path, fresh_seeds: Sequence[int] = ()) -> None:
+    """Run every (seed, run) of the grid, select each weighting's point on ``seeds``, run the selected points on
+    ``fresh_seeds`` (test figures that no selection has seen), then write the table. One train.py process at a
+    time; runs that have a metrics.json are skipped."""
     for seed in seeds:
         for name, flags in table_runs():
-            out = root / f"{name}-seed{seed}"
-            if (out / "metrics.json").exists():
-                continue
-            teacher = [] if name in ("none", "erm") else ["--teacher", str(root / f"none-seed{seed}" / "teacher.pt")]
-            command = [sys.executable, "train.py", *flags, *teacher, "--seed", str(seed), "--out", str(out)]
-            print(" ".join(command), flush=True)
-            started = time.perf_counter()
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-            (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-    table = summarize_table(seeds, root)
+            run_once(root, seed, name, flags)
+    selected = select_runs(seeds, root)
+    for seed in fresh_seeds:
+        for name, flags in fresh_seed_runs(selected):
+            run_once(root, seed, name, flags)
+    table = summarize_table(seeds, root, fresh_seeds)
     print(table)
     (root / "table.md").write_text(table + "\n")
 
@@ -363,21 +380,43 @@ def posterior_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
     return lines
 
 
-def summarize_table(seeds: list[int], root: Path) -> str:
+def fresh_seed_lines(seeds: list[int], fresh_seeds: Sequence[int], root: Path, selected: dict) -> list[str]:
+    """The selected points on the fresh seeds: their test figures, free of the selection's optimism, and the
+    validation worst-group accuracy over all seeds (the criterion that picks train.py's default weighting)."""
+    def seed_range(values: Sequence[int]) -> str:
+        return f"{min(values)}–{max(values)}" if list(values) == list(range(min(values), max(values) + 1)) else \
+            " ".join(map(str, values))
+    lines = ["", f"Fresh seeds {seed_range(fresh_seeds)}: the points selected on seeds {seed_range(seeds)}, run again "
+                 "on seeds that no selection has seen", "",
+             f"| weighting | val worst-group, seeds {seed_range([*seeds, *fresh_seeds])} | student avg | "
+             "student worst-group | per seed |", "|---|---|---|---|---|"]
+    for label, name in [("none", "none"), *selected.items()]:
+        fresh = [load_run(root, name, s)["student"] for s in fresh_seeds]
+        every_val = [load_run(root, name, s)["student"]["val"]["worst_group_acc"] for s in [*seeds, *fresh_seeds]]
+        lines.append(f"| {label} | {cell(every_val)} | {cell([r['test']['avg_acc'] for r in fresh])} | "
+                     f"{cell([r['test']['worst_group_acc'] for r in fresh])} | "
+                     + " ".join(f"{100 * r['test']['worst_group_acc']:.0f}" for r in fresh) + " |")
+    return lines
+
+
+def summarize_table(seeds: list[int], root: Path, fresh_seeds: Sequence[int] = ()) -> str:
     """The markdown tables of the README from the runs' metrics.json and log.jsonl: the main table, the selection
-    grid, the posterior's size, the ERM vs group DRO teacher, and the run time."""
+    grid, the posterior's size, the selected points on fresh seeds, the ERM vs group DRO teacher, and the run
+    time."""
     selected = select_runs(seeds, root)
     teachers = {objective: [load_run(root, name, s)["teacher"]["test"] for s in seeds]
                 for objective, name in (("group DRO", "none"), ("ERM", "erm"))}
     shortcut = ["", "| teacher objective | test avg | test worst-group |", "|---|---|---|"] + [
         f"| {objective} | {cell([m['avg_acc'] for m in runs])} | {cell([m['worst_group_acc'] for m in runs])} |"
         for objective, runs in teachers.items()]
-    wall = sum(float(path.read_text()) for s in seeds for name, _ in table_runs()
+    runs = [(name, s) for s in seeds for name, _ in table_runs()]
+    runs += [(name, s) for s in fresh_seeds for name, _ in fresh_seed_runs(selected)]
+    wall = sum(float(path.read_text()) for name, s in runs
                for path in [root / f"{name}-seed{s}" / "wall_seconds.txt"] if path.exists())
-    footer = ["", f"{len(seeds) * len(table_runs())} runs, {wall / 60:.0f} min of train.py in all "
-                  "(wall time of the runs, one at a time)"]
+    footer = ["", f"{len(runs)} runs, {wall / 60:.0f} min of train.py in all (wall time of the runs, one at a time)"]
+    fresh = fresh_seed_lines(seeds, fresh_seeds, root, selected) if fresh_seeds else []
     return "\n".join(main_table_lines(seeds, root, selected) + grid_lines(seeds, root, selected)
-                     + posterior_lines(seeds, root, selected) + shortcut + footer)
+                     + posterior_lines(seeds, root, selected) + fresh + shortcut + footer)
 
 
 # ── Entry point: the speed rows, or the table ───────────────────────────────────────────────────────────
@@ -388,12 +427,15 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the cases run (default: cpu)")
     parser.add_argument("--table", action="store_true", help="run the synth benchmark table instead")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds of --table")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="seeds of --table: every grid point runs on each; the selection reads them")
+    parser.add_argument("--fresh-seeds", type=int, nargs="*", default=[5, 6, 7, 8, 9],
+                        help="seeds of --table on which only the selected points run again (default 5..9; none: skip)")
     parser.add_argument("--out", default="runs/table", help="run folder of --table (default: runs/table)")
     args = parser.parse_args()
     K.use_allowed_cores()
     if args.table:
-        run_table(args.seeds, Path(args.out))
+        run_table(args.seeds, Path(args.out), args.fresh_seeds)
         return
     try:
         device = K.pick_device(args.device)

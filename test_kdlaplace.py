@@ -1494,14 +1494,20 @@ def test_table_runner_selects_each_weighting_on_validation_and_skips_finished_ru
     monkeypatch.setattr(bench, "GRID_BETAS", (4.0,))
     monkeypatch.setattr(bench, "TUNED_WEIGHTINGS", ("dedier", "laplace-ml"))
     monkeypatch.chdir(HERE)
-    bench.run_table([0], tmp_path)
-    assert len(list(tmp_path.glob("*/metrics.json"))) == 6  # none, 2 x 2 grid runs, erm
+    bench.run_table([0], tmp_path, fresh_seeds=[1])
+    assert len(list(tmp_path.glob("*-seed0/metrics.json"))) == 6  # none, 2 x 2 grid runs, erm
     val = {name: json.loads((tmp_path / f"{name}-seed0" / "metrics.json").read_text())["student"]["val"]
            for name in ("dedier_a0.05_b4", "dedier_a1_b4")}
     best = max(val, key=lambda n: (val[n]["worst_group_acc"], val[n]["avg_acc"]))
     table = (tmp_path / "table.md").read_text()
     assert f"dedier, tuned (α={best.split('_')[1][1:]}, β=4)" in table
     assert "dedier, paper (α=0.05, β=4)" in table and "laplace-ml, tuned" in table
+    selected = bench.select_runs([0], tmp_path)
+    assert sorted(p.parent.name for p in tmp_path.glob("*-seed1/metrics.json")) == sorted(
+        f"{name}-seed1" for name in ("none", *selected.values()))  # the fresh seed runs the selected points only
+    fresh_rows = table[table.index("Fresh seeds 1"):].splitlines()
+    assert [row.split(" | ")[0] for row in fresh_rows if row.startswith("| ") and "---" not in row][1:] == [
+        "| none", "| dedier", "| laplace-ml"]
     stamp = (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime
-    bench.run_table([0], tmp_path)  # everything exists: nothing reruns
+    bench.run_table([0], tmp_path, fresh_seeds=[1])  # everything exists: nothing reruns
     assert (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime == stamp
