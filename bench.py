@@ -383,9 +383,9 @@ def posterior_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
 def fresh_seed_lines(seeds: list[int], fresh_seeds: Sequence[int], root: Path, selected: dict) -> list[str]:
     """The selected points on the fresh seeds: their test figures, free of the selection's optimism, and the
     validation worst-group accuracy over all seeds (the criterion that picks train.py's default weighting)."""
-    def seed_range(values: Sequence[int]) -> str:
-        return f"{min(values)}–{max(values)}" if list(values) == list(range(min(values), max(values) + 1)) else \
-            " ".join(map(str, values))
+    def seed_range(values: Sequence[int]) -> str:  # "5–9" for consecutive seeds, else "5 7"
+        consecutive = len(values) > 1 and list(values) == list(range(min(values), max(values) + 1))
+        return f"{min(values)}–{max(values)}" if consecutive else " ".join(map(str, values))
     lines = ["", f"Fresh seeds {seed_range(fresh_seeds)}: the points selected on seeds {seed_range(seeds)}, run again "
                  "on seeds that no selection has seen", "",
              f"| weighting | val worst-group, seeds {seed_range([*seeds, *fresh_seeds])} | student avg | "
@@ -433,6 +433,8 @@ def main() -> None:
                         help="seeds of --table on which only the selected points run again (default 5..9; none: skip)")
     parser.add_argument("--out", default="runs/table", help="run folder of --table (default: runs/table)")
     args = parser.parse_args()
+    if set(args.fresh_seeds) & set(args.seeds):
+        parser.error(f"--fresh-seeds must not repeat a seed of --seeds (both have {sorted(set(args.fresh_seeds) & set(args.seeds))})")
     K.use_allowed_cores()
     if args.table:
         run_table(args.seeds, Path(args.out), args.fresh_seeds)

@@ -1477,6 +1477,12 @@ def test_a_bad_flag_in_a_real_process_prints_one_line():
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--lam must be in [0, 1]" in result.stderr
 
 
+def test_bench_table_refuses_fresh_seeds_that_were_selected_on():
+    result = run_script("bench.py", "--table", "--seeds", "0", "1", "--fresh-seeds", "1", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--fresh-seeds must not repeat a seed of --seeds (both have [1])" in result.stderr
+
+
 def test_resume_with_more_epochs_continues_the_run(tmp_path):
     args = TINY + ["--weighting", "dedier", "--out", str(tmp_path / "run")]
     train.main(args)
@@ -1505,7 +1511,7 @@ def test_table_runner_selects_each_weighting_on_validation_and_skips_finished_ru
     selected = bench.select_runs([0], tmp_path)
     assert sorted(p.parent.name for p in tmp_path.glob("*-seed1/metrics.json")) == sorted(
         f"{name}-seed1" for name in ("none", *selected.values()))  # the fresh seed runs the selected points only
-    fresh_rows = table[table.index("Fresh seeds 1"):].split("\n\n")[1].splitlines()  # title, table, next table
+    fresh_rows = table[table.index("Fresh seeds 1:"):].split("\n\n")[1].splitlines()  # title, table, next table
     assert [row.split(" | ")[0] for row in fresh_rows[2:]] == ["| none", "| dedier", "| laplace-ml"]
     stamp = (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime
     bench.run_table([0], tmp_path, fresh_seeds=[1])  # everything exists: nothing reruns
