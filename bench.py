@@ -380,6 +380,34 @@ def posterior_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
     return lines
 
 
+def cross_fit_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
+    """Cross-fitting's effect on the same trained students: the selected laplace-cv runs' readouts (student.pt, float32
+    heads) with the in-sample and the cross-fitted posterior logit std per group, (T, sigma^2) tuned as in training."""
+    device = torch.device("cpu")
+    stds = {"in-sample": [], "cross-fitted": []}  # per seed: (n_groups,) group means
+    for seed in seeds:
+        checkpoint = K.load_checkpoint(root / f"{selected['laplace-cv']}-seed{seed}" / "student.pt")
+        config, model = checkpoint["config"], K.model_from_checkpoint(checkpoint)
+        data, exit_ = K.load_run_data(config), config["readout_exit"]
+        features = {name: K.predict_split(model, split, data.mean, data.std, device, exits=[exit_],
+                                          amp=K.run_uses_bf16(config, device))[1][0]
+                    for name, split in (("train", data.train), ("val", data.val))}  # (N, p) float32
+        laplace = K.tuned_exit_laplace(model.heads[exit_].linear, features["train"], features["val"], data.val.labels,
+                                       train.N_SAMPLES, seed)
+        _, cross_fitted = K.cross_fitted_laplace_predict(laplace, features["train"], train.CROSS_FIT_FOLDS,
+                                                         train.N_SAMPLES, K.seeded_generator(seed, device))
+        for name, std in (("in-sample", laplace.logit_std(features["train"])), ("cross-fitted", cross_fitted)):
+            stds[name].append(K.group_means(std, data.train.groups, data.n_groups))
+    lines = ["", "Cross-fitting on the same students (the selected laplace-cv runs' best checkpoints): posterior "
+                 "standard deviation of the readout's temperature-scaled logits per group, mean over seeds", "",
+             "| posterior | " + " | ".join(f"g{g}" for g in range(len(stds["in-sample"][0]))) + " |",
+             "|---|" + "---|" * len(stds["in-sample"][0])]
+    for name, per_seed in stds.items():
+        lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(v):.3f}" for v in zip(*per_seed)) + " |")
+    ratios = [c / i for ins, cro in zip(stds["in-sample"], stds["cross-fitted"]) for i, c in zip(ins, cro)]
+    return lines + ["", f"cross-fitted / in-sample, every seed and group: {min(ratios):.3f} to {max(ratios):.3f}"]
+
+
 def fresh_seed_lines(seeds: list[int], fresh_seeds: Sequence[int], root: Path, selected: dict) -> list[str]:
     """The selected points on the fresh seeds: their test figures, free of the selection's optimism, and the
     validation worst-group accuracy over all seeds (the criterion that picks train.py's default weighting)."""
@@ -401,8 +429,8 @@ def fresh_seed_lines(seeds: list[int], fresh_seeds: Sequence[int], root: Path, s
 
 def summarize_table(seeds: list[int], root: Path, fresh_seeds: Sequence[int] = ()) -> str:
     """The markdown tables of the README from the runs' metrics.json and log.jsonl: the main table, the selection
-    grid, the posterior's size, the selected points on fresh seeds, the ERM vs group DRO teacher, and the run
-    time."""
+    grid, the posterior's size, cross-fitting on the same students, the selected points on fresh seeds, the ERM vs
+    group DRO teacher, and the run time."""
     selected = select_runs(seeds, root)
     teachers = {objective: [load_run(root, name, s)["teacher"]["test"] for s in seeds]
                 for objective, name in (("group DRO", "none"), ("ERM", "erm"))}
@@ -415,8 +443,9 @@ def summarize_table(seeds: list[int], root: Path, fresh_seeds: Sequence[int] = (
                for path in [root / f"{name}-seed{s}" / "wall_seconds.txt"] if path.exists())
     footer = ["", f"{len(runs)} runs, {wall / 60:.0f} min of train.py in all (wall time of the runs, one at a time)"]
     fresh = fresh_seed_lines(seeds, fresh_seeds, root, selected) if fresh_seeds else []
+    cross_fit = cross_fit_lines(seeds, root, selected) if "laplace-cv" in selected else []
     return "\n".join(main_table_lines(seeds, root, selected) + grid_lines(seeds, root, selected)
-                     + posterior_lines(seeds, root, selected) + fresh + shortcut + footer)
+                     + posterior_lines(seeds, root, selected) + cross_fit + fresh + shortcut + footer)
 
 
 # ── Entry point: the speed rows, or the table ───────────────────────────────────────────────────────────

@@ -1498,7 +1498,7 @@ def test_table_runner_selects_each_weighting_on_validation_and_skips_finished_ru
     monkeypatch.setattr(bench, "SHORTCUT_CHECK", ["--weighting", "none", "--teacher-objective", "erm", *tiny])
     monkeypatch.setattr(bench, "GRID_ALPHAS", (0.05, 1.0))
     monkeypatch.setattr(bench, "GRID_BETAS", (4.0,))
-    monkeypatch.setattr(bench, "TUNED_WEIGHTINGS", ("dedier", "laplace-ml"))
+    monkeypatch.setattr(bench, "TUNED_WEIGHTINGS", ("dedier", "laplace-cv"))
     monkeypatch.chdir(HERE)
     bench.run_table([0], tmp_path, fresh_seeds=[1])
     assert len(list(tmp_path.glob("*-seed0/metrics.json"))) == 6  # none, 2 x 2 grid runs, erm
@@ -1507,12 +1507,16 @@ def test_table_runner_selects_each_weighting_on_validation_and_skips_finished_ru
     best = max(val, key=lambda n: (val[n]["worst_group_acc"], val[n]["avg_acc"]))
     table = (tmp_path / "table.md").read_text()
     assert f"dedier, tuned (α={best.split('_')[1][1:]}, β=4)" in table
-    assert "dedier, paper (α=0.05, β=4)" in table and "laplace-ml, tuned" in table
+    assert "dedier, paper (α=0.05, β=4)" in table and "laplace-cv, tuned" in table
+    cross_fit = table[table.index("Cross-fitting on the same students"):].split("\n\n")
+    assert [row.split(" | ")[0] for row in cross_fit[1].splitlines()[2:]] == ["| in-sample", "| cross-fitted"]
+    low, high = (float(v) for v in cross_fit[2].split(": ")[1].split(" to "))
+    assert 1.0 < low <= high < 1.5  # held-out folds: wider (by sqrt(5/4) if A, G stayed put and the prior vanished)
     selected = bench.select_runs([0], tmp_path)
     assert sorted(p.parent.name for p in tmp_path.glob("*-seed1/metrics.json")) == sorted(
         f"{name}-seed1" for name in ("none", *selected.values()))  # the fresh seed runs the selected points only
     fresh_rows = table[table.index("Fresh seeds 1:"):].split("\n\n")[1].splitlines()  # title, table, next table
-    assert [row.split(" | ")[0] for row in fresh_rows[2:]] == ["| none", "| dedier", "| laplace-ml"]
+    assert [row.split(" | ")[0] for row in fresh_rows[2:]] == ["| none", "| dedier", "| laplace-cv"]
     stamp = (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime
     bench.run_table([0], tmp_path, fresh_seeds=[1])  # everything exists: nothing reruns
     assert (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime == stamp
