@@ -427,10 +427,23 @@ def fresh_seed_lines(seeds: list[int], fresh_seeds: Sequence[int], root: Path, s
     return lines
 
 
+def escape_lines(runs: list[tuple[str, int]], root: Path) -> list[str]:
+    """When the students get off the shortcut: how many student runs have validation worst-group accuracy 0 after
+    their first epoch, and the first epoch at which each reaches 50% (from log.jsonl)."""
+    curves = [[e["val_worst_group_acc"] for e in (json.loads(line) for line in
+                                                  (root / f"{name}-seed{s}" / "log.jsonl").read_text().splitlines())
+               if e["phase"] == "student"] for name, s in runs if name != "erm"]
+    first = [next((epoch for epoch, acc in enumerate(curve, 1) if acc >= 0.5), None) for curve in curves]
+    counts = {epoch: first.count(epoch) for epoch in sorted(set(first) - {None})}
+    return ["", f"student runs at validation worst-group 0 after epoch 1: {sum(c[0] == 0 for c in curves)} of "
+                f"{len(curves)}; first epoch at 50% or more: "
+                + ", ".join(f"{epoch}: {n}" for epoch, n in counts.items()) + f", never: {first.count(None)}"]
+
+
 def summarize_table(seeds: list[int], root: Path, fresh_seeds: Sequence[int] = ()) -> str:
     """The markdown tables of the README from the runs' metrics.json and log.jsonl: the main table, the selection
     grid, the posterior's size, cross-fitting on the same students, the selected points on fresh seeds, the ERM vs
-    group DRO teacher, and the run time."""
+    group DRO teacher, when the students leave the shortcut, and the run time."""
     selected = select_runs(seeds, root)
     teachers = {objective: [load_run(root, name, s)["teacher"]["test"] for s in seeds]
                 for objective, name in (("group DRO", "none"), ("ERM", "erm"))}
@@ -441,7 +454,8 @@ def summarize_table(seeds: list[int], root: Path, fresh_seeds: Sequence[int] = (
     runs += [(name, s) for s in fresh_seeds for name, _ in fresh_seed_runs(selected)]
     wall = sum(float(path.read_text()) for name, s in runs
                for path in [root / f"{name}-seed{s}" / "wall_seconds.txt"] if path.exists())
-    footer = ["", f"{len(runs)} runs, {wall / 60:.0f} min of train.py in all (wall time of the runs, one at a time)"]
+    footer = escape_lines(runs, root) + [
+        "", f"{len(runs)} runs, {wall / 60:.0f} min of train.py in all (wall time of the runs, one at a time)"]
     fresh = fresh_seed_lines(seeds, fresh_seeds, root, selected) if fresh_seeds else []
     cross_fit = cross_fit_lines(seeds, root, selected) if "laplace-cv" in selected else []
     return "\n".join(main_table_lines(seeds, root, selected) + grid_lines(seeds, root, selected)

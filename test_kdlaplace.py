@@ -1517,6 +1517,7 @@ def test_table_runner_selects_each_weighting_on_validation_and_skips_finished_ru
         f"{name}-seed1" for name in ("none", *selected.values()))  # the fresh seed runs the selected points only
     fresh_rows = table[table.index("Fresh seeds 1:"):].split("\n\n")[1].splitlines()  # title, table, next table
     assert [row.split(" | ")[0] for row in fresh_rows[2:]] == ["| none", "| dedier", "| laplace-cv"]
+    assert "first epoch at 50% or more:" in table and " of 8; " in table  # 5 student runs of seed 0, 3 of seed 1
     stamp = (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime
     bench.run_table([0], tmp_path, fresh_seeds=[1])  # everything exists: nothing reruns
     assert (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime == stamp
