@@ -387,13 +387,13 @@ def cross_fit_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
     stds = {"in-sample": [], "cross-fitted": []}  # per seed: (n_groups,) group means
     for seed in seeds:
         checkpoint = K.load_checkpoint(root / f"{selected['laplace-cv']}-seed{seed}" / "student.pt")
-        config, model = checkpoint["config"], K.model_from_checkpoint(checkpoint)
-        data, exit_ = K.load_run_data(config), config["readout_exit"]
-        features = {name: K.predict_split(model, split, data.mean, data.std, device, exits=[exit_],
-                                          amp=K.run_uses_bf16(config, device))[1][0]
-                    for name, split in (("train", data.train), ("val", data.val))}  # (N, p) float32
-        laplace = K.tuned_exit_laplace(model.heads[exit_].linear, features["train"], features["val"], data.val.labels,
-                                       train.N_SAMPLES, seed)
+        config, readout_exit = checkpoint["config"], checkpoint["config"]["readout_exit"]
+        data, amp = K.load_run_data(config), K.run_uses_bf16(config, device)
+        model = K.model_to_device(K.model_from_checkpoint(checkpoint), device, amp)  # as eval.py loads it
+        features = {name: K.predict_split(model, split, data.mean, data.std, device, exits=[readout_exit], amp=amp)[1][0]
+                    for name, split in (("train", data.train), ("val", data.val))}  # (N, p) float32 each
+        laplace = K.tuned_exit_laplace(model.heads[readout_exit].linear, features["train"], features["val"],
+                                       data.val.labels, train.N_SAMPLES, seed)
         _, cross_fitted = K.cross_fitted_laplace_predict(laplace, features["train"], train.CROSS_FIT_FOLDS,
                                                          train.N_SAMPLES, K.seeded_generator(seed, device))
         for name, std in (("in-sample", laplace.logit_std(features["train"])), ("cross-fitted", cross_fitted)):
