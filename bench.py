@@ -294,11 +294,13 @@ def run_table(seeds: list[int], root: Path, fresh_seeds: Sequence[int] = ()) -> 
 
 
 def load_run(root: Path, name: str, seed: int) -> dict:
-    """A table run's metrics.json, with its weighted student epochs from log.jsonl under "epochs"."""
+    """A table run's metrics.json, with its student epochs from log.jsonl under "student_epochs" and the weighted
+    ones among them under "epochs"."""
     folder = root / f"{name}-seed{seed}"
     metrics = json.loads((folder / "metrics.json").read_text())
     epochs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    metrics["epochs"] = [r for r in epochs if r["phase"] == "student" and "mean_weight" in r]
+    metrics["student_epochs"] = [r for r in epochs if r["phase"] == "student"]
+    metrics["epochs"] = [r for r in metrics["student_epochs"] if "mean_weight" in r]
     return metrics
 
 
@@ -430,9 +432,8 @@ def fresh_seed_lines(seeds: list[int], fresh_seeds: Sequence[int], root: Path, s
 def escape_lines(runs: list[tuple[str, int]], root: Path) -> list[str]:
     """When the students get off the shortcut: how many student runs have validation worst-group accuracy 0 after
     their first epoch, and the first epoch at which each reaches 50% (from log.jsonl)."""
-    curves = [[e["val_worst_group_acc"] for e in (json.loads(line) for line in
-                                                  (root / f"{name}-seed{s}" / "log.jsonl").read_text().splitlines())
-               if e["phase"] == "student"] for name, s in runs if name != "erm"]
+    curves = [[e["val_worst_group_acc"] for e in load_run(root, name, s)["student_epochs"]]
+              for name, s in runs if name != "erm"]  # an ERM run trains its student 1 epoch: it is there for the teacher
     first = [next((epoch for epoch, acc in enumerate(curve, 1) if acc >= 0.5), None) for curve in curves]
     counts = {epoch: first.count(epoch) for epoch in sorted(set(first) - {None})}
     return ["", f"student runs at validation worst-group 0 after epoch 1: {sum(c[0] == 0 for c in curves)} of "
