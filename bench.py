@@ -392,7 +392,8 @@ def cross_fit_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
         config, readout_exit = checkpoint["config"], checkpoint["config"]["readout_exit"]
         data, amp = K.load_run_data(config), K.run_uses_bf16(config, device)
         model = K.model_to_device(K.model_from_checkpoint(checkpoint), device, amp)  # as eval.py loads it
-        features = {name: K.predict_split(model, split, data.mean, data.std, device, exits=[readout_exit], amp=amp)[1][0]
+        features = {name: K.predict_split(model, split, data.mean, data.std, device, exits=[readout_exit],
+                                          amp=amp)[1][0]
                     for name, split in (("train", data.train), ("val", data.val))}  # (N, p) float32 each
         laplace = K.tuned_exit_laplace(model.heads[readout_exit].linear, features["train"], features["val"],
                                        data.val.labels, train.N_SAMPLES, seed)
@@ -433,7 +434,7 @@ def escape_lines(runs: list[tuple[str, int]], root: Path) -> list[str]:
     """When the students get off the shortcut: how many student runs have validation worst-group accuracy 0 after
     their first epoch, and the first epoch at which each reaches 50% (from log.jsonl)."""
     curves = [[e["val_worst_group_acc"] for e in load_run(root, name, s)["student_epochs"]]
-              for name, s in runs if name != "erm"]  # an ERM run trains its student 1 epoch: it is there for the teacher
+              for name, s in runs if name != "erm"]  # an ERM run's 1-epoch student is there for its teacher
     first = [next((epoch for epoch, acc in enumerate(curve, 1) if acc >= 0.5), None) for curve in curves]
     counts = {epoch: first.count(epoch) for epoch in sorted(set(first) - {None})}
     return ["", f"student runs at validation worst-group 0 after epoch 1: {sum(c[0] == 0 for c in curves)} of "
@@ -478,7 +479,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/table", help="run folder of --table (default: runs/table)")
     args = parser.parse_args()
     if set(args.fresh_seeds) & set(args.seeds):
-        parser.error(f"--fresh-seeds must not repeat a seed of --seeds (both have {sorted(set(args.fresh_seeds) & set(args.seeds))})")
+        both = sorted(set(args.fresh_seeds) & set(args.seeds))
+        parser.error(f"--fresh-seeds must not repeat a seed of --seeds (both have {both})")
     K.use_allowed_cores()
     if args.table:
         run_table(args.seeds, Path(args.out), args.fresh_seeds)
