@@ -360,14 +360,12 @@ class KFACLaplace:
             U, _ = candidate.factors()  # (c, c); V is never formed: scale comes from the projection
             if link == "probit":
                 variance = scale[:, None] * torch.diagonal(U).to(dtype)  # (N, c)
-            else:
+                predictives = (self.probit_softmax(mean, variance, temperature) for temperature in temperatures)
+            else:  # the sampled logits are formed once for every temperature
                 directions = (normal @ torch.linalg.cholesky(U).T).to(dtype)  # (S, c)
-            for temperature in temperatures:
-                tuned = candidate.with_hyperparameters(temperature=temperature)
-                if link == "probit":
-                    yield tuned, self.probit_softmax(mean, variance, temperature)
-                else:
-                    yield tuned, self.mc_softmax_mean(mean, scale, directions, temperature)
+                predictives = self.mc_softmax_means(mean, scale, directions, temperatures)  # (G, N, c)
+            for temperature, probs in zip(temperatures, predictives):
+                yield candidate.with_hyperparameters(temperature=temperature), probs
 
     @staticmethod
     def probit_softmax(mean: Tensor, variance: Tensor, temperature: float, log: bool = False) -> Tensor:
@@ -381,27 +379,37 @@ class KFACLaplace:
     def mc_softmax_mean(mean: Tensor, scale: Tensor, directions: Tensor, temperature: float,
                         log: bool = False) -> Tensor:
         """``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)`` (N, c), or its logarithm by a logsumexp over
-        ``s`` when ``log``, in blocks of inputs that bound memory. Shapes: ``mean`` (N, c), ``scale`` (N,),
-        ``directions`` ``L g_s`` (S, c)."""
+        ``s`` when ``log``. Shapes: ``mean`` (N, c), ``scale`` (N,), ``directions`` ``L g_s`` (S, c). One
+        temperature of :meth:`mc_softmax_means`."""
+        return KFACLaplace.mc_softmax_means(mean, scale, directions, (temperature,), log)[0]
+
+    @staticmethod
+    def mc_softmax_means(mean: Tensor, scale: Tensor, directions: Tensor, temperatures: Sequence[float],
+                         log: bool = False) -> Tensor:
+        """:meth:`mc_softmax_mean` at every temperature of ``temperatures`` (G, N, c), in blocks of inputs that
+        bound memory. The sampled logits ``mean + sqrt(scale) L g_s`` are formed once per block and shared by the
+        temperatures (a tuning grid pays one division and one softmax per T); each temperature runs the same
+        operations on the same shapes as a call of its own, so its numbers are the same bit for bit."""
         n_samples, n_classes = directions.shape
         block = max(1, (1 << 22) // (n_samples * n_classes))  # ~4M elements per block: cache-friendly
         # a softmax over a short last axis runs row by row (about 18x slower at c = 2 on a CPU); with the classes
         # first it vectorises over samples and inputs. From 16 classes on the last axis is the faster one.
         class_axis = 0 if n_classes < 16 else -1
-        out = torch.empty_like(mean)
+        sample_axis = 1 if class_axis == 0 else 0
+        out = mean.new_empty(len(temperatures), *mean.shape)  # (G, N, c)
         for start in range(0, mean.shape[0], block):
             stop = start + block
             if class_axis == 0:
                 logits = mean.T[:, None, start:stop] + scale[None, None, start:stop].sqrt() * directions.T[:, :, None]
             else:  # (c, S, B) above, (S, B, c) here
                 logits = mean[None, start:stop] + scale[None, start:stop, None].sqrt() * directions[:, None, :]
-            sample_axis = 1 if class_axis == 0 else 0
-            if log:
-                log_probs = torch.log_softmax(logits / temperature, dim=class_axis)
-                predictive = torch.logsumexp(log_probs, sample_axis) - math.log(n_samples)
-            else:
-                predictive = torch.softmax(logits / temperature, dim=class_axis).mean(sample_axis)
-            out[start:stop] = predictive.T if class_axis == 0 else predictive  # (B, c)
+            for index, temperature in enumerate(temperatures):
+                if log:
+                    log_probs = torch.log_softmax(logits / temperature, dim=class_axis)
+                    predictive = torch.logsumexp(log_probs, sample_axis) - math.log(n_samples)
+                else:
+                    predictive = torch.softmax(logits / temperature, dim=class_axis).mean(sample_axis)
+                out[index, start:stop] = predictive.T if class_axis == 0 else predictive  # (B, c)
         return out
 
 
@@ -1065,21 +1073,23 @@ class EarlyExitNet(nn.Module):
         self.exit_flops = self._count_exit_flops()
 
     def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None,
-                         float32_heads: bool = False) -> list[Tensor]:
+                         float32_heads: Union[bool, Sequence[int]] = False) -> list[Tensor]:
         """Features (N, p_k) of every exit, or of ``exits`` only: stages past the last one asked for are skipped
         (a readout pass costs one stage and one head). ``float32_heads=True`` runs the heads in float32 on
         float32 stage outputs even under bf16 autocast (the backbone stays bf16), so that the calibration
-        figures, the exits' Laplace fits and the sets do not read bf16's 3 significant digits. (train.py's per-epoch
-        readout passes for the weights use bf16 heads: measured, they move the weights by less than 2%.)"""
+        figures, the exits' Laplace fits and the sets do not read bf16's 3 significant digits; a list of exits
+        runs those heads in float32 and the others under the autocast. (train.py's per-epoch readout passes for
+        the weights use bf16 heads: measured, they move the weights by less than 2%.)"""
         last = len(self.heads) - 1
         wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
+        in_float32 = wanted if float32_heads is True else {k % (last + 1) for k in float32_heads or ()}
         features, h = {}, x
         for k, modules in enumerate(self.backbone.stage_modules()[:max(wanted) + 1]):
             for module in modules:
                 h = module(h)
             if k in wanted:
                 head_input = h.detach() if self.detach_exits and k < last else h
-                if float32_heads:
+                if k in in_float32:
                     with torch.autocast(x.device.type, enabled=False):
                         features[k] = self.heads[k].features(head_input.float())  # (N, p_k) float32
                 else:
@@ -1641,12 +1651,12 @@ def split_to_device(split: Split, device: torch.device, max_fraction: float = 0.
     return Split(split.images.to(device), labels, groups)
 
 
-def batch_images(split: Split, index: Tensor, device: torch.device) -> Tensor:
-    """The uint8 images at ``index`` on ``device``; a host-resident split is gathered on the host and copied
-    asynchronously (pinned), a device-resident one is indexed in place."""
+def batch_images(split: Split, index: Union[Tensor, slice], device: torch.device) -> Tensor:
+    """The uint8 images at ``index`` (indices, or a slice: a view, no gather) on ``device``; a host-resident split
+    is gathered on the host and copied asynchronously (pinned), a device-resident one is indexed in place."""
     if split.images.device == device:
-        return split.images[index.to(device)]
-    batch = split.images[index.cpu()]
+        return split.images[index if isinstance(index, slice) else index.to(device)]
+    batch = split.images[index if isinstance(index, slice) else index.cpu()]
     if device.type == "cuda":
         batch = batch.pin_memory()
     return batch.to(device, non_blocking=True)
@@ -1655,19 +1665,20 @@ def batch_images(split: Split, index: Tensor, device: torch.device) -> Tensor:
 @torch.no_grad()
 def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std: Sequence[float],
                   device: torch.device, batch_size: int = 256, exits: Optional[Sequence[int]] = None,
-                  amp: bool = False, float32_heads: bool = True) -> tuple[Tensor, list[Tensor]]:
+                  amp: bool = False, float32_heads: Union[bool, Sequence[int]] = True) -> tuple[Tensor, list[Tensor]]:
     """One eval-mode pass over ``split``: logits (K', N, c) float32 and features [(N, p_k)] float32 of the
     exits in ``exits`` (default all), on ``device``. BatchNorm uses running statistics (``model.eval()``).
     With ``amp`` the backbone runs under bf16 autocast in channels_last and every head in float32 (see
-    ``forward_features``), or, with ``float32_heads=False``, the heads' convolutions in bf16 too (their pooled
-    features are returned in float32; the linear layers always run in float32)."""
+    ``forward_features``), or, with ``float32_heads=False``, the heads' convolutions in bf16 too, or with a list
+    of exits, those exits' heads in float32 and the others' in bf16 (pooled features are returned in float32;
+    the linear layers always run in float32)."""
     was_training = model.training
     model.eval()
     exits = list(range(len(model.heads))) if exits is None else list(exits)
     logits, features = [], []
     for start in range(0, len(split), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(split)))
-        x = prepare_batch(batch_images(split, index, device), mean, std, channels_last=amp)
+        batch = slice(start, min(start + batch_size, len(split)))
+        x = prepare_batch(batch_images(split, batch, device), mean, std, channels_last=amp)
         with autocast(device, amp):  # the backbone in bf16 when amp; the linears always in float32
             batch_features = [f.float() for f in model.forward_features(x, exits, float32_heads)]  # K' x (B, p_k)
             with torch.autocast(device.type, enabled=False):

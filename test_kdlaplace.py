@@ -228,6 +228,14 @@ def test_mc_softmax_mean_matches_a_loop_over_samples_in_both_layouts(n_classes):
                                rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(K.KFACLaplace.mc_softmax_mean(mean, scale, directions, 1.7, log=True),
                                torch.logsumexp(torch.stack(by_hand), 0) - math.log(50), rtol=1e-12, atol=1e-12)
+    # a grid of temperatures shares the sampled logits: each one equals its own call bit for bit, in float32 too
+    for dtype in (f64, torch.float32):
+        for log in (False, True):
+            grid = K.KFACLaplace.mc_softmax_means(mean.to(dtype), scale.to(dtype), directions.to(dtype),
+                                                  (0.3, 1.7, 3.0), log)  # (3, N, c)
+            for probs, temperature in zip(grid, (0.3, 1.7, 3.0)):
+                assert torch.equal(probs, K.KFACLaplace.mc_softmax_mean(mean.to(dtype), scale.to(dtype),
+                                                                        directions.to(dtype), temperature, log))
 
 
 def test_huge_prior_collapses_to_the_map_softmax():
@@ -920,6 +928,14 @@ def test_predict_split_runs_heads_in_float32_under_cpu_bf16_autocast():
     torch.testing.assert_close(features_bf16[0].double(), expected_features, rtol=0.05, atol=0.05)
     torch.testing.assert_close(logits_bf16[0], head.linear.float()(features_bf16[0]), rtol=1e-5, atol=1e-6)
     assert not torch.equal(features_bf16[0], features[0])
+    # a list of exits (train.py's validation pass): those heads in float32, the others in bf16, each bit for bit
+    # as in a pass of its own, in the order asked for
+    mixed_logits, mixed_features = K.predict_split(model, data.val, data.mean, data.std, torch.device("cpu"),
+                                                   exits=[2, 0], amp=True, float32_heads=[2])
+    last_logits, last_features = K.predict_split(model, data.val, data.mean, data.std, torch.device("cpu"),
+                                                 exits=[2], amp=True)
+    assert torch.equal(mixed_logits[0], last_logits[0]) and torch.equal(mixed_features[0], last_features[0])
+    assert torch.equal(mixed_logits[1], logits_bf16[0]) and torch.equal(mixed_features[1], features_bf16[0])
 
 
 def test_detached_exits_leave_the_backbone_gradients_untouched():
@@ -1300,7 +1316,9 @@ def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
     cfg, data, splits = tiny_setup("--weighting", weighting, "--alpha", "0.7", "--beta", "1.5")
     torch.manual_seed(4)
     student = train.new_model(cfg, "student", data, torch.device("cpu"))
-    weights, info = train.readout_weights(cfg, student, splits, data, torch.device("cpu"), epoch=3)
+    val_logits, val_features = train.readout_pass(cfg, student, splits, data, torch.device("cpu"), "val",
+                                                   float32_heads=False)  # as in train_phase's validation pass
+    weights, info = train.readout_weights(cfg, student, splits, data, torch.device("cpu"), 3, val_logits, val_features)
     features, linear = exit_features_float64(student, 0, data.train, data)
     logits = linear(features).detach()  # (N, 2)
     val_features, _ = exit_features_float64(student, 0, data.val, data)

@@ -246,16 +246,17 @@ def readout_pass(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.Spu
 
 
 def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
-                    device: torch.device, epoch: int) -> tuple[torch.Tensor, dict]:
+                    device: torch.device, epoch: int, val_logits: torch.Tensor,
+                    val_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """DEDIER weights ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, from one eval-mode
     pass of the readout over the training set; the margin's probabilities depend on --weighting (module
-    docstring). Returns the weights (N,) and the epoch's diagnostics for log.jsonl. Under bf16 autocast the
-    readout head's convolutions run in bf16 here, every epoch (README, "Speed": a pass 0.23 -> 0.13 s, the weights
-    within 2% of float32 heads'); the summary and eval.py read float32 heads."""
+    docstring) and are tuned on the readout's val logits (N_val, c) and features (N_val, p), which come from the
+    epoch's validation pass. Returns the weights (N,) and the epoch's diagnostics for log.jsonl. Under bf16
+    autocast the readout head's convolutions run in bf16 here, every epoch (README, "Speed": a pass 0.23 -> 0.13
+    s, the weights within 2% of float32 heads'); the summary and eval.py read float32 heads."""
     seed = cfg.seed * SEED_STRIDE + epoch
     train, val = splits["train"], splits["val"]
     train_logits, train_features = readout_pass(cfg, student, splits, data, device, "train", float32_heads=False)
-    val_logits, val_features = readout_pass(cfg, student, splits, data, device, "val", float32_heads=False)
     # the temperature-only softmax: the ablation that every weighting is compared with, every epoch
     temperature = K.tune_temperature(val_logits, val.labels)
     temperature_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels,
@@ -312,7 +313,11 @@ def evaluate(cfg: Config, model: K.EarlyExitNet, split: K.Split, data: K.Spuriou
     """Average, worst-group and per-group accuracy of the last exit on a split."""
     logits, _ = K.predict_split(model, split, data.mean, data.std, device, exits=[len(model.heads) - 1],
                                 amp=K.run_uses_bf16(vars(cfg), device))
-    pred = logits[0].argmax(-1)
+    return accuracy_metrics(logits[0].argmax(-1), split, data)
+
+
+def accuracy_metrics(pred: torch.Tensor, split: K.Split, data: K.SpuriousDataset) -> dict:
+    """Average, worst-group and per-group accuracy of predictions ``pred`` (N,) on a split."""
     groups = K.group_accuracies(pred, split.labels, split.groups, data.n_groups)
     metrics = {"avg_acc": float((pred == split.labels).double().mean()),
                "worst_group_acc": K.worst_group_accuracy(pred, split.labels, split.groups, data.n_groups),
@@ -376,7 +381,7 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
     progress = phase_progress(role, model, optimizer, generator, state, data.n_groups, device)
     forward = torch.compile(model) if cfg.compile else model
-    amp = K.run_uses_bf16(vars(cfg), device)
+    amp, last_exit = K.run_uses_bf16(vars(cfg), device), len(model.heads) - 1
     for epoch in range(progress["epoch"] + 1, epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -404,9 +409,16 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
         train_loss = float(total_loss) / steps_per_epoch
         if not math.isfinite(train_loss):
             raise ValueError(f"{role} training diverged at epoch {epoch} (loss {train_loss}); lower --lr")
-        val_metrics, info = evaluate(cfg, model, splits["val"], data, device), {}
-        if role == "student" and cfg.weighting != "none":  # the weights of the next epoch
-            progress["sample_weights"], info = readout_weights(cfg, model, splits, data, device, epoch)
+        # one validation pass serves model selection (the last exit, float32 head) and the readout (its head in
+        # bf16, as in its training-set pass): the stages they share run once
+        weighted = role == "student" and cfg.weighting != "none"
+        exits = [last_exit, cfg.readout_exit] if weighted else [last_exit]
+        val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device, exits=exits,
+                                                   amp=amp, float32_heads=[last_exit])  # (K', N_val, c), K' x (N_val, p)
+        val_metrics, info = accuracy_metrics(val_logits[0].argmax(-1), splits["val"], data), {}
+        if weighted:  # the weights of the next epoch
+            progress["sample_weights"], info = readout_weights(cfg, model, splits, data, device, epoch,
+                                                               val_logits[1], val_features[1])
         seconds = time.perf_counter() - started
         score = (val_metrics["worst_group_acc"], val_metrics["avg_acc"])
         if score > (progress["best"]["worst_group_acc"], progress["best"]["avg_acc"]):
