@@ -134,7 +134,8 @@ def group_dro_loss(per_sample_loss: Tensor, groups: Tensor, group_weights: Tenso
     n_groups = group_weights.shape[0]
     sums = torch.zeros(n_groups, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
     sums = sums.index_add(0, groups, per_sample_loss)  # (G,)
-    counts = torch.bincount(groups, minlength=n_groups).clamp(min=1)  # (G,)
+    # counted by index_add, not bincount: bincount sizes its output from the data, a host sync on CUDA every step
+    counts = torch.zeros_like(sums).index_add(0, groups, torch.ones_like(per_sample_loss)).clamp(min=1)  # (G,)
     group_loss = sums / counts  # (G,)
     new_weights = group_weights * torch.exp(step_size * group_loss.detach())  # (G,)
     new_weights = new_weights / new_weights.sum()
@@ -444,13 +445,13 @@ def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor,
     """
     if y_val.shape != features_val.shape[:1]:
         raise ValueError(f"y_val must have shape ({features_val.shape[0]},), got {tuple(y_val.shape)}")
-    best, best_nll = laplace, math.inf
+    candidates, nlls = [], []
     for candidate, probs in laplace.grid_predictive(features_val, temperatures, prior_variances, n_samples, link,
                                                     generator):
-        nll = float(-probs.gather(1, y_val[:, None]).clamp(min=1e-12).log().mean())
-        if nll < best_nll:
-            best, best_nll = candidate, nll
-    return best
+        candidates.append(candidate)
+        nlls.append(-probs.gather(1, y_val[:, None]).clamp(min=1e-12).log().mean())  # kept on the device
+    # one host sync for the whole grid; argmin takes the first of tied minima, as a running "<" would
+    return candidates[int(torch.stack(nlls).nan_to_num(nan=math.inf).argmin())]
 
 
 def tune_laplace_marglik(laplace: KFACLaplace, prior_precisions: Optional[Sequence[float]] = None) -> KFACLaplace:
@@ -1654,7 +1655,8 @@ def split_to_device(split: Split, device: torch.device, max_fraction: float = 0.
 def batch_images(split: Split, index: Union[Tensor, slice], device: torch.device) -> Tensor:
     """The uint8 images at ``index`` (indices, or a slice: a view, no gather) on ``device``; a host-resident split
     is gathered on the host and copied asynchronously (pinned), a device-resident one is indexed in place."""
-    if split.images.device == device:
+    # "cuda" names the current GPU, where split_to_device put the images (their device reads "cuda:0")
+    if split.images.device.type == device.type and device.index in (None, split.images.device.index):
         return split.images[index if isinstance(index, slice) else index.to(device)]
     batch = split.images[index if isinstance(index, slice) else index.cpu()]
     if device.type == "cuda":
