@@ -1694,7 +1694,8 @@ def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std:
 def seeded_generator(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
     """A fresh generator on ``device`` seeded with ``seed``: the one seeding rule of the scripts. Every MC or
     Dirichlet computation starts from its own fresh generator, so a number never depends on what ran before it
-    (``train.py``'s metrics.json and ``eval.py`` report the same figures for the same checkpoint and seed)."""
+    (``train.py``'s metrics.json and ``eval.py`` report the same figures for the same checkpoint, seed and device:
+    a CPU and a CUDA generator draw different numbers from one seed)."""
     return torch.Generator(device=device).manual_seed(seed)
 
 

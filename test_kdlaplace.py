@@ -1255,7 +1255,7 @@ def test_train_smoke_writes_every_output(tiny_runs, weighting):
 
 def test_eval_reports_every_exit_and_the_budget_curve(tiny_runs, tmp_path):
     root, _ = tiny_runs
-    result = run_script("eval.py", str(root / "laplace"), "--json", str(tmp_path / "r.json"),
+    result = run_script("eval.py", str(root / "laplace"), "--device", "cpu", "--json", str(tmp_path / "r.json"),
                         "--plot", str(tmp_path / "figures"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
