@@ -152,7 +152,9 @@ def bare_epoch(model: K.EarlyExitNet, data: K.SpuriousDataset, split: K.Split, d
 def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
     """Pipeline epochs (train.py's own ``train_phase``: model selection on val, readout pass, weights, checkpoints)
     as a ratio to the bare loop of the same network: ``epoch_bare_loop`` (teacher and student), ``epoch_teacher``,
-    ``epoch_student_none``, ``epoch_student_dedier``, ``epoch_student_laplace``."""
+    ``epoch_student_none``, ``epoch_student_dedier``, ``epoch_student_laplace``; and ``epoch_tail_<weighting>``,
+    the end of a student epoch alone (``validate_and_reweight``: the validation pass, the readout's pass over the
+    training set and its weights) as a share of the bare epoch."""
     rows = []
     cfg = train.parse_args(["--synth-n-train", "1200" if quick else "4800", "--device", device.type])
     data = K.load_run_data(vars(cfg))
@@ -181,6 +183,10 @@ def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
     student = train.new_model(cfg, "student", data, device)
     targets = train.teacher_targets(cfg, teacher, splits, data, device)
     weightings = ("none", "dedier", "laplace")  # the readout's weights are computed at the end of the epoch
+
+    def tail_of_epoch(weighting: str) -> Callable[[], object]:  # what an epoch does after its training loop
+        cfg_w = train.parse_args(["--weighting", weighting, "--device", device.type])
+        return lambda: train.validate_and_reweight(cfg_w, "student", student, splits, data, device, 1)
     with tempfile.TemporaryDirectory() as out:
         cases = {"bare": bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size, targets)}
         for weighting in weightings:
@@ -188,9 +194,14 @@ def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
                                       "--device", device.type])
             cases[weighting] = phase_epoch(cfg_w, "student", student, out, targets)
         seconds = timed_rounds(cases, repeats, device)
+        tails = {weighting: tail_of_epoch(weighting) for weighting in weightings}
+        tail_seconds = timed_rounds(tails, 3 * repeats, device)  # short calls: more of them
     add("epoch_bare_loop", f"student cnn w={cfg.width} + teacher targets", seconds["bare"], None)
     for weighting in weightings:
         add(f"epoch_student_{weighting}", f"student cnn w={cfg.width}", seconds[weighting], seconds["bare"])
+    for weighting in weightings:  # ratio: the tail's share of the bare epoch
+        add(f"epoch_tail_{weighting}", f"student cnn w={cfg.width}: validation, readout", tail_seconds[weighting],
+            seconds["bare"])
     return rows
 
 

@@ -368,6 +368,25 @@ def phase_progress(role: str, model: K.EarlyExitNet, optimizer: torch.optim.Opti
             "sample_weights": None if sample_weights is None else sample_weights.to(device)}
 
 
+def validate_and_reweight(cfg: Config, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
+                          device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
+    """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student, the
+    readout's sample weights (N,) for the next epoch with their diagnostics (else None and {}). One validation pass
+    serves both, the last exit's head in float32 and the readout's in bf16 (as in its training-set pass): the
+    stages they share run once."""
+    last_exit = len(model.heads) - 1
+    weighted = role == "student" and cfg.weighting != "none"
+    val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device,
+                                               exits=[last_exit, cfg.readout_exit] if weighted else [last_exit],
+                                               amp=K.run_uses_bf16(vars(cfg), device),
+                                               float32_heads=[last_exit])  # (K', N_val, c), K' x (N_val, p)
+    metrics = accuracy_metrics(val_logits[0].argmax(-1), splits["val"], data)
+    if not weighted:
+        return metrics, None, {}
+    weights, info = readout_weights(cfg, model, splits, data, device, epoch, val_logits[1], val_features[1])
+    return metrics, weights, info
+
+
 def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, splits: dict,
                 device: torch.device, epochs: int, out: Path, log: Callable[[dict, int], None], state: dict,
                 targets: Optional[Callable] = None) -> K.EarlyExitNet:
@@ -381,7 +400,7 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
     progress = phase_progress(role, model, optimizer, generator, state, data.n_groups, device)
     forward = torch.compile(model) if cfg.compile else model
-    amp, last_exit = K.run_uses_bf16(vars(cfg), device), len(model.heads) - 1
+    amp = K.run_uses_bf16(vars(cfg), device)
     for epoch in range(progress["epoch"] + 1, epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -409,16 +428,9 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
         train_loss = float(total_loss) / steps_per_epoch
         if not math.isfinite(train_loss):
             raise ValueError(f"{role} training diverged at epoch {epoch} (loss {train_loss}); lower --lr")
-        # one validation pass serves model selection (the last exit, float32 head) and the readout (its head in
-        # bf16, as in its training-set pass): the stages they share run once
-        weighted = role == "student" and cfg.weighting != "none"
-        exits = [last_exit, cfg.readout_exit] if weighted else [last_exit]
-        val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device, exits=exits,
-                                                   amp=amp, float32_heads=[last_exit])  # (K', N_val, c), K' x (N_val, p)
-        val_metrics, info = accuracy_metrics(val_logits[0].argmax(-1), splits["val"], data), {}
-        if weighted:  # the weights of the next epoch
-            progress["sample_weights"], info = readout_weights(cfg, model, splits, data, device, epoch,
-                                                               val_logits[1], val_features[1])
+        val_metrics, sample_weights, info = validate_and_reweight(cfg, role, model, splits, data, device, epoch)
+        if sample_weights is not None:  # the weights of the next epoch
+            progress["sample_weights"] = sample_weights
         seconds = time.perf_counter() - started
         score = (val_metrics["worst_group_acc"], val_metrics["avg_acc"])
         if score > (progress["best"]["worst_group_acc"], progress["best"]["avg_acc"]):
