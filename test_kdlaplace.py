@@ -1316,9 +1316,9 @@ def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
     cfg, data, splits = tiny_setup("--weighting", weighting, "--alpha", "0.7", "--beta", "1.5")
     torch.manual_seed(4)
     student = train.new_model(cfg, "student", data, torch.device("cpu"))
-    val_logits, val_features = train.readout_pass(cfg, student, splits, data, torch.device("cpu"), "val",
-                                                   float32_heads=False)  # as in train_phase's validation pass
-    weights, info = train.readout_weights(cfg, student, splits, data, torch.device("cpu"), 3, val_logits, val_features)
+    pass_logits, pass_features = train.readout_pass(cfg, student, splits, data, torch.device("cpu"), "val",
+                                                     float32_heads=False)  # as in train_phase's validation pass
+    weights, info = train.readout_weights(cfg, student, splits, data, torch.device("cpu"), 3, pass_logits, pass_features)
     features, linear = exit_features_float64(student, 0, data.train, data)
     logits = linear(features).detach()  # (N, 2)
     val_features, _ = exit_features_float64(student, 0, data.val, data)
