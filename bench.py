@@ -1,15 +1,17 @@
 """Benchmarks: the methods must cost what their mathematics costs, the pipeline what its training costs.
 
-    python bench.py [--quick] [--json PATH] [--device cuda]   # speed rows, median of repeats after a warm-up
+    python bench.py [--quick] [--json PATH] [--device cuda] [--resnet]   # speed rows, median of repeats after a warm-up
     python bench.py --table [--seeds 0 1 2 3 4] [--fresh-seeds 5 6 7 8 9]   # the README's synth table (trains the runs)
 
 Speed cases and their baselines: ``kfac_fit`` vs the bare ``features.T @ features``; ``predict_mc`` /
 ``predict_probit`` vs the per-input ``c x c`` covariance + Cholesky that a generic library does; ``avcs`` vs
 ``torch.distributions.Dirichlet`` draws (which underflow for small concentrations); ``epoch_teacher`` and
 ``epoch_student_{none,dedier,laplace}`` (train.py's own phase loop) vs ``epoch_bare_loop`` of the same network
-(forward, backward, step, nothing else); ``main_job``: ``python train.py`` end to end; ``data`` images/s through
-uint8 -> device -> normalise/augment; on CUDA also ``epoch_resnet18_224`` / ``epoch_resnet50_224``. The table runs
-its train.py processes one at a time, each with every core this process may use (never oversubscribed).
+(forward, backward, step, nothing else), with the same ratio in multiply-adds beside the timed one;
+``main_job``: ``python train.py`` end to end; ``data`` images/s through uint8 -> device -> normalise/augment; on
+CUDA (or with ``--resnet``) also ``epoch_resnet18_224`` / ``epoch_resnet50_224`` and the epoch cases of a
+Waterbirds-shaped run (``*_resnet18_224``). The table runs its train.py processes one at a time, each with every
+core this process may use (never oversubscribed).
 """
 from __future__ import annotations
 
@@ -102,7 +104,7 @@ def speed_cases(quick: bool, device: torch.device) -> list[dict]:
     seconds = timed(lambda: K.avcs_sets(logits, thresholds, generator=g), repeats, device)
     add("avcs", f"K=4 N={n_sets} c={c}", seconds, n_sets, baseline, "inputs/s")
 
-    rows += epoch_cases(quick, device)
+    rows += epoch_cases(device, ["--synth-n-train", "1200" if quick else "4800"], None, 1 if quick else 5)
 
     for augment, size in (("flip", 32), ("pad", 32), ("crop", 32), ("crop", 224)):
         n_images = 256 if size == 224 else 4096
@@ -149,25 +151,61 @@ def bare_epoch(model: K.EarlyExitNet, data: K.SpuriousDataset, split: K.Split, d
     return epoch
 
 
-def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
+def epoch_macs(model: K.EarlyExitNet, n_train: int, n_val: int, readout_exit: Optional[int],
+               target_flops: int = 0) -> tuple[int, int]:
+    """Multiply-adds of one epoch: (the bare loop's, the epoch's end's). The bare loop, per training image: a
+    forward over every exit and a backward of twice its multiply-adds (the gradients of the inputs and of the
+    weights), plus the teacher's forward ``target_flops`` where its targets cannot be computed once for the run
+    (random crops). The end of the epoch (``validate_and_reweight``): the validation pass (the last exit, and the
+    readout's exit for a weighted student, ``readout_exit`` not None) and the readout's eval pass over the training
+    set. The weights' own arithmetic (the c x c and p x p factors, the MC softmax: millions of operations against
+    the passes' billions) is not counted. Their ratio is what the method's passes cost if every multiply-add cost
+    the same, in training and in eval mode."""
+    last = len(model.heads) - 1
+    bare = n_train * (3 * model.pass_flops() + target_flops)
+    if readout_exit is None:
+        return bare, n_val * model.pass_flops([last])
+    return bare, n_val * model.pass_flops([last, readout_exit]) + n_train * model.pass_flops([readout_exit])
+
+
+def random_images_dataset(n_train: int, n_val: int, size: int, augment: str) -> K.SpuriousDataset:
+    """Uniform uint8 images with random labels and 4 groups (2 classes x 2 attribute values): timing only."""
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> K.Split:
+        labels = torch.randint(0, 2, (n,), generator=generator)
+        groups = 2 * labels + torch.randint(0, 2, (n,), generator=generator)
+        return K.Split(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator), labels,
+                       groups)
+    return K.SpuriousDataset("bench", split(n_train), split(n_val), split(n_val), 2, 4, ["g"] * 4, K.IMAGENET_MEAN,
+                             K.IMAGENET_STD, "y", "a", augment)
+
+
+def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.SpuriousDataset], repeats: int,
+                suffix: str = "") -> list[dict]:
     """Pipeline epochs (train.py's own ``train_phase``: model selection on val, readout pass, weights, checkpoints)
-    as a ratio to the bare loop of the same network: ``epoch_bare_loop`` (teacher and student), ``epoch_teacher``,
+    of the run that train.py ``flags`` configure, on ``data`` (None: that run's own data), as a ratio to the bare
+    loop of the same network: ``epoch_bare_loop`` (teacher and student), ``epoch_teacher``,
     ``epoch_student_none``, ``epoch_student_dedier``, ``epoch_student_laplace``; and ``epoch_tail_<weighting>``,
     the end of a student epoch alone (``validate_and_reweight``: the validation pass, the readout's pass over the
-    training set and its weights) as a share of the bare epoch."""
+    training set and its weights) as a share of the bare epoch. Every row also has ``macs_ratio``, the same ratio
+    in multiply-adds (:func:`epoch_macs`). Case names end with ``suffix``."""
     rows = []
-    cfg = train.parse_args(["--synth-n-train", "1200" if quick else "4800", "--device", device.type])
-    data = K.load_run_data(vars(cfg))
+    cfg = train.parse_args([*flags, "--device", device.type])
+    data = K.load_run_data(vars(cfg)) if data is None else data
     splits = K.splits_to_device(data, device)
     amp = K.run_uses_bf16(vars(cfg), device)
     torch.manual_seed(0)
     teacher = train.new_model(cfg, "teacher", data, device)
-    repeats = 1 if quick else 5
+    crops = data.augment not in ("none", "flip")  # the teacher's targets: every batch, or once for the run
+    target_flops = teacher.pass_flops([-1]) if crops else 0
+    n_train, n_val = len(data.train), len(data.val)
 
-    def add(case: str, network: str, seconds: float, baseline: Optional[float]) -> None:
-        rows.append({"case": case, "device": device.type, "sizes": f"synth N={len(data.train)} {network}",
-                     "seconds": seconds, "throughput": len(data.train) / seconds, "unit": "images/s",
-                     "baseline_seconds": baseline, "ratio": seconds / baseline if baseline else None})
+    def add(case: str, network: str, seconds: float, baseline: Optional[float], macs: tuple[int, int]) -> None:
+        rows.append({"case": case + suffix, "device": device.type, "sizes": f"{data.name} N={n_train} {network}",
+                     "seconds": seconds, "throughput": n_train / seconds, "unit": "images/s",
+                     "baseline_seconds": baseline, "ratio": seconds / baseline if baseline else None,
+                     "macs_ratio": macs[1] / macs[0]})
 
     def phase_epoch(cfg: train.Config, role: str, model: K.EarlyExitNet, out: str,
                     targets: Optional[Callable] = None) -> Callable[[], object]:
@@ -177,31 +215,37 @@ def epoch_cases(quick: bool, device: torch.device) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         seconds = timed_rounds({"bare": bare_epoch(teacher, data, splits["train"], device, amp, cfg.batch_size),
                                 "teacher": phase_epoch(cfg, "teacher", teacher, out)}, repeats, device)
-    add("epoch_bare_loop", f"teacher cnn w={cfg.teacher_width}", seconds["bare"], None)
-    add("epoch_teacher", f"teacher cnn w={cfg.teacher_width}", seconds["teacher"], seconds["bare"])
+    bare, tail = epoch_macs(teacher, n_train, n_val, None)
+    teacher_name = f"teacher {cfg.teacher_arch}" + (f" w={cfg.teacher_width}" if cfg.teacher_arch == "cnn" else "")
+    add("epoch_bare_loop", teacher_name, seconds["bare"], None, (bare, bare))
+    add("epoch_teacher", teacher_name, seconds["teacher"], seconds["bare"], (bare, bare + tail))
     teacher.eval()
     student = train.new_model(cfg, "student", data, device)
+    student_name = f"student {cfg.arch}" + (f" w={cfg.width}" if cfg.arch == "cnn" else "")
     targets = train.teacher_targets(cfg, teacher, splits, data, device)
     weightings = ("none", "dedier", "laplace")  # the readout's weights are computed at the end of the epoch
 
     def tail_of_epoch(weighting: str) -> Callable[[], object]:  # what an epoch does after its training loop
-        cfg_w = train.parse_args(["--weighting", weighting, "--device", device.type])
+        cfg_w = train.parse_args([*flags, "--weighting", weighting, "--device", device.type])
         return lambda: train.validate_and_reweight(cfg_w, "student", student, splits, data, device, 1)
     with tempfile.TemporaryDirectory() as out:
         cases = {"bare": bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size, targets)}
         for weighting in weightings:
-            cfg_w = train.parse_args(["--weighting", weighting, "--synth-n-train", str(len(data.train)),
-                                      "--device", device.type])
+            cfg_w = train.parse_args([*flags, "--weighting", weighting, "--device", device.type])
             cases[weighting] = phase_epoch(cfg_w, "student", student, out, targets)
         seconds = timed_rounds(cases, repeats, device)
         tails = {weighting: tail_of_epoch(weighting) for weighting in weightings}
         tail_seconds = timed_rounds(tails, 3 * repeats, device)  # short calls: more of them
-    add("epoch_bare_loop", f"student cnn w={cfg.width} + teacher targets", seconds["bare"], None)
+    macs = {weighting: epoch_macs(student, n_train, n_val, None if weighting == "none" else cfg.readout_exit,
+                                  target_flops) for weighting in weightings}
+    bare = macs["none"][0]
+    add("epoch_bare_loop", f"{student_name} + teacher targets", seconds["bare"], None, (bare, bare))
     for weighting in weightings:
-        add(f"epoch_student_{weighting}", f"student cnn w={cfg.width}", seconds[weighting], seconds["bare"])
+        add(f"epoch_student_{weighting}", student_name, seconds[weighting], seconds["bare"],
+            (bare, bare + macs[weighting][1]))
     for weighting in weightings:  # ratio: the tail's share of the bare epoch
-        add(f"epoch_tail_{weighting}", f"student cnn w={cfg.width}: validation, readout", tail_seconds[weighting],
-            seconds["bare"])
+        add(f"epoch_tail_{weighting}", f"{student_name}: validation, readout", tail_seconds[weighting],
+            seconds["bare"], macs[weighting])
     return rows
 
 
@@ -210,10 +254,8 @@ def resnet_epoch_cases(device: torch.device) -> list[dict]:
     uint8 dataset (bf16 autocast and channels_last where they are fast): the Waterbirds / CelebA regime."""
     rows = []
     n_images = 512
-    split = K.split_to_device(K.Split(torch.randint(0, 256, (n_images, 3, 224, 224), dtype=torch.uint8),
-                                      torch.randint(0, 2, (n_images,)), torch.zeros(n_images, dtype=torch.long)), device)
-    data = K.SpuriousDataset("bench", split, split, split, 2, 4, ["g"] * 4, K.IMAGENET_MEAN, K.IMAGENET_STD,
-                             "y", "a", "crop")
+    data = random_images_dataset(n_images, n_images, 224, "crop")
+    split = K.split_to_device(data.train, device)
     amp = K.bf16_is_fast(device)
     for arch in ("resnet18", "resnet50"):
         model = K.build_model(arch, 2).to(device, memory_format=torch.channels_last if amp else torch.preserve_format)
@@ -222,6 +264,16 @@ def resnet_epoch_cases(device: torch.device) -> list[dict]:
                      "seconds": seconds, "throughput": n_images / seconds, "unit": "images/s",
                      "baseline_seconds": None, "ratio": None})
     return rows
+
+
+def resnet_pipeline_cases(device: torch.device) -> list[dict]:
+    """The epoch cases of a Waterbirds-shaped run (ResNet-18 student, ResNet-50 teacher whose targets are computed
+    on every batch of random crops, 224 px, batch 64, a validation set of a quarter of the training set's size as
+    Waterbirds' 1199 / 4795) on random images: the pipeline's overhead in the real datasets' regime. Names end
+    with ``_resnet18_224``."""
+    n_train = 1024 if device.type == "cuda" else 256
+    flags = ["--arch", "resnet18", "--teacher-arch", "resnet50", "--pretrained", "none", "--batch-size", "64"]
+    return epoch_cases(device, flags, random_images_dataset(n_train, n_train // 4, 224, "crop"), 2, "_resnet18_224")
 
 
 def main_job(device: torch.device) -> dict:
@@ -236,12 +288,14 @@ def main_job(device: torch.device) -> dict:
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'case':22s} {'device':6s} {'sizes':32s} {'median s':>10s} {'throughput':>22s} {'baseline s':>11s} {'ratio':>8s}")
+    print(f"{'case':36s} {'device':6s} {'sizes':46s} {'median s':>10s} {'throughput':>22s} {'baseline s':>11s} "
+          f"{'ratio':>8s} {'MACs':>6s}")
     for r in rows:
         ratio = f"{r['ratio']:8.3f}" if r["ratio"] is not None else f"{'-':>8s}"
         baseline = f"{r['baseline_seconds']:11.4f}" if r["baseline_seconds"] else f"{'-':>11s}"
-        print(f"{r['case']:22s} {r['device']:6s} {r['sizes']:32s} {r['seconds']:10.4f} "
-              f"{r['throughput']:12.0f} {r['unit']:>9s} {baseline} {ratio}")
+        macs = f"{r['macs_ratio']:6.3f}" if "macs_ratio" in r else f"{'-':>6s}"
+        print(f"{r['case']:36s} {r['device']:6s} {r['sizes']:46s} {r['seconds']:10.4f} "
+              f"{r['throughput']:12.0f} {r['unit']:>9s} {baseline} {ratio} {macs}")
 
 
 # ── The evidence table: an experiment runner that loops over train.py ─────────────────────────────────────
@@ -482,6 +536,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats, no main_job")
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the cases run (default: cpu)")
+    parser.add_argument("--resnet", action="store_true",
+                        help="on the CPU too, the ResNet cases at 224 px (always on CUDA; about 8 min on 2 cores)")
     parser.add_argument("--table", action="store_true", help="run the synth benchmark table instead")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="seeds of --table: every grid point runs on each; the selection reads them")
@@ -501,8 +557,8 @@ def main() -> None:
     except ValueError as error:  # --device cuda on a machine without one
         parser.error(str(error))
     rows = speed_cases(args.quick, device)
-    if device.type == "cuda":
-        rows += resnet_epoch_cases(device)
+    if device.type == "cuda" or args.resnet:
+        rows += resnet_epoch_cases(device) + resnet_pipeline_cases(device)
     if not args.quick:
         rows.append(main_job(device))
     print_rows(rows)

@@ -1058,8 +1058,9 @@ class EarlyExitNet(nn.Module):
     inputs of each head's ``linear`` (one pass computes all). ``detach_exits=True`` (DEDIER's readouts, the
     default) feeds the early heads detached stage outputs, so they never push gradients into the backbone;
     ``False`` trains the exits jointly (Meronen et al. 2024's early-exit loss averages over exits).
-    ``exit_flops[k]`` = multiply-adds of one input up to and including exit k (earlier heads included),
-    counted from the modules by forward hooks at construction."""
+    ``exit_flops[k]`` = multiply-adds of one input up to and including exit k (earlier heads included), from
+    ``stage_flops[k]`` and ``head_flops[k]``, counted from the modules by forward hooks at construction;
+    ``pass_flops(exits)``: those of one pass that reads the logits of ``exits``."""
 
     def __init__(self, backbone: nn.Module, early_heads: Sequence[ExitHead], input_size: int,
                  detach_exits: bool = True) -> None:
@@ -1071,7 +1072,8 @@ class EarlyExitNet(nn.Module):
             raise ValueError(f"{len(early_heads)} early heads for {len(backbone.stage_modules())} stages: "
                              "one head per stage but the last is expected")
         self.detach_exits, self.input_size = detach_exits, input_size
-        self.exit_flops = self._count_exit_flops()
+        self.stage_flops, self.head_flops = self._count_flops()
+        self.exit_flops = [sum(self.stage_flops[:k + 1]) + sum(self.head_flops[:k + 1]) for k in range(len(self.heads))]
 
     def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None,
                          float32_heads: Union[bool, Sequence[int]] = False) -> list[Tensor]:
@@ -1100,7 +1102,17 @@ class EarlyExitNet(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         return [head.linear(f) for head, f in zip(self.heads, self.forward_features(x))]  # K x (N, c)
 
-    def _count_exit_flops(self) -> list[int]:
+    def pass_flops(self, exits: Optional[Sequence[int]] = None) -> int:
+        """Multiply-adds of one input through ``forward_features(x, exits)`` and those exits' linear layers (an
+        eval pass that reads their logits; default every exit, as ``forward``): the stages up to the last exit asked
+        for, plus the heads asked for. A readout pass over the training set
+        costs ``N * pass_flops([readout])``; a training step about three forward passes (the backward computes the
+        gradients of the inputs and of the weights, two multiply-adds per forward one)."""
+        last = len(self.heads) - 1
+        wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
+        return sum(self.stage_flops[:max(wanted) + 1]) + sum(self.head_flops[k] for k in wanted)
+
+    def _count_flops(self) -> tuple[list[int], list[int]]:
         macs: dict[nn.Module, int] = {}
 
         def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -1126,11 +1138,8 @@ class EarlyExitNet(nn.Module):
         def total(modules: Sequence[nn.Module]) -> int:
             return sum(macs.get(sub, 0) for module in modules for sub in module.modules())
 
-        cumulative, exit_flops = 0, []
-        for head, modules in zip(self.heads, self.backbone.stage_modules()):
-            cumulative += total(modules) + total([head])
-            exit_flops.append(int(cumulative))
-        return exit_flops
+        return ([int(total(modules)) for modules in self.backbone.stage_modules()],
+                [int(total([head])) for head in self.heads])
 
 
 # ══════════════════════════════════════════════════════════════════════════════

@@ -891,6 +891,31 @@ def test_exit_flops_count_the_modules():
     assert model.exit_flops[0] == stage1 + head1
 
 
+@pytest.mark.parametrize("arch", ["cnn", "resnet18-cifar"])
+def test_pass_flops_count_what_a_pass_over_some_exits_runs(arch):
+    model = K.build_model(arch, 3, width=4, input_size=16)
+    counted = []  # multiply-adds of every conv and linear that actually runs, by hooks on an explicit pass
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            counted.append(output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+        else:
+            counted.append(module.in_features * module.out_features)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.register_forward_hook(count)
+    model.eval()
+    for exits in ([0], [1], [-1], [0, -1], [-1, 0], [1, 2], None):
+        counted.clear()
+        with torch.no_grad():
+            features = model.forward_features(torch.zeros(1, 3, 16, 16), exits)
+            for k, f in zip(range(len(model.heads)) if exits is None else exits, features):
+                model.heads[k].linear(f)
+        assert model.pass_flops(exits) == sum(counted), exits
+    assert model.pass_flops() == model.exit_flops[-1]
+    assert model.pass_flops([0]) == model.exit_flops[0]  # the first exit's pass is everything up to it
+
+
 @pytest.mark.parametrize("arch,published_gmacs", [("resnet18", 1.814), ("resnet50", 4.089)])
 def test_resnet_flops_match_torchvision_published_figures(arch, published_gmacs):
     model = K.build_model(arch, 1000)  # 224 x 224 inputs
@@ -1508,6 +1533,26 @@ def test_resume_with_more_epochs_continues_the_run(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["epoch"]) for r in records] == [("teacher", 1), ("student", 1), ("student", 2), ("student", 3)]
     assert K.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
+
+
+def test_bench_epoch_cases_give_the_timed_and_the_multiply_add_ratio_of_every_phase():
+    flags = [flag for flag in TINY if flag not in ("--device", "cpu")]
+    rows = {row["case"]: row for row in bench.epoch_cases(torch.device("cpu"), flags, None, 1, "_tiny")}
+    assert set(rows) == {f"{case}_tiny" for case in ("epoch_bare_loop", "epoch_teacher", "epoch_student_none",
+                                                      "epoch_student_dedier", "epoch_student_laplace",
+                                                      "epoch_tail_none", "epoch_tail_dedier", "epoch_tail_laplace")}
+    cfg = train.parse_args(TINY)
+    data = K.load_run_data(vars(cfg))
+    student = K.build_model("cnn", 2, width=4, input_size=data.image_size)
+    n, n_val = len(data.train), len(data.val)
+    bare = 3 * n * student.exit_flops[-1]  # flips only: the teacher's targets are computed once, not per epoch
+    val_pass = n_val * (student.exit_flops[-1] - student.head_flops[1])  # the last exit and the readout's, not exit 1
+    readout_pass = n * student.exit_flops[0]
+    assert rows["epoch_student_dedier_tiny"]["macs_ratio"] == pytest.approx((bare + val_pass + readout_pass) / bare)
+    assert rows["epoch_tail_laplace_tiny"]["macs_ratio"] == pytest.approx((val_pass + readout_pass) / bare)
+    without_readout = n_val * sum(student.stage_flops) + n_val * student.head_flops[-1]
+    assert rows["epoch_student_none_tiny"]["macs_ratio"] == pytest.approx((bare + without_readout) / bare)
+    assert all(row["seconds"] > 0 for row in rows.values())
 
 
 def test_table_runner_selects_each_weighting_on_validation_and_skips_finished_runs(tmp_path, monkeypatch):
