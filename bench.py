@@ -10,8 +10,8 @@ Speed cases and their baselines: ``kfac_fit`` vs the bare ``features.T @ feature
 (forward, backward, step, nothing else), with the same ratio in multiply-adds beside the timed one;
 ``main_job``: ``python train.py`` end to end; ``data`` images/s through uint8 -> device -> normalise/augment; on
 CUDA (or with ``--resnet``) also ``epoch_resnet18_224`` / ``epoch_resnet50_224`` and the epoch cases of a
-Waterbirds-shaped run (``*_resnet18_224``). The table runs its train.py processes one at a time, each with every
-core this process may use (never oversubscribed).
+Waterbirds-shaped run (``*_waterbirds_shape``). The table runs its train.py processes one at a time, each with
+every core this process may use (never oversubscribed).
 """
 from __future__ import annotations
 
@@ -270,10 +270,11 @@ def resnet_pipeline_cases(device: torch.device) -> list[dict]:
     """The epoch cases of a Waterbirds-shaped run (ResNet-18 student, ResNet-50 teacher whose targets are computed
     on every batch of random crops, 224 px, batch 64, a validation set of a quarter of the training set's size as
     Waterbirds' 1199 / 4795) on random images: the pipeline's overhead in the real datasets' regime. Names end
-    with ``_resnet18_224``."""
+    with ``_waterbirds_shape``."""
     n_train = 1024 if device.type == "cuda" else 256
     flags = ["--arch", "resnet18", "--teacher-arch", "resnet50", "--pretrained", "none", "--batch-size", "64"]
-    return epoch_cases(device, flags, random_images_dataset(n_train, n_train // 4, 224, "crop"), 2, "_resnet18_224")
+    data = random_images_dataset(n_train, n_train // 4, 224, "crop")
+    return epoch_cases(device, flags, data, 2, "_waterbirds_shape")
 
 
 def main_job(device: torch.device) -> dict:

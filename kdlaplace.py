@@ -1073,7 +1073,8 @@ class EarlyExitNet(nn.Module):
                              "one head per stage but the last is expected")
         self.detach_exits, self.input_size = detach_exits, input_size
         self.stage_flops, self.head_flops = self._count_flops()
-        self.exit_flops = [sum(self.stage_flops[:k + 1]) + sum(self.head_flops[:k + 1]) for k in range(len(self.heads))]
+        self.exit_flops = [sum(self.stage_flops[:k + 1]) + sum(self.head_flops[:k + 1])
+                           for k in range(len(self.heads))]
 
     def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None,
                          float32_heads: Union[bool, Sequence[int]] = False) -> list[Tensor]:
@@ -1105,9 +1106,9 @@ class EarlyExitNet(nn.Module):
     def pass_flops(self, exits: Optional[Sequence[int]] = None) -> int:
         """Multiply-adds of one input through ``forward_features(x, exits)`` and those exits' linear layers (an
         eval pass that reads their logits; default every exit, as ``forward``): the stages up to the last exit asked
-        for, plus the heads asked for. A readout pass over the training set
-        costs ``N * pass_flops([readout])``; a training step about three forward passes (the backward computes the
-        gradients of the inputs and of the weights, two multiply-adds per forward one)."""
+        for, plus the heads asked for. A readout pass over the training set costs ``N * pass_flops([readout])``; a
+        training step about three forward passes (the backward computes the gradients of the inputs and of the
+        weights, two multiply-adds per forward one)."""
         last = len(self.heads) - 1
         wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
         return sum(self.stage_flops[:max(wanted) + 1]) + sum(self.head_flops[k] for k in wanted)
