@@ -58,7 +58,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
 
     Shapes: ``student_logits``, ``teacher_logits`` (N, c) -> (N,). Computed in at least fp32, so it is
     safe under bf16 autocast. To distil from probabilities ``p`` (e.g. a Laplace predictive) pass
-    ``teacher_logits = log p``.
+    ``teacher_logits = log p``: a class the teacher gives probability 0 (logit ``-inf``) adds
+    ``0 log 0 = 0``, as in the definition of the KL divergence.
     """
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(f"kd_loss: student_logits {tuple(student_logits.shape)} and teacher_logits "
@@ -69,7 +70,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     log_q_student = F.log_softmax(student_logits.to(dtype) / T, dim=-1)  # (N, c)
     log_q_teacher = F.log_softmax(teacher_logits.to(dtype) / T, dim=-1)  # (N, c)
     # reduction="none" + sum over classes: "mean" would divide by N*c, a classic KD bug
-    kl = F.kl_div(log_q_student, log_q_teacher, reduction="none", log_target=True).sum(-1)  # (N,)
+    terms = F.kl_div(log_q_student, log_q_teacher, reduction="none", log_target=True)  # (N, c)
+    # kl_div forms exp(t) (t - s), which is 0 * (-inf) = NaN where the teacher's probability is 0
+    kl = terms.masked_fill(log_q_teacher == -math.inf, 0.0).sum(-1)  # (N,)
     return T * T * kl
 
 
@@ -424,6 +427,8 @@ def tune_temperature(logits_val: Tensor, y_val: Tensor,
     Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, section 4.2 (here on a grid).
     Shapes: ``logits_val`` (N, c), ``y_val`` (N,).
     """
+    if not bool(torch.isfinite(logits_val).all()):  # a NaN would make every NLL NaN and argmin pick grid[0]
+        raise ValueError("tune_temperature: logits_val contain NaN or inf values")
     grid = torch.tensor(list(temperatures), dtype=torch.float64, device=logits_val.device)  # (G,)
     log_probs = torch.log_softmax(logits_val.double()[None] / grid[:, None, None], dim=-1)  # (G, N, c)
     log_p_true = log_probs.gather(-1, y_val[None, :, None].expand(len(grid), -1, 1))  # (G, N, 1)
@@ -616,7 +621,11 @@ def log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generato
     """``log X`` with ``X ~ Gamma(concentration, 1)`` elementwise, float64, finite even for tiny concentrations.
 
     Marsaglia & Tsang (2000) for shape ``a + 1 >= 1``, then the boost ``X = Y U^(1/a)`` taken in log space:
-    ``log X = log Y + log(U) / a`` never underflows, where a direct draw of ``Gamma(1e-3)`` is 0."""
+    ``log X = log Y + log(U) / a`` never underflows, where a direct draw of ``Gamma(1e-3)`` is 0.
+    Every concentration must be finite and > 0, the Gamma's domain: a NaN or one below -2/3 would never pass the
+    rejection step, and others outside it would give numbers that mean nothing."""
+    if not bool(((concentration > 0) & torch.isfinite(concentration)).all()):
+        raise ValueError("log_gamma_variates: every concentration must be finite and > 0")
     shape = concentration.double() + 1.0
     d = shape - 1.0 / 3.0
     c = torch.rsqrt(9.0 * d)

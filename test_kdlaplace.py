@@ -59,6 +59,25 @@ def test_kd_loss_matches_hand_written_kl_and_its_gradient():
     assert torch.allclose(K.kd_loss(teacher, teacher, T), torch.zeros(5, dtype=f64), atol=1e-12)
 
 
+def test_kd_loss_from_probabilities_with_zeros_is_the_kl_with_0_log_0_equal_to_0():
+    g = seeded(3)
+    student = torch.randn(4, 5, generator=g, dtype=f64, requires_grad=True)
+    teacher_probs = torch.softmax(torch.randn(4, 5, generator=g, dtype=f64), -1)
+    teacher_probs[:, 1] = 0.0  # a class the teacher rules out, and a row with all but one class ruled out
+    teacher_probs[2] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=f64)
+    teacher_probs = teacher_probs / teacher_probs.sum(-1, keepdim=True)
+    T = 2.0
+    loss = K.kd_loss(student, teacher_probs.log(), T)
+    q_s = torch.softmax(student / T, -1).detach()
+    expected = []
+    for q_row, s_row in zip(torch.softmax(teacher_probs.log() / T, -1).tolist(), q_s.tolist()):
+        expected.append(T ** 2 * sum(q * (math.log(q) - math.log(s)) for q, s in zip(q_row, s_row) if q > 0))
+    torch.testing.assert_close(loss.detach(), torch.tensor(expected, dtype=f64), rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    q_t = torch.softmax(teacher_probs.log() / T, -1)
+    torch.testing.assert_close(grad, T * (q_s - q_t), rtol=1e-10, atol=1e-12)  # finite: no NaN from 0 * -inf
+
+
 def test_kd_loss_runs_in_fp32_under_bf16_inputs():
     g = seeded(2)
     student, teacher = torch.randn(3, 4, generator=g).bfloat16(), torch.randn(3, 4, generator=g).bfloat16()
@@ -337,6 +356,13 @@ def test_tune_temperature_is_the_grid_minimum_of_softmax_nll():
     assert K.tune_temperature(logits.float(), y, grid) == min(nll, key=nll.get) > 1.0
 
 
+def test_tune_temperature_rejects_non_finite_logits():
+    logits = torch.zeros(4, 2)
+    logits[1, 0] = math.nan  # one NaN would make every NLL NaN, and argmin would pick the grid's first T
+    with pytest.raises(ValueError, match="logits_val contain NaN or inf"):
+        K.tune_temperature(logits, torch.zeros(4, dtype=torch.long))
+
+
 def test_tune_laplace_ensemble_is_greedy_exit_by_exit():
     features, weight, bias, y = random_head(n=120, p=5, c=3, seed=15)
     laplaces = [K.KFACLaplace.fit(features, weight, bias), K.KFACLaplace.fit(features, 0.5 * weight, bias)]
@@ -419,6 +445,14 @@ def test_log_gamma_sampler_mean_and_tiny_concentrations():
     tiny = K.log_gamma_variates(torch.full((1000,), 1e-4, dtype=f64), seeded(18))
     assert torch.isfinite(tiny).all()  # a direct Gamma(1e-4) draw underflows to 0 far more often than not
     assert (tiny.exp() == 0).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, math.nan, math.inf])
+def test_log_gamma_sampler_rejects_concentrations_outside_its_domain(bad):
+    # outside the Gamma's domain: unchecked, a NaN never passes the rejection step (the call never returns) and
+    # -0.5 gives a finite number that means nothing
+    with pytest.raises(ValueError, match="finite and > 0"):
+        K.log_gamma_variates(torch.tensor([1.0, bad], dtype=f64), seeded(21))
 
 
 def test_avcs_sets_match_an_explicit_loop(monkeypatch):
