@@ -496,6 +496,9 @@ def cross_fitted_laplace_predict(laplace: KFACLaplace, features: Tensor, n_folds
     Shapes: ``features`` (N, p) with ``N >= 2 K`` ; ``laplace.weight`` (c, p+1) or (c, p) without a bias.
     Copy it with :class:`KFACLaplace`.
     """
+    if not (isinstance(n_folds, int) and n_folds >= 2) or features.shape[0] < 2 * n_folds:
+        raise ValueError(f"cross_fitted_laplace_predict: needs an integer n_folds >= 2 and N >= 2 n_folds inputs, "
+                         f"got n_folds={n_folds}, N={features.shape[0]}")
     width = features.shape[1]
     weight, bias = laplace.weight[:, :width], laplace.weight[:, width] if laplace.has_bias else None
     fold = torch.arange(features.shape[0], device=features.device) % n_folds  # (N,)
@@ -525,6 +528,8 @@ def mie_ensemble(probs: Tensor, flops: Tensor) -> Tensor:
     if probs.dim() != 3 or flops.shape != probs.shape[:1]:
         raise ValueError(f"mie_ensemble: probs (K, N, c) and flops (K,) expected, got {tuple(probs.shape)} "
                          f"and {tuple(flops.shape)}")
+    if not bool((flops > 0).all()):  # a zero first weight would divide 0 by 0
+        raise ValueError(f"mie_ensemble: flops must be > 0, got {flops.tolist()}")
     weighted = torch.cumsum(flops[:, None, None] * probs, dim=0)  # (K, N, c)
     return weighted / torch.cumsum(flops, dim=0)[:, None, None]
 
@@ -785,6 +790,8 @@ def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 
         raise ValueError(f"features (N, p) and y (N,) expected, got {tuple(features.shape)} and {tuple(y.shape)}")
     if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(y).all())):
         raise ValueError("fit_bayesian_linear_regression: features and y must be finite")
+    if features.shape[0] < 2:  # the noise precision starts from y's variance, which one target does not have
+        raise ValueError(f"fit_bayesian_linear_regression: needs N >= 2 targets, got {features.shape[0]}")
     ones = torch.ones(features.shape[0], 1, dtype=torch.float64, device=features.device)
     design = torch.cat([features.double(), ones], 1)  # (N, p+1): the intercept's column of ones
     targets = y.double()  # (N,)
@@ -935,6 +942,8 @@ def worst_group_accuracy(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int)
     Sagawa et al. (ICLR 2020), section 2. Shapes: ``pred``, ``y``, ``groups`` (N,).
     Copy it with :func:`group_accuracies`."""
     accuracies = group_accuracies(pred, y, groups, n_groups)
+    if bool(accuracies.isnan().all()):
+        raise ValueError("worst_group_accuracy: no group has a sample (N = 0)")
     return float(accuracies[~accuracies.isnan()].min())
 
 
@@ -969,6 +978,8 @@ def reliability_bins(probs: Tensor, y: Tensor, n_bins: int = 15) -> tuple[Tensor
     Guo et al. (ICML 2017), section 2 (reliability diagrams). Shapes: ``probs`` (N, c), ``y`` (N,)."""
     if probs.dim() != 2 or y.shape != probs.shape[:1]:
         raise ValueError(f"probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
+    if not (isinstance(n_bins, int) and n_bins >= 1):
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins}")
     confidence, pred = probs.double().max(dim=-1)  # (N,), (N,)
     inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=probs.device)[1:-1]  # (B-1,)
     bins = torch.bucketize(confidence, inner_edges, right=False)  # (N,): edges[b-1] < conf <= edges[b]

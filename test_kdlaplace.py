@@ -295,6 +295,10 @@ def test_laplace_rejects_bad_input():
         laplace.predict(features[:, :2])
     with pytest.raises(ValueError, match="link"):
         laplace.predict(features, link="laplace")
+    # cross-fitting needs two folds of at least two inputs: one fold would fit on nothing, zero would divide by 0
+    for n_folds, n in ((1, 40), (0, 40), (5, 9)):
+        with pytest.raises(ValueError, match="n_folds >= 2 and N >= 2 n_folds"):
+            K.cross_fitted_laplace_predict(laplace, features[:n], n_folds)
 
 
 def dense_posterior(features, weight, bias, prior_precision):
@@ -531,6 +535,19 @@ def test_avcs_rejects_bad_input():
         K.avcs_sets(torch.full((2, 4, 3), float("inf")), torch.ones(2))
     with pytest.raises(ValueError, match="y"):
         K.tune_avcs_thresholds(logits, torch.zeros(5, dtype=torch.long))
+
+
+def test_metrics_and_ensembles_reject_input_they_would_answer_wrongly():
+    probs, y = torch.softmax(torch.randn(5, 3), -1), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+        K.expected_calibration_error(probs, y, n_bins=0)  # no bin: it used to return a number anyway
+    empty = torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="no group has a sample"):
+        K.worst_group_accuracy(empty, empty, empty, 4)
+    with pytest.raises(ValueError, match="flops must be > 0"):
+        K.mie_ensemble(torch.rand(2, 3, 4), torch.tensor([0.0, 1.0]))  # 0 / 0 at the first exit
+    with pytest.raises(ValueError, match="needs N >= 2"):  # one target has no variance: the fit was all NaN
+        K.fit_bayesian_linear_regression(torch.randn(1, 3, dtype=f64), torch.randn(1, dtype=f64))
 
 
 def test_set_metrics_hand_worked():
