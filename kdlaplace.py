@@ -1093,8 +1093,7 @@ class EarlyExitNet(nn.Module):
                              "one head per stage but the last is expected")
         self.detach_exits, self.input_size = detach_exits, input_size
         self.stage_flops, self.head_flops = self._count_flops()
-        self.exit_flops = [sum(self.stage_flops[:k + 1]) + sum(self.head_flops[:k + 1])
-                           for k in range(len(self.heads))]
+        self.exit_flops = [self.pass_flops(range(k + 1)) for k in range(len(self.heads))]
 
     def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None,
                          float32_heads: Union[bool, Sequence[int]] = False) -> list[Tensor]:
@@ -1105,8 +1104,8 @@ class EarlyExitNet(nn.Module):
         runs those heads in float32 and the others under the autocast. (train.py's per-epoch readout passes for
         the weights use bf16 heads: measured, they move the weights by less than 2%.)"""
         last = len(self.heads) - 1
-        wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
-        in_float32 = wanted if float32_heads is True else {k % (last + 1) for k in float32_heads or ()}
+        wanted = self._exit_set(exits)
+        in_float32 = wanted if float32_heads is True else self._exit_set(float32_heads or ())
         features, h = {}, x
         for k, modules in enumerate(self.backbone.stage_modules()[:max(wanted) + 1]):
             for module in modules:
@@ -1129,9 +1128,13 @@ class EarlyExitNet(nn.Module):
         for, plus the heads asked for. A readout pass over the training set costs ``N * pass_flops([readout])``; a
         training step about three forward passes (the backward computes the gradients of the inputs and of the
         weights, two multiply-adds per forward one)."""
-        last = len(self.heads) - 1
-        wanted = set(range(last + 1)) if exits is None else {k % (last + 1) for k in exits}
+        wanted = self._exit_set(exits)
         return sum(self.stage_flops[:max(wanted) + 1]) + sum(self.head_flops[k] for k in wanted)
+
+    def _exit_set(self, exits: Optional[Sequence[int]]) -> set[int]:
+        """The exits asked for as non-negative indices (``-1`` is the last), every exit for None."""
+        n_exits = len(self.heads)
+        return set(range(n_exits)) if exits is None else {k % n_exits for k in exits}
 
     def _count_flops(self) -> tuple[list[int], list[int]]:
         macs: dict[nn.Module, int] = {}
