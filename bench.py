@@ -197,8 +197,7 @@ def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.Spuriou
     amp = K.run_uses_bf16(vars(cfg), device)
     torch.manual_seed(0)
     teacher = train.new_model(cfg, "teacher", data, device)
-    crops = data.augment not in ("none", "flip")  # the teacher's targets: every batch, or once for the run
-    target_flops = teacher.pass_flops([-1]) if crops else 0
+    target_flops = teacher.pass_flops([-1]) if train.targets_every_batch(data) else 0  # else once for the run
     n_train, n_val = len(data.train), len(data.val)
 
     def add(case: str, network: str, seconds: float, baseline: Optional[float], macs: tuple[int, int]) -> None:

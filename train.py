@@ -196,6 +196,12 @@ def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.dev
     return K.model_to_device(model, device, K.run_uses_bf16(vars(cfg), device))
 
 
+def targets_every_batch(data: K.SpuriousDataset) -> bool:
+    """Whether the teacher's targets are computed on every batch (random crops: every batch is new to the teacher)
+    or once for the run (no augmentation, or flips only: both views of every image are looked up)."""
+    return data.augment not in ("none", "flip")
+
+
 def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                     device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
     """A function (batch x, sample indices, flips or None) -> KD target logits (B, c): the teacher's last-exit
@@ -221,7 +227,7 @@ def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.
                     return laplace.log_predict(features, link="probit")  # (B, c)
                 return head(features)  # (B, c)
 
-    if data.augment not in ("none", "flip"):  # random crops: every batch is new to the teacher
+    if targets_every_batch(data):
         return lambda x, index, flips: compute(x)
     train = splits["train"]
     table = torch.empty(2, len(train), data.n_classes, device=device)  # (view, N, c): as is, mirrored
