@@ -702,7 +702,10 @@ def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: f
     Start at ``tau = 1`` everywhere; exit by exit, raise ``tau_t`` by ``step`` while the marginal coverage
     stays ``>= 1 - alpha`` at all exits; undo the step that broke it. Every evaluation replays the same
     random stream, so a repeat of ``avcs_sets`` with an identically seeded generator reproduces the tuned
-    coverage. Jazbec et al. (UAI 2024), appendix (their notebook tunes on test; use a held-out split).
+    coverage. The sets depend on ``tau_t`` only through exit ``t``'s support ``{z >= tau_t}``, so a step that
+    passes none of exit ``t``'s logits keeps the coverage already checked and is not evaluated again: the walk
+    costs one evaluation per step that passes a logit, not one per step up to the largest logit.
+    Jazbec et al. (UAI 2024), appendix (their notebook tunes on test; use a held-out split).
     Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,).
     """
     if not step > 0:
@@ -723,12 +726,26 @@ def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: f
 
     thresholds = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
     ceiling = float(logits.max()) + step  # above every logit every set is empty: the loop must stop there
+    known_to_cover = False  # the start is never evaluated: its first step is
     for t in range(logits.shape[0]):
-        while thresholds[t] < ceiling:
-            thresholds[t] += step
+        exit_logits = torch.unique(logits[t].double()).tolist()  # sorted: the values where exit t's support changes
+        tau, next_logit = float(thresholds[t]), 0  # exit_logits[next_logit] is the first logit >= tau
+        while tau < ceiling:
+            raised = tau + step  # Python floats are IEEE doubles: the same grid as adding step to the tensor
+            while next_logit < len(exit_logits) and exit_logits[next_logit] < tau:
+                next_logit += 1
+            passes_a_logit = next_logit < len(exit_logits) and exit_logits[next_logit] < raised
+            if known_to_cover and not passes_a_logit:  # the same sets as at tau
+                tau = raised
+                continue
+            thresholds[t] = raised
             if not covers(thresholds):
-                thresholds[t] -= step
+                thresholds[t] = raised - step  # back to the sets at tau, unless the subtraction rounds elsewhere
+                known_to_cover = known_to_cover and raised - step == tau
                 break
+            tau, known_to_cover = raised, True
+        else:
+            thresholds[t] = tau
     generator.set_state(start_state)
     return thresholds
 

@@ -525,6 +525,34 @@ def test_tune_avcs_thresholds_reaches_coverage_on_its_data():
         assert (coverage < 1 - alpha).any() or raised[t] >= logits.max()
 
 
+def test_tune_avcs_thresholds_equals_the_walk_that_evaluates_every_step():
+    def every_step(logits, y, alpha, step, seed):  # the plain walk: one coverage evaluation per step
+        labels = y[None, :, None].expand(logits.shape[0], -1, 1)
+
+        def covers(thresholds):
+            sets = K.avcs_sets(logits, thresholds, alpha, generator=seeded(seed))
+            return bool((sets.gather(-1, labels).squeeze(-1).double().mean(-1) >= 1 - alpha).all())
+        thresholds = torch.ones(logits.shape[0], dtype=f64)
+        ceiling = float(logits.max()) + step
+        for t in range(logits.shape[0]):
+            while thresholds[t] < ceiling:
+                thresholds[t] += step
+                if not covers(thresholds):
+                    thresholds[t] -= step
+                    break
+        return thresholds
+    g = seeded(25)
+    for case, (alpha, step, scale, peak) in enumerate([(0.1, 0.5, 1.5, 6.0), (0.2, 0.3, 1.0, 3.0), (0.05, 0.7, 2.0, 9.0),
+                                                        (0.3, 0.5, 0.5, 1.0)]):
+        y = torch.randint(0, 6, (60,), generator=g)
+        logits = scale * torch.randn(3, 60, 6, generator=g, dtype=f64)
+        logits[:, torch.arange(60), y] += peak
+        logits[2, 0, y[0]] = 40.0  # one far logit: the plain walk evaluates every step up to it
+        expected = every_step(logits, y, alpha, step, 30 + case)
+        got = K.tune_avcs_thresholds(logits, y, alpha, step, generator=seeded(30 + case))
+        assert torch.equal(got, expected), (case, got, expected)
+
+
 def test_avcs_rejects_bad_input():
     logits = torch.randn(2, 4, 3)
     with pytest.raises(ValueError, match="alpha"):
