@@ -223,17 +223,17 @@ def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.Spuriou
     student_name = f"student {cfg.arch}" + (f" w={cfg.width}" if cfg.arch == "cnn" else "")
     targets = train.teacher_targets(cfg, teacher, splits, data, device)
     weightings = ("none", "dedier", "laplace")  # the readout's weights are computed at the end of the epoch
+    configs = {weighting: train.parse_args([*flags, "--weighting", weighting, "--device", device.type])
+               for weighting in weightings}
 
-    def tail_of_epoch(weighting: str) -> Callable[[], object]:  # what an epoch does after its training loop
-        cfg_w = train.parse_args([*flags, "--weighting", weighting, "--device", device.type])
+    def tail_of_epoch(cfg_w: train.Config) -> Callable[[], object]:  # what an epoch does after its training loop
         return lambda: train.validate_and_reweight(cfg_w, "student", student, splits, data, device, 1)
     with tempfile.TemporaryDirectory() as out:
         cases = {"bare": bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size, targets)}
         for weighting in weightings:
-            cfg_w = train.parse_args([*flags, "--weighting", weighting, "--device", device.type])
-            cases[weighting] = phase_epoch(cfg_w, "student", student, out, targets)
+            cases[weighting] = phase_epoch(configs[weighting], "student", student, out, targets)
         seconds = timed_rounds(cases, repeats, device)
-        tails = {weighting: tail_of_epoch(weighting) for weighting in weightings}
+        tails = {weighting: tail_of_epoch(configs[weighting]) for weighting in weightings}
         tail_seconds = timed_rounds(tails, 3 * repeats, device)  # short calls: more of them
     macs = {weighting: epoch_macs(student, n_train, n_val, None if weighting == "none" else cfg.readout_exit,
                                   target_flops) for weighting in weightings}
