@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -1684,6 +1685,17 @@ def bf16_is_fast(device: torch.device) -> bool:
     except OSError:  # not Linux: no way to tell, so no bf16
         return False
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def hardware_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's model name (``/proc/cpuinfo``; the platform's processor elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return platform.processor() or "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 import typing
@@ -95,6 +96,8 @@ class Config:
     beta: Optional[float] = flag(None, "scale of the weights exp(beta * margin ** alpha) (>= 0)")
     readout_exit: int = flag(0, "which student exit is the readout (0 = the first)")
     joint_exits: bool = flag(False, "train the exits jointly instead of on detached features")
+    reweight_every: int = flag(1, "the readout pass and new sample weights only after epochs where "
+                                  "(epoch - 1) %% K == 0 (DEDIER's --reweigh_at)")
     gdro_step: float = flag(0.01, "group DRO step size eta")
     image_size: Optional[int] = flag(None, "input size of the JPEG datasets (default 224)")
     cache_dir: Optional[str] = flag(None, "where decoded images are cached")
@@ -143,7 +146,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
               (cfg.alpha > 0, "--alpha must be > 0"), (cfg.beta >= 0, "--beta must be >= 0"),
               (cfg.epochs >= 1 and cfg.teacher_epochs >= 0, "--epochs must be >= 1 and --teacher-epochs >= 0"),
               (cfg.batch_size >= 1, "--batch-size must be >= 1"), (cfg.lr > 0, "--lr must be > 0"),
-              (cfg.weight_decay >= 0, "--weight-decay must be >= 0"), (cfg.synth_n_train >= 16, "--synth-n-train must be >= 16")]
+              (cfg.weight_decay >= 0, "--weight-decay must be >= 0"), (cfg.synth_n_train >= 16, "--synth-n-train must be >= 16"),
+              (cfg.reweight_every >= 1, "--reweight-every must be >= 1")]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -287,10 +291,18 @@ def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.
             probs = laplace.predict(train_features, N_SAMPLES, generator=generator)  # (N, c)
             logit_std = laplace.logit_std(train_features)  # (N,)
         weights = K.dedier_weights(probs, train.labels, cfg.alpha, cfg.beta)
+        # the spread of the posterior variance phi~^T V phi~ across inputs: a variance equal for every input would
+        # act as one more global temperature (exactly so for two classes and the probit link)
+        variance = logit_std.double() ** 2  # (N,) proportional to phi~^T V phi~: a CV does not see the scale
+        group_variance = torch.tensor([v for v in K.group_means(variance, train.groups, data.n_groups)
+                                       if v is not None], dtype=torch.float64)  # (groups present,)
         info.update(readout_temperature=laplace.temperature, readout_prior_variance=1.0 / laplace.prior_precision,
                     posterior_logit_std=K.group_means(logit_std, train.groups, data.n_groups),
-                    posterior_logit_std_median=float(logit_std.median()))
+                    posterior_logit_std_median=float(logit_std.median()),
+                    posterior_variance_cv=float(variance.std() / variance.mean()),
+                    posterior_variance_group_cv=float(group_variance.std() / group_variance.mean()))
     info.update(upweighted_share=K.group_means((weights > 1).double(), train.groups, data.n_groups),
+                upweighted_share_all=float((weights > 1).double().mean()),
                 mean_weight=K.group_means(weights, train.groups, data.n_groups),
                 weight_corr_temperature=K.pearson_correlation(weights, temperature_weights))
     return weights, info
@@ -376,18 +388,18 @@ def phase_progress(role: str, model: K.EarlyExitNet, optimizer: torch.optim.Opti
 
 def validate_and_reweight(cfg: Config, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                           device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
-    """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student, the
-    readout's sample weights (N,) for the next epoch with their diagnostics (else None and {}). One validation pass
-    serves both, the last exit's head in float32 and the readout's in bf16 (as in its training-set pass): the
-    stages they share run once."""
+    """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student after
+    an epoch where (epoch - 1) % --reweight-every == 0, the readout's sample weights (N,) for the next epochs with
+    their diagnostics (else None and {}). One validation pass serves both, the last exit's head in float32 and the
+    readout's in bf16 (as in its training-set pass): the stages they share run once."""
     last_exit = len(model.heads) - 1
-    weighted = role == "student" and cfg.weighting != "none"
+    reweight = role == "student" and cfg.weighting != "none" and (epoch - 1) % cfg.reweight_every == 0
     val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device,
-                                               exits=[last_exit, cfg.readout_exit] if weighted else [last_exit],
+                                               exits=[last_exit, cfg.readout_exit] if reweight else [last_exit],
                                                amp=K.run_uses_bf16(vars(cfg), device),
                                                float32_heads=[last_exit])  # (K', N_val, c), K' x (N_val, p)
     metrics = accuracy_metrics(val_logits[0].argmax(-1), splits["val"], data)
-    if not weighted:
+    if not reweight:
         return metrics, None, {}
     weights, info = readout_weights(cfg, model, splits, data, device, epoch, val_logits[1], val_features[1])
     return metrics, weights, info
@@ -444,7 +456,8 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
             save(cfg, role, model, data, out / f"{role}.pt", best=progress["best"])
         log({"phase": role, "epoch": epoch, "seconds": round(seconds, 3), "train_loss": train_loss,
              "val_avg_acc": val_metrics["avg_acc"], "val_worst_group_acc": val_metrics["worst_group_acc"],
-             "images_per_s": round(len(train) / seconds, 1), "lr": lr, **info}, epochs)
+             "images_per_s": round(len(train) / seconds, 1), "lr": lr, "reweighted": sample_weights is not None,
+             **info}, epochs)
         progress["epoch"] = epoch
         save(cfg, role, model, data, out / "last.pt", phase=role, optimizer=optimizer.state_dict(),
              generator=generator.get_state(), **progress)
@@ -498,7 +511,21 @@ def load_teacher(cfg: Config, path: Path, data: K.SpuriousDataset, device: torch
     return K.model_to_device(K.model_from_checkpoint(saved), device, K.run_uses_bf16(vars(cfg), device))
 
 
+def provenance(device: torch.device, amp: bool) -> dict:
+    """What produced a run, for the tables that read it: the code version (``git describe --always --dirty`` of
+    this folder, "unknown" outside a git checkout), the hardware (the GPU's name, or the CPU model) and whether
+    bf16 autocast was on, and the torch threads."""
+    try:
+        version = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                                 capture_output=True, text=True, timeout=30).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):  # no git on the machine
+        version = "unknown"
+    return {"code_version": version, "hardware": K.hardware_name(device), "bf16": amp,
+            "threads": torch.get_num_threads()}
+
+
 def run(cfg: Config) -> dict:
+    started = time.perf_counter()
     out = Path(cfg.out)
     state = resume_state(cfg, out) if cfg.resume else {}
     torch.manual_seed(cfg.seed)
@@ -514,7 +541,7 @@ def run(cfg: Config) -> dict:
     if not cfg.resume:
         (out / "log.jsonl").unlink(missing_ok=True)
     print(f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
-          f"{data.n_classes} classes, {data.n_groups} groups; device {device}"
+          f"{data.n_classes} classes, {data.n_groups} groups; device {device}, {torch.get_num_threads()} threads"
           f"{' (bf16 autocast)' if K.run_uses_bf16(vars(cfg), device) else ''}; out {out}")
 
     def log(record: dict, epochs: int) -> None:  # one line of log.jsonl and one printed line per epoch
@@ -539,6 +566,8 @@ def run(cfg: Config) -> dict:
                "student": {"test": evaluate(cfg, student, splits["test"], data, device),
                            "val": K.load_checkpoint(out / "student.pt")["best"],  # the selected epoch
                            "readout": readout_calibration(cfg, student, splits, data, device)}}
+    metrics.update(provenance(device, K.run_uses_bf16(vars(cfg), device)),
+                   wall_seconds=round(time.perf_counter() - started, 1))  # of this process (after --resume: its part)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\n{'test':8s} {'avg acc':>8s} {'worst-group':>12s}  " + "  ".join(f"{g:>14s}" for g in data.group_names))
     for role in ("teacher", "student"):

@@ -1,0 +1,622 @@
+"""The evidence runner: studies of many train.py runs, and the tables they give.
+
+    python sweep.py --study budget                          # every run under runs/budget/, then runs/budget/budget.md
+    python sweep.py --study table --jobs 8                  # 8 runs at a time, one per GPU (CUDA_VISIBLE_DEVICES)
+    python sweep.py --study table --jobs 8 --runs-per-gpu 4 # 2 GPUs with 4 small runs each
+    python sweep.py --study data-size --jobs 2              # on a 2-core CPU: 2 runs of one thread each
+    python sweep.py --study lr --print-commands teachers    # one command per line, for GNU parallel or Slurm
+    python sweep.py --study budget -- --device cuda         # flags after -- go to every train.py command
+
+A sweep is a list of plain ``python train.py ...`` commands in two stages: the teacher runs (each trains its seed's
+teacher, and a student with it), then the student runs, which reuse those teachers (``--teacher RUN/teacher.pt``).
+Every run writes only its own folder ``OUT/<run>``, so launchers over the same sweep never clobber each other. A
+run with a ``metrics.json`` is done and skipped; one with a ``last.pt`` and no ``metrics.json`` was interrupted and
+continues with train.py's ``--resume``. The tables (``OUT/<study>.md``) are written from whatever runs exist, under
+a header with the command, the code version, the hardware, the date and the wall time.
+
+Studies (synth; every run through train.py's public flags):
+  table      the (alpha, beta) selection of every weighting on seeds 0-4 (12 student epochs), its selected points on
+             fresh seeds 5-9, and the ERM teacher that shows the shortcut
+  budget     plain KD, DEDIER, dedier-ts and Laplace at their defaults (20 student epochs), seeds 0-9
+  lr         every weighting at its default (alpha, beta) with lr 0.05, 0.02 and 0.01 at 12 epochs; the rate selected
+             on seeds 0-4, tested on fresh seeds 5-9
+  data-size  --synth-n-train 600, 1200, 2400 and 4800 (val and test scale with it), the defaults otherwise: where
+             could the readout's posterior matter?
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+# ── Runs and studies ─────────────────────────────────────────────────────────────────────────────────────
+
+@dataclass(frozen=True)
+class Run:
+    """One train.py run: its folder name under --out, its flags (without --out and --teacher) and the teacher run
+    whose teacher.pt it distils (None: it trains its own teacher)."""
+    name: str
+    flags: tuple[str, ...]
+    teacher: Optional[str] = None
+
+
+def run_flags(**flags) -> tuple[str, ...]:
+    """train.py flags from keywords: ``run_flags(weighting="none", seed=3)`` -> ``("--weighting", "none", "--seed", "3")``."""
+    return tuple(part for name, value in flags.items() for part in (f"--{name.replace('_', '-')}", f"{value:g}"
+                                                                   if isinstance(value, float) else str(value)))
+
+
+WEIGHTINGS = ("none", "dedier", "dedier-ts", "laplace", "laplace-cv", "laplace-ml")
+TUNED_WEIGHTINGS = WEIGHTINGS[1:]
+GRID_ALPHAS = (0.05, 0.5, 1.0)
+GRID_BETAS = (1.0, 2.0, 4.0)
+PAPER_ALPHA_BETA = (0.05, 4.0)  # DEDIER's published Waterbirds setting: a point of the grid with its own row
+TABLE_EPOCHS = 12  # the students of the table and the lr study (the teacher keeps its 15 epochs)
+LEARNING_RATES = (0.05, 0.02, 0.01)
+BUDGET_WEIGHTINGS = ("none", "dedier", "dedier-ts", "laplace")
+DATA_SIZES = (600, 1200, 2400, 4800)
+DATA_SIZE_WEIGHTINGS = ("none", "dedier", "dedier-ts", "laplace", "laplace-ml")
+
+
+def grid_name(weighting: str, alpha: float, beta: float) -> str:
+    return f"{weighting}_a{alpha:g}_b{beta:g}"
+
+
+def table_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
+    """Per seed, the teacher run "none" (plain KD) and the ERM teacher; per selection seed every grid point of
+    every weighting; per fresh seed each weighting's selected point, once the selection seeds have finished."""
+    runs = []
+    for seed in [*seeds, *fresh_seeds]:
+        runs.append(Run(f"none-seed{seed}", run_flags(weighting="none", epochs=TABLE_EPOCHS, seed=seed)))
+        if seed in seeds:  # a 1-epoch student: its teacher, ERM-trained, is what the run is for
+            runs.append(Run(f"erm-seed{seed}", run_flags(weighting="none", teacher_objective="erm", epochs=1, seed=seed)))
+    for seed in seeds:
+        runs += [Run(f"{grid_name(w, a, b)}-seed{seed}", run_flags(weighting=w, alpha=a, beta=b, epochs=TABLE_EPOCHS,
+                                                                   seed=seed), f"none-seed{seed}")
+                 for w in TUNED_WEIGHTINGS for a in GRID_ALPHAS for b in GRID_BETAS]
+    selected = select_grid_points(seeds, root) if fresh_seeds else {}
+    for seed in fresh_seeds:
+        for weighting, name in selected.items():
+            _, alpha, beta = name.split("_")
+            runs.append(Run(f"{name}-seed{seed}", run_flags(weighting=weighting, alpha=float(alpha[1:]),
+                                                            beta=float(beta[1:]), epochs=TABLE_EPOCHS, seed=seed),
+                            f"none-seed{seed}"))
+    return runs
+
+
+def budget_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
+    """Per seed plain KD (it trains the teacher) and each weighting of BUDGET_WEIGHTINGS at train.py's defaults."""
+    return [Run(f"{w}-seed{seed}", run_flags(weighting=w, seed=seed), None if w == "none" else f"none-seed{seed}")
+            for seed in seeds for w in BUDGET_WEIGHTINGS]
+
+
+def lr_name(weighting: str, lr: float) -> str:
+    return f"{weighting}-lr{lr:g}"
+
+
+def lr_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
+    """Per seed (selection and fresh alike) every weighting at its default (alpha, beta) with every rate at 12
+    epochs, all distilling the teacher of plain KD at 0.05 (the table's)."""
+    runs = []
+    for seed in [*seeds, *fresh_seeds]:
+        teacher = f"{lr_name('none', LEARNING_RATES[0])}-seed{seed}"
+        runs += [Run(f"{lr_name(w, lr)}-seed{seed}", run_flags(weighting=w, epochs=TABLE_EPOCHS, lr=lr, seed=seed),
+                     None if f"{lr_name(w, lr)}-seed{seed}" == teacher else teacher)
+                 for w in WEIGHTINGS for lr in LEARNING_RATES]
+    return runs
+
+
+def data_size_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
+    """Per size and seed plain KD (it trains the teacher) and each weighting of DATA_SIZE_WEIGHTINGS at its
+    defaults."""
+    return [Run(f"{w}-n{n}-seed{seed}", run_flags(weighting=w, synth_n_train=n, seed=seed),
+                None if w == "none" else f"none-n{n}-seed{seed}")
+            for n in DATA_SIZES for seed in seeds for w in DATA_SIZE_WEIGHTINGS]
+
+
+# ── Reading the runs ─────────────────────────────────────────────────────────────────────────────────────
+
+def load_run(root: Path, name: str) -> Optional[dict]:
+    """A finished run's metrics.json with its student epochs from log.jsonl under "student_epochs" and the
+    reweighted ones among them under "epochs"; None when the run has not finished."""
+    folder = root / name
+    if not (folder / "metrics.json").is_file():
+        return None
+    metrics = json.loads((folder / "metrics.json").read_text())
+    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    metrics["student_epochs"] = [r for r in records if r["phase"] == "student"]
+    metrics["epochs"] = [r for r in metrics["student_epochs"] if "mean_weight" in r]
+    return metrics
+
+
+def finished(root: Path, names: Sequence[str]) -> list[dict]:
+    """The finished runs among ``names``."""
+    return [run for run in (load_run(root, name) for name in names) if run is not None]
+
+
+def test_wg(run: dict) -> float:
+    return run["student"]["test"]["worst_group_acc"]
+
+
+def val_score(runs: list[dict]) -> tuple[float, float]:
+    """Mean validation worst-group accuracy of the selected checkpoints, ties by mean validation accuracy."""
+    return (statistics.mean(r["student"]["val"]["worst_group_acc"] for r in runs),
+            statistics.mean(r["student"]["val"]["avg_acc"] for r in runs))
+
+
+def select_grid_points(seeds: Sequence[int], root: Path) -> dict:
+    """weighting -> the grid point (run name without seed) with the best ``val_score`` over ``seeds``; {} until
+    every grid run of those seeds has finished."""
+    names = {w: [grid_name(w, a, b) for a in GRID_ALPHAS for b in GRID_BETAS] for w in TUNED_WEIGHTINGS}
+    runs = {point: finished(root, [f"{point}-seed{s}" for s in seeds]) for points in names.values() for point in points}
+    if any(len(r) < len(seeds) for r in runs.values()):
+        return {}
+    return {w: max(points, key=lambda point: val_score(runs[point])) for w, points in names.items()}
+
+
+def cell(values: Sequence[Optional[float]], scale: float = 100.0, digits: int = 1) -> str:
+    """'mean ± standard deviation' of the values that exist (times ``scale``), '–' when none does."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    spread = f" ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{scale * statistics.mean(values):.{digits}f}{spread}"
+
+
+def per_seed(values: Sequence[float]) -> str:
+    return " ".join(f"{100 * v:.0f}" for v in values)
+
+
+def bootstrap_interval(values: Sequence[float], level: float = 0.95, resamples: int = 10000) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: the (1 - level)/2 and (1 + level)/2 quantiles of the means of
+    ``resamples`` resamples with replacement (fixed seed, so a table reproduces)."""
+    values = np.asarray(values, dtype=np.float64)
+    draws = np.random.default_rng(0).integers(0, len(values), size=(resamples, len(values)))  # (R, n)
+    means = values[draws].mean(axis=1)  # (R,)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def paired_cells(differences: Sequence[float]) -> list[str]:
+    """Paired differences in points: mean ± sd, median, won / tied (within 1 point) / lost, 95% bootstrap interval."""
+    points = [100 * d for d in differences]
+    if not points:
+        return ["–"] * 4
+    low, high = bootstrap_interval(points) if len(points) > 1 else (points[0], points[0])
+    return [cell(points, 1.0), f"{statistics.median(points):+.1f}",
+            f"{sum(p > 1 for p in points)} / {sum(abs(p) <= 1 for p in points)} / {sum(p < -1 for p in points)}",
+            f"[{low:+.1f}, {high:+.1f}]"]
+
+
+def epoch_median(run: dict, key: str, index: Optional[int] = None) -> Optional[float]:
+    """Median over a run's reweighted epochs of a logged diagnostic (entry ``index`` of a per-group list)."""
+    values = [e[key] if index is None else e[key][index] for e in run["epochs"] if e.get(key) is not None]
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def mean_of(values: Sequence[Optional[float]], digits: int = 3) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.mean(values):.{digits}f}" if values else "–"
+
+
+# ── The tables of each study ─────────────────────────────────────────────────────────────────────────────
+
+def table_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
+    """The selection table: the main rows, the grid, the posterior's size, the selected points on fresh seeds,
+    the ERM teacher, and when the students leave the shortcut."""
+    selected = select_grid_points(seeds, root)
+    if not selected:
+        return ["The grid has not finished on every selection seed: no selection yet."]
+    runs = lambda point, seed_list: finished(root, [f"{point}-seed{s}" for s in seed_list])
+    rows = [("none", "none"), (f"dedier, paper (α={PAPER_ALPHA_BETA[0]:g}, β={PAPER_ALPHA_BETA[1]:g})",
+                               grid_name("dedier", *PAPER_ALPHA_BETA))]
+    rows += [(f"{w}, tuned (α={name.split('_')[1][1:]}, β={name.split('_')[2][1:]})", name) for w, name in selected.items()]
+    lines = [f"Seeds {seed_text(seeds)}, the selection's seeds. Test-set %, mean ± sd over seeds; posterior logit std: "
+             "median over the training inputs, averaged over the reweighted epochs.", "",
+             "| weighting | val worst-group | student avg | student worst-group | readout ECE softmax | "
+             "readout ECE temperature | readout ECE Laplace | posterior logit std | corr with T-softmax weights | per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, point in rows:
+        rs = runs(point, seeds)
+        epoch_mean = lambda key: [statistics.mean(e[key] for e in r["epochs"]) if r["epochs"] and
+                                  r["epochs"][0].get(key) is not None else None for r in rs]
+        lines.append(f"| {label} | " + " | ".join([
+            cell([r["student"]["val"]["worst_group_acc"] for r in rs]), cell([r["student"]["test"]["avg_acc"] for r in rs]),
+            cell([test_wg(r) for r in rs]),
+            *(cell([r["student"]["readout"][kind]["ece"] for r in rs]) for kind in ("map", "temperature", "laplace")),
+            cell(epoch_mean("posterior_logit_std_median"), 1.0, 3), cell(epoch_mean("weight_corr_temperature"), 1.0, 3),
+            per_seed([test_wg(r) for r in rs])]) + " |")
+    lines += ["", "Selection grid: validation / test worst-group accuracy (%), mean over the seeds; the selected point "
+                  "in bold.", "", "| α | β | " + " | ".join(TUNED_WEIGHTINGS) + " |",
+              "|---|---|" + "---|" * len(TUNED_WEIGHTINGS)]
+    for a in GRID_ALPHAS:
+        for b in GRID_BETAS:
+            entries = []
+            for w in TUNED_WEIGHTINGS:
+                rs = runs(grid_name(w, a, b), seeds)
+                entry = f"{100 * val_score(rs)[0]:.1f} / {100 * statistics.mean(map(test_wg, rs)):.1f}"
+                entries.append(f"**{entry}**" if grid_name(w, a, b) == selected[w] else entry)
+            lines.append(f"| {a:g} | {b:g} | " + " | ".join(entries) + " |")
+    lines += ["", "The readout's posterior on the training inputs, selected runs (mean over the reweighted epochs, "
+                  "then over seeds): tuned T and σ², and the posterior std of the temperature-scaled logits per group.",
+              "", "| weighting | T | σ² | logit std g0 | g1 | g2 | g3 |", "|---|---|---|---|---|---|---|"]
+    for w in [w for w in TUNED_WEIGHTINGS if w.startswith("laplace")]:
+        epochs = [e for r in runs(selected[w], seeds) for e in r["epochs"]]
+        stds = [mean_of([e["posterior_logit_std"][g] for e in epochs]) for g in range(4)]
+        lines.append(f"| {w} | {mean_of([e['readout_temperature'] for e in epochs], 2)} | "
+                     f"{mean_of([e['readout_prior_variance'] for e in epochs], 3)} | " + " | ".join(stds) + " |")
+    if fresh_seeds:
+        lines += ["", f"Fresh seeds {seed_text(fresh_seeds)}: the points selected on seeds {seed_text(seeds)}, run "
+                      "again on seeds no selection has seen (the validation column pools every seed: the default "
+                      "weighting's criterion).", "",
+                  f"| weighting | val worst-group, seeds {seed_text([*seeds, *fresh_seeds])} | student avg | "
+                  "student worst-group | per seed |", "|---|---|---|---|---|"]
+        for label, point in [("none", "none"), *selected.items()]:
+            fresh, every = runs(point, fresh_seeds), runs(point, [*seeds, *fresh_seeds])
+            lines.append(f"| {label} | {cell([r['student']['val']['worst_group_acc'] for r in every])} | "
+                         f"{cell([r['student']['test']['avg_acc'] for r in fresh])} | "
+                         f"{cell([test_wg(r) for r in fresh])} | {per_seed([test_wg(r) for r in fresh])} |")
+    lines += ["", "The shortcut: the seeds' teachers with group DRO and with ERM (same model selection).", "",
+              "| teacher objective | test avg | test worst-group |", "|---|---|---|"]
+    for objective, point in (("group DRO", "none"), ("ERM", "erm")):
+        teachers = [r["teacher"]["test"] for r in runs(point, seeds)]
+        lines.append(f"| {objective} | {cell([t['avg_acc'] for t in teachers])} | "
+                     f"{cell([t['worst_group_acc'] for t in teachers])} |")
+    students = [r for point in ["none", *(grid_name(w, a, b) for w in TUNED_WEIGHTINGS for a in GRID_ALPHAS
+                                          for b in GRID_BETAS)] for r in runs(point, seeds)]
+    curves = [[e["val_worst_group_acc"] for e in r["student_epochs"]] for r in students]
+    first = [next((epoch for epoch, acc in enumerate(curve, 1) if acc >= 0.5), None) for curve in curves]
+    counts = ", ".join(f"{epoch}: {first.count(epoch)}" for epoch in sorted(set(first) - {None}))
+    return lines + ["", f"Selection seeds' student runs at validation worst-group 0 after epoch 1: "
+                        f"{sum(c[0] == 0 for c in curves)} of {len(curves)}; first epoch at 50% or more: {counts}, "
+                        f"never: {first.count(None)}."]
+
+
+def budget_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
+    """Each weighting at its defaults (20 student epochs): test worst-group accuracy and its paired difference
+    from plain KD."""
+    runs = {w: {s: load_run(root, f"{w}-seed{s}") for s in seeds} for w in BUDGET_WEIGHTINGS}
+    lines = [f"Test worst-group accuracy (%), seeds {seed_text(seeds)}; paired: the weighting minus plain KD on "
+             "the same seed and teacher (points; won / tied within 1 point / lost; 95% bootstrap interval of the mean).",
+             "", "| weighting | student avg | worst-group | median | per seed | minus plain KD | median | won / tied / lost "
+                 "| 95% interval |", "|---|---|---|---|---|---|---|---|---|"]
+    for w in BUDGET_WEIGHTINGS:
+        rs = [r for r in runs[w].values() if r is not None]
+        if not rs:
+            continue
+        paired = [test_wg(runs[w][s]) - test_wg(runs["none"][s]) for s in seeds
+                  if runs[w][s] is not None and runs["none"][s] is not None]
+        worst = list(map(test_wg, rs))
+        lines.append(f"| {w} | {cell([r['student']['test']['avg_acc'] for r in rs])} | {cell(worst)} | "
+                     f"{100 * statistics.median(worst):.1f} | {per_seed(worst)} | "
+                     + " | ".join(["–"] * 4 if w == "none" else paired_cells(paired)) + " |")
+    return lines
+
+
+def lr_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
+    """Every weighting's rate selected on the selection seeds' validation worst-group; its test figures there and
+    on the fresh seeds, with the paired difference from plain KD at plain KD's own selected rate."""
+    runs = lambda w, lr, seed_list: finished(root, [f"{lr_name(w, lr)}-seed{s}" for s in seed_list])
+    selected = {w: max((lr for lr in LEARNING_RATES if runs(w, lr, seeds)), key=lambda lr: val_score(runs(w, lr, seeds)),
+                       default=None) for w in WEIGHTINGS}
+    lines = [f"Rate selected on seeds {seed_text(seeds)}' validation worst-group accuracy; test worst-group (%) at "
+             f"that rate on those seeds and on fresh seeds {seed_text(fresh_seeds)}; paired: minus plain KD at its "
+             "selected rate, same seed and teacher.", "",
+             "| weighting | val worst-group per rate | lr selected | selection seeds | fresh seeds | fresh, per seed | "
+             "fresh minus plain KD | median |", "|---|---|---|---|---|---|---|---|"]
+    plain = {r["seed"]: r for r in runs("none", selected["none"], fresh_seeds)} if selected["none"] else {}
+    for w in WEIGHTINGS:
+        lr = selected[w]
+        per_rate = ", ".join(f"{rate:g}: {100 * val_score(runs(w, rate, seeds))[0]:.1f}"
+                             for rate in LEARNING_RATES if runs(w, rate, seeds))
+        if lr is None:
+            lines.append(f"| {w} | – | – | – | – | – | – | – |")
+            continue
+        fresh = runs(w, lr, fresh_seeds)
+        paired = [100 * (test_wg(r) - test_wg(plain[r["seed"]])) for r in fresh if r["seed"] in plain]
+        lines.append(f"| {w} | {per_rate} | {lr:g} | {cell(list(map(test_wg, runs(w, lr, seeds))))} | "
+                     f"{cell(list(map(test_wg, fresh)))} | {per_seed(list(map(test_wg, fresh)))} | "
+                     + ("– | –" if w == "none" or not paired else f"{cell(paired, 1.0)} | {statistics.median(paired):+.1f}")
+                     + " |")
+    return lines
+
+
+DATA_SIZE_PREDICTION = """\
+Prediction, written before the runs. The readout's posterior covariance of the logits is (φ̃ᵀVφ̃)·U with
+U = (√N G + √τ I)⁻¹ and V = (√N A + √τ I)⁻¹, so at a fixed fit its standard deviation falls like 1/√N: from the
+median 0.10 measured at N = 4800, about 0.14 at 2400, 0.20 at 1200 and 0.28 at 600 (the tuned T and σ² and the
+fit itself move with N, so within a factor 1.5). The posterior can change which samples are up-weighted only
+through the spread of φ̃ᵀVφ̃ across inputs (a variance equal for every input is one more global temperature);
+with two classes it rescales an input's logit gap by 1/√(1 + π/8·v/T²), which at a logit std of 0.28 is 3% or
+less. So the Laplace weights should still correlate 0.99 or more with the temperature-only softmax's at every
+size, and the paired worst-group difference laplace − dedier-ts should stay centred on 0 within the seed noise.
+What would contradict this: a correlation below about 0.95 at the small sizes, with the minority groups' variance
+well above the majority's (between-group CV of φ̃ᵀVφ̃ above 0.5), and a paired difference whose bootstrap
+interval excludes 0."""
+
+
+def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
+    """Per training-set size: the students' test figures, the readout posterior's size and spread on the training
+    inputs, the weights' agreement with the temperature-only softmax, the paired worst-group differences from
+    dedier-ts, and the readout's test calibration."""
+    runs = {(w, n): finished(root, [f"{w}-n{n}-seed{s}" for s in seeds]) for w in DATA_SIZE_WEIGHTINGS for n in DATA_SIZES}
+    lines = [DATA_SIZE_PREDICTION, "", "Students: test %, mean ± sd over seeds; median; per seed. Readout test ECE (%) "
+             "with its softmax / temperature-scaled softmax / Laplace predictive.", "",
+             "| N train | weighting | avg | worst-group | median | per seed | readout ECE softmax / T / Laplace |",
+             "|---|---|---|---|---|---|---|"]
+    for n in DATA_SIZES:
+        for w in DATA_SIZE_WEIGHTINGS:
+            rs = runs[w, n]
+            if not rs:
+                continue
+            ece = " / ".join(cell([r["student"]["readout"][kind]["ece"] for r in rs]) for kind in ("map", "temperature", "laplace"))
+            lines.append(f"| {n} | {w} | {cell([r['student']['test']['avg_acc'] for r in rs])} | "
+                         f"{cell(list(map(test_wg, rs)))} | {100 * statistics.median(map(test_wg, rs)):.1f} | "
+                         f"{per_seed(list(map(test_wg, rs)))} | {ece} |")
+    lines += ["", "The readout on the training inputs, where the weights are computed (per run the median over its "
+                  "reweighted epochs, then the mean over seeds): the posterior std of the temperature-scaled logits "
+                  "per group (g1 and g2 are the minority groups), the coefficient of variation of the posterior "
+                  "variance φ̃ᵀVφ̃ across inputs and between the group means, the correlation of the weights with "
+                  "the temperature-only softmax's (its lowest epoch over all runs in brackets), and the share of "
+                  "up-weighted samples (all / g1 / g2).", "",
+              "| N train | weighting | logit std g0 | g1 | g2 | g3 | CV of φ̃ᵀVφ̃ | between groups | corr with T-softmax "
+              "weights | up-weighted share |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n in DATA_SIZES:
+        for w in DATA_SIZE_WEIGHTINGS[1:]:
+            rs = runs[w, n]
+            if not rs:
+                continue
+            laplace = w.startswith("laplace")
+            median_over_runs = lambda key, index=None, digits=3: mean_of([epoch_median(r, key, index) for r in rs], digits)
+            stds = [median_over_runs("posterior_logit_std", g) if laplace else "–" for g in range(4)]
+            spread = [median_over_runs(key, digits=2) if laplace else "–"
+                      for key in ("posterior_variance_cv", "posterior_variance_group_cv")]
+            correlations = [e["weight_corr_temperature"] for r in rs for e in r["epochs"]
+                            if e.get("weight_corr_temperature") is not None]
+            correlation = (f"{median_over_runs('weight_corr_temperature', digits=4)} ({min(correlations):.4f})"
+                           if correlations else "–")
+            shares = [median_over_runs("upweighted_share_all")] + [median_over_runs("upweighted_share", g) for g in (1, 2)]
+            lines.append(f"| {n} | {w} | " + " | ".join([*stds, *spread, correlation, " / ".join(shares)]) + " |")
+    lines += ["", "Paired worst-group differences from dedier-ts (the temperature-scaled softmax, same seed and "
+                  "teacher), in points: mean ± sd, median, won / tied within 1 point / lost, 95% bootstrap interval "
+                  "of the mean.", "", "| N train | comparison | mean ± sd | median | won / tied / lost | 95% interval |",
+              "|---|---|---|---|---|---|"]
+    for n in DATA_SIZES:
+        base = {r["seed"]: r for r in runs["dedier-ts", n]}
+        for w in ("laplace", "laplace-ml"):
+            paired = [test_wg(r) - test_wg(base[r["seed"]]) for r in runs[w, n] if r["seed"] in base]
+            lines.append(f"| {n} | {w} − dedier-ts | " + " | ".join(paired_cells(paired)) + " |")
+    return lines
+
+
+@dataclass(frozen=True)
+class Study:
+    runs: Callable[[Sequence[int], Sequence[int], Path], list[Run]]
+    lines: Callable[[Sequence[int], Sequence[int], Path], list[str]]
+    title: str
+    seeds: tuple[int, ...]
+    fresh_seeds: tuple[int, ...] = ()
+
+
+STUDIES = {
+    "table": Study(table_runs, table_lines, "The (α, β) selection of every weighting at 12 student epochs",
+                   (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)),
+    "budget": Study(budget_runs, budget_lines, "Every weighting at its synth defaults (20 student epochs)",
+                    tuple(range(10))),
+    "lr": Study(lr_runs, lr_lines, "The learning rate of every weighting at 12 student epochs",
+                (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)),
+    "data-size": Study(data_size_runs, data_size_lines, "The readout's posterior against a tuned temperature as the "
+                       "training set shrinks", tuple(range(10))),
+}
+
+
+# ── Commands and the slot pool ───────────────────────────────────────────────────────────────────────────
+
+def command(run: Run, root: Path, extra: Sequence[str], python: str = "python") -> list[str]:
+    """The train.py command of a run, with ``--resume`` when its folder holds an interrupted run."""
+    folder = root / run.name
+    teacher = ["--teacher", str(root / run.teacher / "teacher.pt")] if run.teacher else []
+    resume = ["--resume"] if (folder / "last.pt").is_file() and not (folder / "metrics.json").is_file() else []
+    return [python, "train.py", *run.flags, *teacher, "--out", str(folder), *extra, *resume]
+
+
+def shard(runs: list[Run], spec: Optional[str]) -> list[Run]:
+    """The I-th of N disjoint shares (``spec`` "I/N", 1 <= I <= N): every N-th run from the I-th."""
+    if spec is None:
+        return runs
+    index, count = (int(part) for part in spec.split("/"))
+    return runs[index - 1::count]
+
+
+def slot_resources(jobs: int, runs_per_gpu: int, gpus: list[str]) -> list[dict]:
+    """Per slot of the pool: its share of this process's cores (disjoint, so no two runs' threads share a core)
+    and its GPU (slot i on GPU i // runs_per_gpu, the DomainBed launcher's CUDA_VISIBLE_DEVICES pinning)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return [{"cores": cores[slot * len(cores) // jobs:(slot + 1) * len(cores) // jobs],
+             "gpu": gpus[slot // runs_per_gpu] if gpus else None} for slot in range(jobs)]
+
+
+def visible_gpus(extra: Sequence[str]) -> list[str]:
+    """The GPUs the runs may use (ids as CUDA_VISIBLE_DEVICES names them); none when the runs are told
+    ``--device cpu``."""
+    if "cpu" in [value for flag, value in zip(extra, extra[1:]) if flag == "--device"]:
+        return []
+    import torch  # only here: printing commands or writing tables needs no torch
+    count = torch.cuda.device_count()
+    listed = [gpu for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu.strip()]
+    return listed[:count] if listed else [str(index) for index in range(count)]
+
+
+def launch(runs: list[Run], root: Path, extra: Sequence[str], slots: list[dict]) -> list[str]:
+    """Run ``runs`` through the slot pool, one train.py process per slot at a time, each pinned to its slot's cores
+    (and GPU); a run's output goes to OUT/<run>/train.log. Skips runs with a metrics.json and runs whose teacher
+    is missing. Returns the failures, one line each."""
+    failures, waiting = [], []
+    for run in runs:
+        if (root / run.name / "metrics.json").is_file():
+            continue
+        if run.teacher and not (root / run.teacher / "teacher.pt").is_file():
+            failures.append(f"{run.name}: no teacher {root / run.teacher / 'teacher.pt'} (its run failed or has not run)")
+            continue
+        waiting.append(run)
+    free, running, total = list(range(len(slots))), {}, len(waiting)
+    while waiting or running:
+        while waiting and free:
+            run, slot = waiting.pop(0), free.pop(0)
+            cores, gpu = slots[slot]["cores"], slots[slot]["gpu"]
+            env = {**os.environ, "OMP_NUM_THREADS": str(len(cores)), "MKL_NUM_THREADS": str(len(cores))}
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            (root / run.name).mkdir(parents=True, exist_ok=True)
+            log = open(root / run.name / "train.log", "a")
+            args = command(run, root, extra, sys.executable)
+            log.write(shlex.join(args) + "\n")
+            log.flush()
+            pin = (lambda: os.sched_setaffinity(0, cores)) if hasattr(os, "sched_setaffinity") else None
+            process = subprocess.Popen(args, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
+            running[process.pid] = (process, run, slot, log, time.perf_counter())
+            where = f"GPU {gpu}" if gpu is not None else f"cores {','.join(map(str, cores))}"
+            print(f"[{total - len(waiting)}/{total}] {run.name} ({where})", flush=True)
+        pid, status = os.wait()
+        if pid not in running:
+            continue
+        process, run, slot, log, started = running.pop(pid)
+        log.close()
+        free.append(slot)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            tail = (root / run.name / "train.log").read_text().strip().splitlines()[-1:]
+            failures.append(f"{run.name}: exit {code}: {tail[0] if tail else ''} (log: {root / run.name / 'train.log'})")
+        print(f"    {run.name} {'done' if code == 0 else 'FAILED'} in {time.perf_counter() - started:.0f} s", flush=True)
+    return failures
+
+
+# ── Tables under a header ────────────────────────────────────────────────────────────────────────────────
+
+def seed_text(seeds: Sequence[int]) -> str:
+    """'5–9' for consecutive seeds, else '0 2 7'."""
+    seeds = list(seeds)
+    if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return " ".join(map(str, seeds))
+
+
+def code_version() -> str:
+    """``git describe --always --dirty`` of this folder, "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True,
+                              timeout=30).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def header(title: str, runs: list[Run], root: Path, argv: Sequence[str], sweep_seconds: Optional[float]) -> list[str]:
+    """The results file's header: command, code version, the hardware and code versions the runs record, date,
+    wall time (this invocation's, and the runs' own), and how many runs have finished."""
+    metrics = finished(root, [run.name for run in runs])
+    tally = lambda values: ", ".join(f"{value} ({n} runs)" for value, n in Counter(values).most_common())
+    versions = tally(m.get("code_version", "unknown") for m in metrics)
+    hardware = tally(f"{m.get('hardware')}, {'bf16 autocast' if m.get('bf16') else 'float32'}, {m.get('threads')} "
+                     "threads" for m in metrics)
+    run_seconds = sum(m.get("wall_seconds") or 0.0 for m in metrics)
+    wall = f"{sweep_seconds / 60:.1f} min for this command" if sweep_seconds is not None else "tables only"
+    return [f"# {title}", "",
+            f"- command: `{shlex.join(['python', 'sweep.py', *argv])}`",
+            f"- code version: `{code_version()}` (the runs: {versions or 'none yet'})",
+            f"- hardware of the runs: {hardware or 'none yet'}",
+            f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- wall time: {wall}; the finished runs' train.py processes took {run_seconds / 60:.1f} min in all",
+            f"- runs finished: {len(metrics)} of {len(runs)} (folders under `{root}`)", ""]
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The sweep's flags, and the train.py flags after ``--``."""
+    argv = list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", required=True, choices=list(STUDIES), help="which study")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the study's; for table and lr the "
+                        "selection seeds)")
+    parser.add_argument("--fresh-seeds", type=int, nargs="*", help="table and lr: seeds that only test the "
+                        "selection (default 5..9)")
+    parser.add_argument("--out", help="run folders and the tables (default runs/<study>)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time: each on its own GPU (see "
+                        "--runs-per-gpu) and its own share of the cores (default 1)")
+    parser.add_argument("--runs-per-gpu", type=int, default=1, help="runs packed onto one GPU (default 1)")
+    parser.add_argument("--print-commands", choices=["teachers", "students"],
+                        help="print the unfinished runs of a stage, one command per line, and run nothing")
+    parser.add_argument("--shard", help="I/N: only the I-th of N disjoint shares of each stage (1 <= I <= N)")
+    parser.add_argument("--tables", action="store_true", help="write the tables from the runs that exist, run nothing")
+    args = parser.parse_args(own)
+    study = STUDIES[args.study]
+    args.seeds = args.seeds if args.seeds is not None else list(study.seeds)
+    args.fresh_seeds = args.fresh_seeds if args.fresh_seeds is not None else list(study.fresh_seeds)
+    args.out = Path(args.out or f"runs/{args.study}")
+    if args.fresh_seeds and not study.fresh_seeds:
+        parser.error(f"--fresh-seeds: the {args.study} study has no selection to test")
+    if set(args.fresh_seeds) & set(args.seeds):
+        parser.error(f"--fresh-seeds must not repeat a seed of --seeds (both have {sorted(set(args.fresh_seeds) & set(args.seeds))})")
+    if args.jobs < 1 or args.runs_per_gpu < 1:
+        parser.error("--jobs and --runs-per-gpu must be >= 1")
+    if args.shard is not None:
+        parts = args.shard.split("/")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
+            parser.error(f"--shard {args.shard}: expected I/N with 1 <= I <= N, e.g. 2/8")
+    return args, extra
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parse_args(argv)
+    study, root = STUDIES[args.study], args.out
+    stages = lambda: [[run for run in study.runs(args.seeds, args.fresh_seeds, root) if run.teacher is None],
+                      [run for run in study.runs(args.seeds, args.fresh_seeds, root) if run.teacher is not None]]
+    if args.print_commands:
+        stage = shard(stages()[args.print_commands == "students"], args.shard)
+        for run in stage:
+            if not (root / run.name / "metrics.json").is_file():
+                print(shlex.join(command(run, root, extra)))
+        return
+    started, failures = time.perf_counter(), []
+    if not args.tables:
+        gpus = visible_gpus(extra)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if args.jobs > cores:
+            sys.exit(f"sweep.py: error: --jobs {args.jobs}: more runs than the {cores} cores this process may use "
+                     "would share cores; give at most one run per core")
+        if gpus and args.jobs > len(gpus) * args.runs_per_gpu:
+            sys.exit(f"sweep.py: error: --jobs {args.jobs} needs {args.jobs} slots, but {len(gpus)} GPUs x "
+                     f"--runs-per-gpu {args.runs_per_gpu} give {len(gpus) * args.runs_per_gpu}")
+        slots = slot_resources(args.jobs, args.runs_per_gpu, gpus)
+        failures += launch(shard(stages()[0], args.shard), root, extra, slots)
+        launched = None
+        while launched != (students := shard(stages()[1], args.shard)):  # again once a selection adds runs (table)
+            failures += launch(students, root, extra, slots)
+            launched = students
+    runs = [run for stage in stages() for run in stage]
+    lines = header(study.title, runs, root, argv, None if args.tables else time.perf_counter() - started)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{args.study}.md").write_text("\n".join(lines + study.lines(args.seeds, args.fresh_seeds, root)) + "\n")
+    print(f"wrote {root / f'{args.study}.md'}")
+    if failures:
+        sys.exit("sweep.py: failed runs:\n  " + "\n  ".join(failures))
+
+
+if __name__ == "__main__":
+    main()
