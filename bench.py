@@ -1,7 +1,7 @@
 """Benchmarks: the methods must cost what their mathematics costs, the pipeline what its training costs.
 
     python bench.py [--quick] [--json PATH] [--device cuda] [--resnet]   # speed rows, median of repeats after a warm-up
-    python bench.py --table [--seeds 0 1 2 3 4] [--fresh-seeds 5 6 7 8 9]   # the README's synth table (trains the runs)
+    python bench.py --markdown results/bench-cpu.md                       # the same rows under a results header
 
 Speed cases and their baselines: ``kfac_fit`` vs the bare ``features.T @ features``; ``predict_mc`` /
 ``predict_probit`` vs the per-input ``c x c`` covariance + Cholesky that a generic library does; ``avcs`` vs
@@ -10,8 +10,10 @@ Speed cases and their baselines: ``kfac_fit`` vs the bare ``features.T @ feature
 (forward, backward, step, nothing else), with the same ratio in multiply-adds beside the timed one;
 ``main_job``: ``python train.py`` end to end; ``data`` images/s through uint8 -> device -> normalise/augment; on
 CUDA (or with ``--resnet``) also ``epoch_resnet18_224`` / ``epoch_resnet50_224`` and the epoch cases of a
-Waterbirds-shaped run (``*_waterbirds_shape``). The table runs its train.py processes one at a time, each with
-every core this process may use (never oversubscribed).
+Waterbirds-shaped run (``*_waterbirds_shape``). Every pipeline epoch row also gives ``bound_ratio``: the epoch
+against the bare loop plus the method's own passes (its ``epoch_tail_*`` row: validation and, for a weighted
+student, the readout's pass and weights), the ratio that must stay at most 1.10. The studies of many train.py runs
+are sweep.py's.
 """
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 import kdlaplace as K
+import sweep
 import train
 
 
@@ -200,11 +204,13 @@ def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.Spuriou
     target_flops = teacher.pass_flops([-1]) if train.targets_every_batch(data) else 0  # else once for the run
     n_train, n_val = len(data.train), len(data.val)
 
-    def add(case: str, network: str, seconds: float, baseline: Optional[float], macs: tuple[int, int]) -> None:
+    def add(case: str, network: str, seconds: float, baseline: Optional[float], macs: tuple[int, int],
+            bare_and_tail: Optional[float] = None) -> None:
         rows.append({"case": case + suffix, "device": device.type, "sizes": f"{data.name} N={n_train} {network}",
                      "seconds": seconds, "throughput": n_train / seconds, "unit": "images/s",
                      "baseline_seconds": baseline, "ratio": seconds / baseline if baseline else None,
-                     "macs_ratio": macs[1] / macs[0]})
+                     "macs_ratio": macs[1] / macs[0],
+                     "bound_ratio": seconds / bare_and_tail if bare_and_tail else None})
 
     def phase_epoch(cfg: train.Config, role: str, model: K.EarlyExitNet, out: str,
                     targets: Optional[Callable] = None) -> Callable[[], object]:
@@ -214,10 +220,14 @@ def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.Spuriou
     with tempfile.TemporaryDirectory() as out:
         seconds = timed_rounds({"bare": bare_epoch(teacher, data, splits["train"], device, amp, cfg.batch_size),
                                 "teacher": phase_epoch(cfg, "teacher", teacher, out)}, repeats, device)
+    seconds["tail"] = timed(lambda: train.validate_and_reweight(cfg, "teacher", teacher, splits, data, device, 1),
+                            3 * repeats, device)
     bare, tail = epoch_macs(teacher, n_train, n_val, None)
     teacher_name = f"teacher {cfg.teacher_arch}" + (f" w={cfg.teacher_width}" if cfg.teacher_arch == "cnn" else "")
     add("epoch_bare_loop", teacher_name, seconds["bare"], None, (bare, bare))
-    add("epoch_teacher", teacher_name, seconds["teacher"], seconds["bare"], (bare, bare + tail))
+    add("epoch_teacher", teacher_name, seconds["teacher"], seconds["bare"], (bare, bare + tail),
+        seconds["bare"] + seconds["tail"])
+    add("epoch_tail_teacher", f"{teacher_name}: validation", seconds["tail"], seconds["bare"], (bare, tail))
     teacher.eval()
     student = train.new_model(cfg, "student", data, device)
     student_name = f"student {cfg.arch}" + (f" w={cfg.width}" if cfg.arch == "cnn" else "")
@@ -241,7 +251,7 @@ def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.Spuriou
     add("epoch_bare_loop", f"{student_name} + teacher targets", seconds["bare"], None, (bare, bare))
     for weighting in weightings:
         add(f"epoch_student_{weighting}", student_name, seconds[weighting], seconds["bare"],
-            (bare, bare + macs[weighting][1]))
+            (bare, bare + macs[weighting][1]), seconds["bare"] + tail_seconds[weighting])
     for weighting in weightings:  # ratio: the tail's share of the bare epoch
         add(f"epoch_tail_{weighting}", f"{student_name}: validation, readout", tail_seconds[weighting],
             seconds["bare"], macs[weighting])
@@ -289,269 +299,46 @@ def main_job(device: torch.device) -> dict:
 
 def print_rows(rows: list[dict]) -> None:
     print(f"{'case':36s} {'device':6s} {'sizes':46s} {'median s':>10s} {'throughput':>22s} {'baseline s':>11s} "
-          f"{'ratio':>8s} {'MACs':>6s}")
+          f"{'ratio':>8s} {'MACs':>6s} {'bound':>6s}")
     for r in rows:
         ratio = f"{r['ratio']:8.3f}" if r["ratio"] is not None else f"{'-':>8s}"
         baseline = f"{r['baseline_seconds']:11.4f}" if r["baseline_seconds"] else f"{'-':>11s}"
         macs = f"{r['macs_ratio']:6.3f}" if "macs_ratio" in r else f"{'-':>6s}"
+        bound = f"{r['bound_ratio']:6.3f}" if r.get("bound_ratio") is not None else f"{'-':>6s}"
         print(f"{r['case']:36s} {r['device']:6s} {r['sizes']:46s} {r['seconds']:10.4f} "
-              f"{r['throughput']:12.0f} {r['unit']:>9s} {baseline} {ratio} {macs}")
-
-
-# ── The evidence table: an experiment runner that loops over train.py ─────────────────────────────────────
-# Every weighting gets the same selection protocol: the (alpha, beta) of the grid with the best validation
-# worst-group accuracy (mean over the seeds; ties by validation average accuracy), every run with the same seeds,
-# epochs and teacher. The paper's (0.05, 4) is a point of the grid and stays in the table as its own row.
-
-GRID_ALPHAS = (0.05, 0.5, 1.0)
-GRID_BETAS = (1.0, 2.0, 4.0)
-PAPER_ALPHA_BETA = (0.05, 4.0)  # DEDIER's published Waterbirds setting
-TUNED_WEIGHTINGS = ("dedier", "dedier-ts", "laplace", "laplace-cv", "laplace-ml")
-TABLE_FLAGS = ["--epochs", "12"]  # every student of the table (the teacher keeps its 15 epochs): 2 h on 2 cores
-SHORTCUT_CHECK = ["--weighting", "none", "--teacher-objective", "erm", "--epochs", "1"]  # the ERM teacher counts
-
-
-def grid_name(weighting: str, alpha: float, beta: float) -> str:
-    return f"{weighting}_a{alpha:g}_b{beta:g}"
-
-
-def table_runs() -> list[tuple[str, list[str]]]:
-    """(run name, train.py flags) of one seed; "none" comes first: it trains the teacher every other run reuses."""
-    runs = [("none", ["--weighting", "none", *TABLE_FLAGS])]
-    runs += [(grid_name(w, a, b), ["--weighting", w, "--alpha", f"{a:g}", "--beta", f"{b:g}", *TABLE_FLAGS])
-             for w in TUNED_WEIGHTINGS for a in GRID_ALPHAS for b in GRID_BETAS]
-    return runs + [("erm", SHORTCUT_CHECK)]
-
-
-def fresh_seed_runs(selected: dict) -> list[tuple[str, list[str]]]:
-    """(run name, train.py flags) of a fresh seed: "none" (it trains the teacher) and each weighting's selected
-    point, nothing else."""
-    return [(name, flags) for name, flags in table_runs() if name == "none" or name in selected.values()]
-
-
-def run_once(root: Path, seed: int, name: str, flags: list[str]) -> None:
-    """One train.py process for (run, seed) unless its metrics.json exists; its wall time goes next to it."""
-    out = root / f"{name}-seed{seed}"
-    if (out / "metrics.json").exists():
-        return
-    teacher = [] if name in ("none", "erm") else ["--teacher", str(root / f"none-seed{seed}" / "teacher.pt")]
-    command = [sys.executable, "train.py", *flags, *teacher, "--seed", str(seed), "--out", str(out)]
-    print(" ".join(command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-
-
-def run_table(seeds: list[int], root: Path, fresh_seeds: Sequence[int] = ()) -> None:
-    """Run every (seed, run) of the grid, select each weighting's point on ``seeds``, run the selected points on
-    ``fresh_seeds`` (test figures that no selection has seen), then write the table. One train.py process at a
-    time; runs that have a metrics.json are skipped."""
-    for seed in seeds:
-        for name, flags in table_runs():
-            run_once(root, seed, name, flags)
-    selected = select_runs(seeds, root)
-    for seed in fresh_seeds:
-        for name, flags in fresh_seed_runs(selected):
-            run_once(root, seed, name, flags)
-    table = summarize_table(seeds, root, fresh_seeds)
-    print(table)
-    (root / "table.md").write_text(table + "\n")
-
-
-def load_run(root: Path, name: str, seed: int) -> dict:
-    """A table run's metrics.json, with its student epochs from log.jsonl under "student_epochs" and the weighted
-    ones among them under "epochs"."""
-    folder = root / f"{name}-seed{seed}"
-    metrics = json.loads((folder / "metrics.json").read_text())
-    epochs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    metrics["student_epochs"] = [r for r in epochs if r["phase"] == "student"]
-    metrics["epochs"] = [r for r in metrics["student_epochs"] if "mean_weight" in r]
-    return metrics
-
-
-def grid_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
-    """The selection grid: mean validation / test worst-group accuracy of every (alpha, beta) and weighting,
-    the selected point in bold."""
-    lines = ["", "Selection grid: validation / test worst-group accuracy (%), mean over seeds", "",
-             "| α | β | " + " | ".join(TUNED_WEIGHTINGS) + " |", "|---|---|" + "---|" * len(TUNED_WEIGHTINGS)]
-    for a in GRID_ALPHAS:
-        for b in GRID_BETAS:
-            entries = []
-            for weighting in TUNED_WEIGHTINGS:
-                runs = [load_run(root, grid_name(weighting, a, b), s) for s in seeds]
-                entry = (f"{100 * statistics.mean(r['student']['val']['worst_group_acc'] for r in runs):.1f} / "
-                         f"{100 * statistics.mean(r['student']['test']['worst_group_acc'] for r in runs):.1f}")
-                entries.append(f"**{entry}**" if grid_name(weighting, a, b) == selected[weighting] else entry)
-            lines.append(f"| {a:g} | {b:g} | " + " | ".join(entries) + " |")
-    return lines
-
-
-def cell(values: list[Optional[float]], scale: float = 100.0, digits: int = 1) -> str:
-    """'mean ± standard deviation' of the values that exist (times ``scale``), '–' when none does."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    spread = f" ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-    return f"{scale * statistics.mean(values):.{digits}f}{spread}"
-
-
-def select_runs(seeds: list[int], root: Path) -> dict:
-    """weighting -> the run name of the grid point with the best mean validation worst-group accuracy (ties: the
-    best mean validation average accuracy)."""
-    def val_score(name: str) -> tuple[float, float]:
-        runs = [load_run(root, name, s) for s in seeds]
-        return (statistics.mean(r["student"]["val"]["worst_group_acc"] for r in runs),
-                statistics.mean(r["student"]["val"]["avg_acc"] for r in runs))
-    return {weighting: max((grid_name(weighting, a, b) for a in GRID_ALPHAS for b in GRID_BETAS), key=val_score)
-            for weighting in TUNED_WEIGHTINGS}
-
-
-def main_table_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
-    """The main table (one row per weighting: plain KD, the paper's point, every tuned weighting) and the student's
-    test worst-group accuracy per seed."""
-    rows = [("none", "none"), (f"dedier, paper (α={PAPER_ALPHA_BETA[0]:g}, β={PAPER_ALPHA_BETA[1]:g})",
-                               grid_name("dedier", *PAPER_ALPHA_BETA))]
-    for weighting, name in selected.items():
-        alpha, beta = (part[1:] for part in name.split("_")[1:])
-        rows.append((f"{weighting}, tuned (α={alpha}, β={beta})", name))
-    lines = ["| weighting | val worst-group | student avg | student worst-group | readout ECE softmax | "
-             "readout ECE temperature | readout ECE Laplace | posterior logit std | corr with T-softmax weights |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    per_seed = []
-    for label, name in rows:
-        runs = [load_run(root, name, s) for s in seeds]
-        epoch_mean = lambda key: [statistics.mean(e[key] for e in r["epochs"]) if r["epochs"] and
-                                  r["epochs"][0].get(key) is not None else None for r in runs]
-        values = [cell([r["student"]["val"]["worst_group_acc"] for r in runs]),
-                  cell([r["student"]["test"]["avg_acc"] for r in runs]),
-                  cell([r["student"]["test"]["worst_group_acc"] for r in runs]),
-                  *(cell([r["student"]["readout"][kind]["ece"] for r in runs]) for kind in ("map", "temperature", "laplace")),
-                  cell(epoch_mean("posterior_logit_std_median"), 1.0, 3), cell(epoch_mean("weight_corr_temperature"), 1.0, 3)]
-        lines.append(f"| {label} | " + " | ".join(values) + " |")
-        per_seed.append(f"{label}: " + " ".join(f"{100 * r['student']['test']['worst_group_acc']:.0f}" for r in runs))
-    return lines + ["", "student test worst-group accuracy per seed (%): " + "; ".join(per_seed)]
-
-
-def posterior_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
-    """The readout posterior's tuned T, sigma^2 and logit standard deviation per group, for the Laplace weightings."""
-    lines = ["", "Posterior of the readout on the training inputs (selected runs; mean over the weighted epochs, then "
-                 "over seeds): tuned T and sigma^2, and the posterior standard deviation of the temperature-scaled "
-                 "logits per group", "", "| weighting | T | σ² | logit std g0 | g1 | g2 | g3 |", "|---|---|---|---|---|---|---|"]
-    for weighting in [w for w in TUNED_WEIGHTINGS if w.startswith("laplace")]:
-        epochs = [e for s in seeds for e in load_run(root, selected[weighting], s)["epochs"]]
-        stds = [statistics.mean(e["posterior_logit_std"][g] for e in epochs if e["posterior_logit_std"][g] is not None)
-                for g in range(len(epochs[0]["posterior_logit_std"]))]
-        lines.append(f"| {weighting} | {statistics.mean(e['readout_temperature'] for e in epochs):.2f} | "
-                     f"{statistics.mean(e['readout_prior_variance'] for e in epochs):.3g} | "
-                     + " | ".join(f"{v:.3f}" for v in stds) + " |")
-    return lines
-
-
-def cross_fit_lines(seeds: list[int], root: Path, selected: dict) -> list[str]:
-    """Cross-fitting's effect on the same trained students: the selected laplace-cv runs' readouts (student.pt, float32
-    heads) with the in-sample and the cross-fitted posterior logit std per group, (T, sigma^2) tuned as in training."""
-    device = torch.device("cpu")
-    stds = {"in-sample": [], "cross-fitted": []}  # per seed: (n_groups,) group means
-    for seed in seeds:
-        checkpoint = K.load_checkpoint(root / f"{selected['laplace-cv']}-seed{seed}" / "student.pt")
-        config, readout_exit = checkpoint["config"], checkpoint["config"]["readout_exit"]
-        data, amp = K.load_run_data(config), K.run_uses_bf16(config, device)
-        model = K.model_to_device(K.model_from_checkpoint(checkpoint), device, amp)  # as eval.py loads it
-        features = {name: K.predict_split(model, split, data.mean, data.std, device, exits=[readout_exit],
-                                          amp=amp)[1][0]
-                    for name, split in (("train", data.train), ("val", data.val))}  # (N, p) float32 each
-        laplace = K.tuned_exit_laplace(model.heads[readout_exit].linear, features["train"], features["val"],
-                                       data.val.labels, train.N_SAMPLES, seed)
-        _, cross_fitted = K.cross_fitted_laplace_predict(laplace, features["train"], train.CROSS_FIT_FOLDS,
-                                                         train.N_SAMPLES, K.seeded_generator(seed, device))
-        for name, std in (("in-sample", laplace.logit_std(features["train"])), ("cross-fitted", cross_fitted)):
-            stds[name].append(K.group_means(std, data.train.groups, data.n_groups))
-    lines = ["", "Cross-fitting on the same students (the selected laplace-cv runs' best checkpoints): posterior "
-                 "standard deviation of the readout's temperature-scaled logits per group, mean over seeds", "",
-             "| posterior | " + " | ".join(f"g{g}" for g in range(len(stds["in-sample"][0]))) + " |",
-             "|---|" + "---|" * len(stds["in-sample"][0])]
-    for name, per_seed in stds.items():
-        lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(v):.3f}" for v in zip(*per_seed)) + " |")
-    ratios = [c / i for ins, cro in zip(stds["in-sample"], stds["cross-fitted"]) for i, c in zip(ins, cro)]
-    return lines + ["", f"cross-fitted / in-sample, every seed and group: {min(ratios):.3f} to {max(ratios):.3f}"]
-
-
-def fresh_seed_lines(seeds: list[int], fresh_seeds: Sequence[int], root: Path, selected: dict) -> list[str]:
-    """The selected points on the fresh seeds: their test figures, free of the selection's optimism, and the
-    validation worst-group accuracy over all seeds (the criterion that picks train.py's default weighting)."""
-    def seed_range(values: Sequence[int]) -> str:  # "5–9" for consecutive seeds, else "5 7"
-        consecutive = len(values) > 1 and list(values) == list(range(min(values), max(values) + 1))
-        return f"{min(values)}–{max(values)}" if consecutive else " ".join(map(str, values))
-    lines = ["", f"Fresh seeds {seed_range(fresh_seeds)}: the points selected on seeds {seed_range(seeds)}, run again "
-                 "on seeds that no selection has seen", "",
-             f"| weighting | val worst-group, seeds {seed_range([*seeds, *fresh_seeds])} | student avg | "
-             "student worst-group | per seed |", "|---|---|---|---|---|"]
-    for label, name in [("none", "none"), *selected.items()]:
-        fresh = [load_run(root, name, s)["student"] for s in fresh_seeds]
-        every_val = [load_run(root, name, s)["student"]["val"]["worst_group_acc"] for s in [*seeds, *fresh_seeds]]
-        lines.append(f"| {label} | {cell(every_val)} | {cell([r['test']['avg_acc'] for r in fresh])} | "
-                     f"{cell([r['test']['worst_group_acc'] for r in fresh])} | "
-                     + " ".join(f"{100 * r['test']['worst_group_acc']:.0f}" for r in fresh) + " |")
-    return lines
-
-
-def escape_lines(runs: list[tuple[str, int]], root: Path) -> list[str]:
-    """When the students get off the shortcut: how many student runs have validation worst-group accuracy 0 after
-    their first epoch, and the first epoch at which each reaches 50% (from log.jsonl)."""
-    curves = [[e["val_worst_group_acc"] for e in load_run(root, name, s)["student_epochs"]]
-              for name, s in runs if name != "erm"]  # an ERM run's 1-epoch student is there for its teacher
-    first = [next((epoch for epoch, acc in enumerate(curve, 1) if acc >= 0.5), None) for curve in curves]
-    counts = {epoch: first.count(epoch) for epoch in sorted(set(first) - {None})}
-    return ["", f"student runs at validation worst-group 0 after epoch 1: {sum(c[0] == 0 for c in curves)} of "
-                f"{len(curves)}; first epoch at 50% or more: "
-                + ", ".join(f"{epoch}: {n}" for epoch, n in counts.items()) + f", never: {first.count(None)}"]
-
-
-def summarize_table(seeds: list[int], root: Path, fresh_seeds: Sequence[int] = ()) -> str:
-    """The markdown tables of the README from the runs' metrics.json and log.jsonl: the main table, the selection
-    grid, the posterior's size, cross-fitting on the same students, the selected points on fresh seeds, the ERM vs
-    group DRO teacher, when the students leave the shortcut, and the run time."""
-    selected = select_runs(seeds, root)
-    teachers = {objective: [load_run(root, name, s)["teacher"]["test"] for s in seeds]
-                for objective, name in (("group DRO", "none"), ("ERM", "erm"))}
-    shortcut = ["", "| teacher objective | test avg | test worst-group |", "|---|---|---|"] + [
-        f"| {objective} | {cell([m['avg_acc'] for m in runs])} | {cell([m['worst_group_acc'] for m in runs])} |"
-        for objective, runs in teachers.items()]
-    runs = [(name, s) for s in seeds for name, _ in table_runs()]
-    runs += [(name, s) for s in fresh_seeds for name, _ in fresh_seed_runs(selected)]
-    wall = sum(float(path.read_text()) for name, s in runs
-               for path in [root / f"{name}-seed{s}" / "wall_seconds.txt"] if path.exists())
-    footer = escape_lines(runs, root) + [
-        "", f"{len(runs)} runs, {wall / 60:.0f} min of train.py in all (wall time of the runs, one at a time)"]
-    fresh = fresh_seed_lines(seeds, fresh_seeds, root, selected) if fresh_seeds else []
-    cross_fit = cross_fit_lines(seeds, root, selected) if "laplace-cv" in selected else []
-    return "\n".join(main_table_lines(seeds, root, selected) + grid_lines(seeds, root, selected)
-                     + posterior_lines(seeds, root, selected) + cross_fit + fresh + shortcut + footer)
+              f"{r['throughput']:12.0f} {r['unit']:>9s} {baseline} {ratio} {macs} {bound}")
 
 
 # ── Entry point: the speed rows, or the table ───────────────────────────────────────────────────────────
+
+def markdown(rows: list[dict], argv: list[str], device: torch.device, seconds: float) -> str:
+    """The rows as a markdown table under the results header: command, code version, hardware, date, wall time."""
+    amp = K.bf16_is_fast(device)
+    lines = ["# Speed rows", "", f"- command: `python bench.py {' '.join(argv)}`",
+             f"- code version: `{sweep.code_version()}`",
+             f"- hardware: {K.hardware_name(device)}, {'bf16 autocast' if amp else 'float32'}, "
+             f"{torch.get_num_threads()} threads",
+             f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", f"- wall time: {seconds / 60:.1f} min",
+             "", "| case | sizes | median s | throughput | ratio to baseline | MACs ratio | epoch / (bare + tail) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        optional = lambda key, digits: f"{r[key]:.{digits}f}" if r.get(key) is not None else "–"
+        lines.append(f"| {r['case']} | {r['sizes']} | {r['seconds']:.4f} | {r['throughput']:.0f} {r['unit']} | "
+                     f"{optional('ratio', 3)} | {optional('macs_ratio', 3)} | {optional('bound_ratio', 3)} |")
+    return "\n".join(lines) + "\n"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats, no main_job")
     parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--markdown", help="write the rows as a markdown table with its header (results/)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the cases run (default: cpu)")
     parser.add_argument("--resnet", action="store_true",
                         help="on the CPU too, the ResNet cases at 224 px (always on CUDA; about 8 min on 2 cores)")
-    parser.add_argument("--table", action="store_true", help="run the synth benchmark table instead")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                        help="seeds of --table: every grid point runs on each; the selection reads them")
-    parser.add_argument("--fresh-seeds", type=int, nargs="*", default=[5, 6, 7, 8, 9],
-                        help="seeds of --table on which only the selected points run again (default 5..9; none: skip)")
-    parser.add_argument("--out", default="runs/table", help="run folder of --table (default: runs/table)")
     args = parser.parse_args()
-    if set(args.fresh_seeds) & set(args.seeds):
-        both = sorted(set(args.fresh_seeds) & set(args.seeds))
-        parser.error(f"--fresh-seeds must not repeat a seed of --seeds (both have {both})")
+    started = time.perf_counter()
     K.use_allowed_cores()
-    if args.table:
-        run_table(args.seeds, Path(args.out), args.fresh_seeds)
-        return
     try:
         device = K.pick_device(args.device)
     except ValueError as error:  # --device cuda on a machine without one
@@ -564,6 +351,8 @@ def main() -> None:
     print_rows(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(rows, sys.argv[1:], device, time.perf_counter() - started))
 
 
 if __name__ == "__main__":

@@ -563,6 +563,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="print the unfinished runs of a stage, one command per line, and run nothing")
     parser.add_argument("--shard", help="I/N: only the I-th of N disjoint shares of each stage (1 <= I <= N)")
     parser.add_argument("--tables", action="store_true", help="write the tables from the runs that exist, run nothing")
+    parser.add_argument("--sizes", type=int, nargs="+", help="data-size: the --synth-n-train values (default "
+                        f"{' '.join(map(str, DATA_SIZES))})")
     args = parser.parse_args(own)
     study = STUDIES[args.study]
     args.seeds = args.seeds if args.seeds is not None else list(study.seeds)
@@ -572,6 +574,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"--fresh-seeds: the {args.study} study has no selection to test")
     if set(args.fresh_seeds) & set(args.seeds):
         parser.error(f"--fresh-seeds must not repeat a seed of --seeds (both have {sorted(set(args.fresh_seeds) & set(args.seeds))})")
+    if args.sizes is not None and args.study != "data-size":
+        parser.error("--sizes is a flag of --study data-size")
     if args.jobs < 1 or args.runs_per_gpu < 1:
         parser.error("--jobs and --runs-per-gpu must be >= 1")
     if args.shard is not None:
@@ -585,6 +589,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse_args(argv)
     study, root = STUDIES[args.study], args.out
+    if args.sizes:  # the data-size study's sizes, read by its runs and its tables
+        global DATA_SIZES
+        DATA_SIZES = tuple(args.sizes)
     stages = lambda: [[run for run in study.runs(args.seeds, args.fresh_seeds, root) if run.teacher is None],
                       [run for run in study.runs(args.seeds, args.fresh_seeds, root) if run.teacher is not None]]
     if args.print_commands:

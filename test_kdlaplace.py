@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import sweep
 import eval as evaluate_script
 import kdlaplace as K
 import train  # the scripts are importable: their work happens in main()
@@ -1454,6 +1456,18 @@ def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
                                              1 / info["readout_prior_variance"])
         normal = torch.randn(50, 2, generator=seeded(cfg.seed * train.SEED_STRIDE + 3), dtype=f64)
         probs = reference_predictive(features, weight_tilde, U, V, info["readout_temperature"], normal)
+        # the spread of phi~^T V phi~ over the inputs train.py saw (its bf16 head's features: on an untrained
+        # network the spread is a 1e-4 effect, below the bf16 head's rounding against float64 features)
+        _, used = train.readout_pass(cfg, student, splits, data, torch.device("cpu"), "train", float32_heads=False)
+        _, _, V_used = dense_posterior(used.double(), linear.weight.detach(), linear.bias.detach(),
+                                       1 / info["readout_prior_variance"])
+        phi = torch.cat([used.double(), torch.ones(len(used), 1, dtype=f64)], 1)  # (N, p+1)
+        variance = torch.stack([row @ V_used @ row for row in phi])  # (N,) phi~^T V phi~, one input at a time
+        group_variance = torch.stack([variance[data.train.groups == g].mean() for g in range(4)
+                                      if (data.train.groups == g).any()])
+        assert info["posterior_variance_cv"] == pytest.approx(float(variance.std() / variance.mean()), rel=1e-2)
+        assert info["posterior_variance_group_cv"] == pytest.approx(
+            float(group_variance.std() / group_variance.mean()), rel=1e-2)
     top = probs.sort(-1, descending=True).values
     wrong = probs.argmax(-1) != data.train.labels
     expected = torch.where(wrong, torch.exp(1.5 * (top[:, 0] - top[:, 1]) ** 0.7), torch.ones(len(data.train), dtype=f64))
@@ -1461,6 +1475,7 @@ def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
     torch.testing.assert_close(weights.double(), expected, rtol=1e-4, atol=1e-6)
     shares = [float((expected[data.train.groups == g] > 1).double().mean()) for g in range(4)]
     assert info["upweighted_share"] == pytest.approx(shares)
+    assert info["upweighted_share_all"] == pytest.approx(float((expected > 1).double().mean()))
 
 
 def test_laplace_teacher_targets_match_a_hand_computation():
@@ -1547,7 +1562,9 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypat
     for key, value in full["model"].items():
         assert torch.equal(cut["model"][key], value), key
     assert torch.equal(cut["sample_weights"], full["sample_weights"])
-    assert json.loads((tmp_path / "cut" / "metrics.json").read_text()) == json.loads((tmp_path / "full" / "metrics.json").read_text())
+    cut_metrics, full_metrics = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("cut", "full"))
+    assert cut_metrics.pop("wall_seconds") > 0 and full_metrics.pop("wall_seconds") > 0  # the process's own
+    assert cut_metrics == full_metrics
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -1599,12 +1616,6 @@ def test_a_bad_flag_in_a_real_process_prints_one_line():
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--lam must be in [0, 1]" in result.stderr
 
 
-def test_bench_table_refuses_fresh_seeds_that_were_selected_on():
-    result = run_script("bench.py", "--table", "--seeds", "0", "1", "--fresh-seeds", "1", "2")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--fresh-seeds must not repeat a seed of --seeds (both have [1])" in result.stderr
-
-
 def test_resume_with_more_epochs_continues_the_run(tmp_path):
     args = TINY + ["--weighting", "dedier", "--out", str(tmp_path / "run")]
     train.main(args)
@@ -1619,7 +1630,8 @@ def test_bench_epoch_cases_give_the_timed_and_the_multiply_add_ratio_of_every_ph
     rows = {row["case"]: row for row in bench.epoch_cases(torch.device("cpu"), flags, None, 1, "_tiny")}
     assert set(rows) == {f"{case}_tiny" for case in ("epoch_bare_loop", "epoch_teacher", "epoch_student_none",
                                                       "epoch_student_dedier", "epoch_student_laplace",
-                                                      "epoch_tail_none", "epoch_tail_dedier", "epoch_tail_laplace")}
+                                                      "epoch_tail_none", "epoch_tail_dedier", "epoch_tail_laplace",
+                                                      "epoch_tail_teacher")}
     cfg = train.parse_args(TINY)
     data = K.load_run_data(vars(cfg))
     student = K.build_model("cnn", 2, width=4, input_size=data.image_size)
@@ -1632,34 +1644,139 @@ def test_bench_epoch_cases_give_the_timed_and_the_multiply_add_ratio_of_every_ph
     without_readout = n_val * sum(student.stage_flops) + n_val * student.head_flops[-1]
     assert rows["epoch_student_none_tiny"]["macs_ratio"] == pytest.approx((bare + without_readout) / bare)
     assert all(row["seconds"] > 0 for row in rows.values())
+    for weighting in ("none", "dedier", "laplace"):  # the bound's ratio: the epoch against bare loop + its own tail
+        bare, tail = rows["epoch_bare_loop_tiny"]["seconds"], rows[f"epoch_tail_{weighting}_tiny"]["seconds"]
+        student = rows[f"epoch_student_{weighting}_tiny"]
+        assert student["bound_ratio"] == pytest.approx(student["seconds"] / (bare + tail))
 
 
-def test_table_runner_selects_each_weighting_on_validation_and_skips_finished_runs(tmp_path, monkeypatch):
-    tiny = [flag for flag in TINY if flag not in ("--epochs", "2")] + ["--epochs", "1"]
-    monkeypatch.setattr(bench, "TABLE_FLAGS", tiny)
-    monkeypatch.setattr(bench, "SHORTCUT_CHECK", ["--weighting", "none", "--teacher-objective", "erm", *tiny])
-    monkeypatch.setattr(bench, "GRID_ALPHAS", (0.05, 1.0))
-    monkeypatch.setattr(bench, "GRID_BETAS", (4.0,))
-    monkeypatch.setattr(bench, "TUNED_WEIGHTINGS", ("dedier", "laplace-cv"))
-    monkeypatch.chdir(HERE)
-    bench.run_table([0], tmp_path, fresh_seeds=[1])
-    assert len(list(tmp_path.glob("*-seed0/metrics.json"))) == 6  # none, 2 x 2 grid runs, erm
-    val = {name: json.loads((tmp_path / f"{name}-seed0" / "metrics.json").read_text())["student"]["val"]
-           for name in ("dedier_a0.05_b4", "dedier_a1_b4")}
-    best = max(val, key=lambda n: (val[n]["worst_group_acc"], val[n]["avg_acc"]))
-    table = (tmp_path / "table.md").read_text()
-    assert f"dedier, tuned (α={best.split('_')[1][1:]}, β=4)" in table
-    assert "dedier, paper (α=0.05, β=4)" in table and "laplace-cv, tuned" in table
-    cross_fit = table[table.index("Cross-fitting on the same students"):].split("\n\n")
-    assert [row.split(" | ")[0] for row in cross_fit[1].splitlines()[2:]] == ["| in-sample", "| cross-fitted"]
-    low, high = (float(v) for v in cross_fit[2].split(": ")[1].split(" to "))
-    assert 1.0 < low <= high < 1.5  # held-out folds: wider (by sqrt(5/4) if A, G stayed put and the prior vanished)
-    selected = bench.select_runs([0], tmp_path)
-    assert sorted(p.parent.name for p in tmp_path.glob("*-seed1/metrics.json")) == sorted(
-        f"{name}-seed1" for name in ("none", *selected.values()))  # the fresh seed runs the selected points only
-    fresh_rows = table[table.index("Fresh seeds 1:"):].split("\n\n")[1].splitlines()  # title, table, next table
-    assert [row.split(" | ")[0] for row in fresh_rows[2:]] == ["| none", "| dedier", "| laplace-cv"]
-    assert "first epoch at 50% or more:" in table and " of 8; " in table  # 5 student runs of seed 0, 3 of seed 1
-    stamp = (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime
-    bench.run_table([0], tmp_path, fresh_seeds=[1])  # everything exists: nothing reruns
-    assert (tmp_path / "none-seed0" / "metrics.json").stat().st_mtime == stamp
+
+
+# ──────────────────────────────────────────────────────────────────────────────
+# --reweight-every and the sweep runner
+# ──────────────────────────────────────────────────────────────────────────────
+
+def test_reweight_every_2_reweights_after_epochs_1_and_3_and_equals_k_1_through_epoch_2(tmp_path, monkeypatch):
+    teacher = tmp_path / "teacher"
+    train.main(TINY + ["--weighting", "none", "--out", str(teacher)])
+    checkpoints = {}
+    real_save = K.atomic_save
+
+    def keep_epoch_2(obj, path):  # the student's last.pt after epoch 2, for both runs
+        real_save(obj, path)
+        if Path(path).name == "last.pt" and obj.get("phase") == "student" and obj["epoch"] == 2:
+            checkpoints[Path(path).parent.name] = copy.deepcopy(obj)
+
+    monkeypatch.setattr(K, "atomic_save", keep_epoch_2)
+    for every in (1, 2):
+        train.main(TINY + ["--weighting", "dedier", "--epochs", "4", "--reweight-every", str(every),
+                           "--teacher", str(teacher / "teacher.pt"), "--out", str(tmp_path / f"every{every}")])
+    logs = {every: [json.loads(line) for line in (tmp_path / f"every{every}" / "log.jsonl").read_text().splitlines()]
+            for every in (1, 2)}
+    assert [r["reweighted"] for r in logs[2]] == [True, False, True, False]
+    assert [r["reweighted"] for r in logs[1]] == [True] * 4
+    assert "mean_weight" in logs[2][2] and "mean_weight" not in logs[2][1]
+    for k1, k2 in zip(logs[1][:2], logs[2][:2]):
+        assert (k1["train_loss"], k1["val_avg_acc"], k1["val_worst_group_acc"]) == \
+               (k2["train_loss"], k2["val_avg_acc"], k2["val_worst_group_acc"])
+    for key, value in checkpoints["every1"]["model"].items():
+        assert torch.equal(checkpoints["every2"]["model"][key], value), key
+    assert checkpoints["every1"]["optimizer"]["state"].keys() == checkpoints["every2"]["optimizer"]["state"].keys()
+    # K = 1 computed new weights after epoch 2, K = 2 kept epoch 1's: the only difference at that point
+    assert not torch.equal(checkpoints["every1"]["sample_weights"], checkpoints["every2"]["sample_weights"])
+
+
+def commands(*args: str) -> list[list[str]]:
+    result = run_script("sweep.py", *args)
+    assert result.returncode == 0, result.stderr
+    return [line.split() for line in result.stdout.splitlines()]
+
+
+def flag_value(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def test_sweep_prints_the_two_stages_of_every_study(tmp_path):
+    out = str(tmp_path / "s")
+    teachers = commands("--study", "budget", "--seeds", "3", "4", "--out", out, "--print-commands", "teachers")
+    students = commands("--study", "budget", "--seeds", "3", "4", "--out", out, "--print-commands", "students",
+                        "--", "--epochs", "1")
+    assert [flag_value(c, "--out") for c in teachers] == [f"{out}/none-seed3", f"{out}/none-seed4"]
+    assert all(c[:2] == ["python", "train.py"] and "--teacher" not in c and flag_value(c, "--weighting") == "none"
+               for c in teachers)
+    assert sorted((flag_value(c, "--weighting"), flag_value(c, "--seed")) for c in students) == sorted(
+        (w, s) for w in ("dedier", "dedier-ts", "laplace") for s in ("3", "4"))
+    assert all(flag_value(c, "--teacher") == f"{out}/none-seed{flag_value(c, '--seed')}/teacher.pt" and
+               c[-2:] == ["--epochs", "1"] for c in students)
+    sizes = commands("--study", "data-size", "--seeds", "0", "--out", out, "--print-commands", "students")
+    assert sorted((flag_value(c, "--weighting"), flag_value(c, "--synth-n-train")) for c in sizes) == sorted(
+        (w, str(n)) for w in ("dedier", "dedier-ts", "laplace", "laplace-ml") for n in (600, 1200, 2400, 4800))
+    assert all(flag_value(c, "--teacher") == f"{out}/none-n{flag_value(c, '--synth-n-train')}-seed0/teacher.pt"
+               for c in sizes)
+    rates = commands("--study", "lr", "--seeds", "0", "--fresh-seeds", "5", "--out", out, "--print-commands", "students")
+    assert len(rates) == 2 * (6 * 3 - 1) and {flag_value(c, "--epochs") for c in rates} == {"12"}
+    table = {stage: commands("--study", "table", "--seeds", "0", "1", "--fresh-seeds", "5", "--out", out,
+                             "--print-commands", stage) for stage in ("teachers", "students")}
+    assert sorted(flag_value(c, "--out").split("/")[-1] for c in table["teachers"]) == [
+        "erm-seed0", "erm-seed1", "none-seed0", "none-seed1", "none-seed5"]
+    assert len(table["students"]) == 2 * 5 * 9  # the grid; seed 5's runs wait for the selection
+
+
+@pytest.mark.parametrize("study", ["table", "budget", "lr", "data-size"])
+def test_sweep_shards_partition_each_stage(study):
+    study_def = sweep.STUDIES[study]
+    runs = study_def.runs(study_def.seeds, study_def.fresh_seeds, Path("nowhere"))
+    shares = [sweep.shard(runs, f"{i}/3") for i in (1, 2, 3)]
+    names = [run.name for share in shares for run in share]
+    assert sorted(names) == sorted(run.name for run in runs) and len(set(names)) == len(names)
+
+
+def test_sweep_rejects_a_bad_shard_and_too_many_jobs():
+    result = run_script("sweep.py", "--study", "budget", "--shard", "4/3")
+    assert result.returncode == 2 and "--shard 4/3: expected I/N with 1 <= I <= N" in result.stderr
+    cores = len(os.sched_getaffinity(0))
+    result = run_script("sweep.py", "--study", "budget", "--jobs", str(cores + 1), "--", "--device", "cpu")
+    assert result.returncode == 1 and f"--jobs {cores + 1}: more runs than the {cores} cores" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+SWEEP_TINY = ["--", *TINY]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_sweep_jobs_2_runs_a_tiny_study_to_the_end_without_oversubscribing(tmp_path):
+    result = run_script("sweep.py", "--study", "budget", "--seeds", "0", "1", "--jobs", "2", "--out", str(tmp_path),
+                        *SWEEP_TINY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = [json.loads(path.read_text()) for path in tmp_path.glob("*/metrics.json")]
+    assert len(metrics) == 8
+    cores = len(os.sched_getaffinity(0))
+    assert all(m["threads"] * 2 <= cores for m in metrics)  # two at a time, each on its half of the cores
+    table = (tmp_path / "budget.md").read_text()
+    assert "- runs finished: 8 of 8" in table and "- code version: `" in table and "| dedier-ts |" in table
+
+
+def test_a_killed_sweep_resumes_its_interrupted_run(tmp_path):
+    args = [sys.executable, "sweep.py", "--study", "budget", "--seeds", "0", "--out", str(tmp_path), "--", *TINY,
+            "--epochs", "3"]
+    process = subprocess.Popen(args, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    deadline = time.time() + 240
+    while time.time() < deadline:  # until a student run has a last.pt and no metrics.json yet
+        interrupted = [p.parent for p in tmp_path.glob("*/last.pt") if not (p.parent / "metrics.json").exists()
+                       and K.load_checkpoint(p).get("phase") == "student"]
+        if interrupted:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, 9)  # the sweep and its train.py, at once
+    process.wait()
+    assert interrupted, "no student run was caught mid-way"
+    done = {p.parent.name: p.stat().st_mtime for p in tmp_path.glob("*/metrics.json")}
+    result = subprocess.run(args, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 4
+    assert all((tmp_path / name / "metrics.json").stat().st_mtime == stamp for name, stamp in done.items())
+    launches = [line for line in (interrupted[0] / "train.log").read_text().splitlines() if " train.py " in line]
+    assert len(launches) == 2 and launches[1].endswith("--resume") and not launches[0].endswith("--resume")
+    records = [json.loads(line) for line in (interrupted[0] / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["phase"] == "student"] == [1, 2, 3]

@@ -540,6 +540,10 @@ def run(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         (out / "log.jsonl").unlink(missing_ok=True)
+    elif (out / "log.jsonl").is_file():  # a kill between an epoch's log line and its last.pt: keep what last.pt saw
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        kept = [r for r in records if r["phase"] != state["phase"] or r["epoch"] <= state["epoch"]]
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     print(f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
           f"{data.n_classes} classes, {data.n_groups} groups; device {device}, {torch.get_num_threads()} threads"
           f"{' (bf16 autocast)' if K.run_uses_bf16(vars(cfg), device) else ''}; out {out}")
