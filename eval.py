@@ -145,7 +145,7 @@ def report(args: argparse.Namespace) -> dict:
                             for m in ("MAP", "Laplace")}})  # per bin: count, confidence sum, correct count
     curves = {m: budget_curve(probs["val"][m], probs["test"][m], test.labels, flops) for m in ("MAP", "MIE+Laplace")}
     return {"checkpoint": str(path), "dataset": data.name, "alpha": args.alpha, "n_samples": args.n_samples,
-            "seed": seed,
+            "seed": seed, "n_test": len(test),
             "exits": exits, "budget_curve": [{"method": m, **point} for m, points in curves.items() for point in points]}
 
 

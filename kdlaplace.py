@@ -1233,13 +1233,38 @@ def _smooth_noise(n: int, size: int, cells: int, generator: torch.Generator) -> 
     return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _render_synth(labels: Tensor, places: Tensor, size: int, generator: torch.Generator) -> Tensor:
-    """Draw the synthetic images: a disk (class 0) or a triangle (class 1) on land (place 0) or water (place 1).
+SYNTH_SHAPES = ("disk", "triangle", "square", "ring", "plus", "diamond", "inverted triangle", "horizontal bar",
+                "vertical bar", "cross")  # the classes of make_synth, in order
+
+
+def _shape_masks(rows: Tensor, cols: Tensor, centre_row: Tensor, centre_col: Tensor, half_width: Tensor,
+                 n_classes: int) -> Tensor:
+    """The first ``n_classes`` shapes of SYNTH_SHAPES at every image's centre and size: bool (C, N, H, W). Each
+    spans about the same area, so only its outline tells the class."""
+    dr, dc = (rows - centre_row) / half_width, (cols - centre_col) / half_width  # (N, H, 1), (N, 1, W): units of r
+    radius = (dr ** 2 + dc ** 2).sqrt()
+    depth = (rows - (centre_row - half_width)) / (1.8 * half_width)  # 0 at the apex, 1 at the base
+    masks = [(rows - centre_row) ** 2 + (cols - centre_col) ** 2 <= (0.76 * half_width) ** 2,  # disk
+             (depth >= 0) & (depth <= 1) & ((cols - centre_col).abs() <= depth * half_width)]  # triangle
+    if n_classes > 2:
+        masks += [(dr.abs() <= 0.7) & (dc.abs() <= 0.7),  # square
+                  (radius >= 0.55) & (radius <= 1.0),  # ring
+                  ((dr.abs() <= 0.28) & (dc.abs() <= 1.0)) | ((dc.abs() <= 0.28) & (dr.abs() <= 1.0)),  # plus
+                  dr.abs() + dc.abs() <= 1.0,  # diamond
+                  (1 - depth >= 0) & (1 - depth <= 1) & ((cols - centre_col).abs() <= (1 - depth) * half_width),
+                  (dr.abs() <= 0.32) & (dc.abs() <= 1.1),  # horizontal bar
+                  (dc.abs() <= 0.32) & (dr.abs() <= 1.1),  # vertical bar
+                  ((dr.abs() - dc.abs()).abs() <= 0.3) & (radius <= 1.1)]  # cross (an X)
+    return torch.stack([mask.expand(-1, rows.shape[1], cols.shape[2]) for mask in masks[:n_classes]])
+
+
+def _render_synth(labels: Tensor, places: Tensor, size: int, generator: torch.Generator, n_classes: int = 2) -> Tensor:
+    """Draw the synthetic images: one of the first ``n_classes`` shapes of SYNTH_SHAPES (the class) on land
+    (place 0) or water (place 1).
 
     Background: a brown-green textured "land" or a blue "water" with horizontal waves, each with colour jitter;
     foreground: one shape of random size, position and colour (independent of the class); pixel noise on top.
-    The shape has equal area for both classes on average (disk radius 0.76 r vs triangle half-width r), so
-    only its outline tells the class. Returns uint8 (N, 3, size, size)."""
+    Returns uint8 (N, 3, size, size)."""
     n = labels.shape[0]
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     rows, cols = coords[None, :, None], coords[None, None, :]  # (1, H, 1), (1, 1, W)
@@ -1253,10 +1278,8 @@ def _render_synth(labels: Tensor, places: Tensor, size: int, generator: torch.Ge
     half_width = 0.14 + 0.10 * torch.rand(n, 1, 1, generator=generator)  # r, as a fraction of the side
     centre_row = 0.25 + 0.5 * torch.rand(n, 1, 1, generator=generator)
     centre_col = 0.25 + 0.5 * torch.rand(n, 1, 1, generator=generator)
-    disk = (rows - centre_row) ** 2 + (cols - centre_col) ** 2 <= (0.76 * half_width) ** 2  # (N, H, W)
-    depth = (rows - (centre_row - half_width)) / (1.8 * half_width)  # 0 at the apex, 1 at the base
-    triangle = (depth >= 0) & (depth <= 1) & ((cols - centre_col).abs() <= depth * half_width)  # (N, H, W)
-    shape = torch.where(labels[:, None, None].bool(), triangle, disk)  # (N, H, W)
+    masks = _shape_masks(rows, cols, centre_row, centre_col, half_width, n_classes)  # (C, N, H, W)
+    shape = masks[labels, torch.arange(n)]  # (N, H, W): each image's own class
     colour = 0.35 + 0.6 * torch.rand(n, 3, 1, 1, generator=generator)  # independent of class and place
     image = torch.where(shape[:, None], colour, background)
     image = image + 0.03 * torch.randn(image.shape, generator=generator)
@@ -1264,39 +1287,46 @@ def _render_synth(labels: Tensor, places: Tensor, size: int, generator: torch.Ge
 
 
 def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image_size: int = 32,
-               seed: int = 0) -> SpuriousDataset:
-    """A Waterbirds-like spurious-correlation benchmark, generated in about a second, deterministic for ``seed``.
+               seed: int = 0, n_classes: int = 2) -> SpuriousDataset:
+    """A Waterbirds-like spurious-correlation benchmark, generated in seconds, deterministic for ``seed``.
 
-    Two classes told apart by a foreground shape (disk vs triangle); a background (land vs water) that agrees
-    with the class in 95% of the training images, with Waterbirds' group proportions
-    (3498 : 184 : 56 : 1057, ``g = 2 y + place``). In val and test the backgrounds are balanced within each
-    class (as in Waterbirds), so worst-group accuracy exposes a background shortcut.
+    ``n_classes`` (2 to 10) classes told apart by a foreground shape (SYNTH_SHAPES: disk, triangle, ...) on a
+    background (land or water) that agrees with the class's own background (class k: place k mod 2) in 95% of
+    the training images; groups ``g = 2 y + place``. Two classes take Waterbirds' group proportions
+    (3498 : 184 : 56 : 1057); more classes are balanced, each with 95% of its images on its background. In val and
+    test the backgrounds are balanced within each class (as in Waterbirds), so worst-group accuracy exposes a
+    background shortcut.
 
-    The shortcut is real (measured, README): plain ERM first learns a pure background classifier (validation
-    accuracy 0.50, worst-group 0, for several epochs); after 3 epochs a width-8 CNN has the majority groups above
-    90% and a minority group below 50% (a test pins this). Fully trained with model selection on validation
-    worst-group accuracy, the width-64 CNN reaches 97.9 ± 0.8% average but 88.8 ± 3.9% worst-group accuracy
-    with ERM, against 98.3 ± 1.5% / 96.1 ± 2.1% with group DRO (5 seeds, ``python bench.py --table``).
+    The shortcut is real: plain ERM first learns a pure background classifier (validation accuracy 0.50,
+    worst-group 0, for several epochs); after 3 epochs a width-8 CNN has the majority groups above 90% and a
+    minority group below 50% (a test pins this). ``python sweep.py --study table`` compares ERM and group DRO
+    teachers fully trained.
     """
-    if min(n_train, n_val, n_test) < 8 or image_size < 16:
-        raise ValueError(f"synth: every split needs >= 8 images and image_size >= 16, got n_train={n_train}, "
-                         f"n_val={n_val}, n_test={n_test}, image_size={image_size}")
+    if min(n_train, n_val, n_test) < 4 * n_classes or image_size < 16 or not 2 <= n_classes <= len(SYNTH_SHAPES):
+        raise ValueError(f"synth: every split needs >= {4 * n_classes} images, image_size >= 16 and 2 to "
+                         f"{len(SYNTH_SHAPES)} classes, got n_train={n_train}, n_val={n_val}, n_test={n_test}, "
+                         f"image_size={image_size}, n_classes={n_classes}")
     generator = torch.Generator().manual_seed(seed)
-    shares = torch.tensor(WATERBIRDS_TRAIN_GROUP_SHARES, dtype=torch.float64)
-    # val/test: Waterbirds' class balance, backgrounds balanced within each class
-    balanced_shares = torch.tensor([shares[:2].sum() / 2] * 2 + [shares[2:].sum() / 2] * 2)
+    if n_classes == 2:
+        shares = torch.tensor(WATERBIRDS_TRAIN_GROUP_SHARES, dtype=torch.float64)
+    else:  # group 2k + (k mod 2) is class k on its own background
+        own = torch.arange(2 * n_classes) % 2 == torch.arange(2 * n_classes) // 2 % 2  # (2C,)
+        shares = torch.where(own, 0.95, 0.05).double()
+    # val/test: the training class balance, backgrounds balanced within each class
+    balanced_shares = shares.view(n_classes, 2).sum(1).repeat_interleave(2) / 2  # (2C,)
 
     def split(n: int, group_shares: Tensor) -> Split:
         counts = torch.floor(n * group_shares / group_shares.sum()).long().clamp(min=1)
-        counts[:int(n - counts.sum())] += 1  # the rounding remainder (< 4), one each, keeps val/test balanced
-        groups = torch.repeat_interleave(torch.arange(4), counts)
+        counts[:int(n - counts.sum())] += 1  # the rounding remainder, one each, keeps val/test balanced
+        groups = torch.repeat_interleave(torch.arange(2 * n_classes), counts)
         groups = groups[torch.randperm(n, generator=generator)]
         labels, places = groups // 2, groups % 2
-        return Split(_render_synth(labels, places, image_size, generator), labels, groups)
+        return Split(_render_synth(labels, places, image_size, generator, n_classes), labels, groups)
 
     return SpuriousDataset("synth", split(n_train, shares), split(n_val, balanced_shares),
-                           split(n_test, balanced_shares), n_classes=2, n_groups=4,
-                           group_names=["disk/land", "disk/water", "triangle/land", "triangle/water"],
+                           split(n_test, balanced_shares), n_classes=n_classes, n_groups=2 * n_classes,
+                           group_names=[f"{shape}/{place}" for shape in SYNTH_SHAPES[:n_classes]
+                                        for place in ("land", "water")],
                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), class_name="shape",
                            spurious_name="background", augment="flip")
 
@@ -1784,7 +1814,8 @@ def load_run_data(config: dict) -> SpuriousDataset:
     name = config["dataset"]
     if name == "synth":
         n = config["synth_n_train"]
-        return load_dataset("synth", n_train=n, n_val=n // 4, n_test=n // 2, seed=config["seed"])
+        return load_dataset("synth", n_train=n, n_val=n // 4, n_test=n // 2, seed=config["seed"],
+                            n_classes=config.get("synth_classes", 2))
     if name == "cifar100":
         return load_dataset(name, config.get("data_root"), seed=config["seed"])
     return load_dataset(name, config.get("data_root"), image_size=config.get("image_size") or 224,

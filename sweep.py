@@ -22,6 +22,8 @@ Studies (synth; every run through train.py's public flags):
              on seeds 0-4, tested on fresh seeds 5-9
   data-size  --synth-n-train 600, 1200, 2400 and 4800 (val and test scale with it), the defaults otherwise: where
              could the readout's posterior matter?
+  exits      the default pipeline on the 10-class synth benchmark (--synth-classes 10), seeds 0-4, and eval.py's
+             per-exit figures at alpha 0.05 and 0.1: Laplace, MIE, AVCS sets, budgeted exits
 """
 from __future__ import annotations
 
@@ -404,6 +406,110 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
     return lines
 
 
+EXIT_CLASSES = 10  # the multi-class synth benchmark of the exit-level methods
+EXIT_ALPHAS = (0.05, 0.1)
+EXIT_METHODS = ("MAP", "Laplace", "MIE", "MIE+Laplace")
+
+
+def exits_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
+    """Per seed one run of the default pipeline on the multi-class synth benchmark (it trains its teacher)."""
+    return [Run(f"c{EXIT_CLASSES}-seed{seed}", run_flags(synth_classes=EXIT_CLASSES, seed=seed)) for seed in seeds]
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's score interval of a binomial proportion (95% for the default z)."""
+    p, z2 = successes / trials, z * z
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
+    return centre - half, centre + half
+
+
+def exit_reports(root: Path, names: Sequence[str]) -> dict[float, list[dict]]:
+    """eval.py's report of every finished run's student, per alpha (cached next to the run as exits-<alpha>.json)."""
+    import eval as evaluate  # torch and the model code: only when the exits tables are written
+    reports = {}
+    for alpha in EXIT_ALPHAS:
+        reports[alpha] = []
+        for name in names:
+            if not (root / name / "metrics.json").is_file():
+                continue
+            cache = root / name / f"exits-{alpha:g}.json"
+            if not cache.is_file():
+                args = evaluate.parse_args([str(root / name), "--alpha", str(alpha), "--device", "cpu"])
+                cache.write_text(json.dumps(evaluate.report(args)))
+            reports[alpha].append(json.loads(cache.read_text()))
+    return reports
+
+
+def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
+    """eval.py's figures on the multi-class benchmark as the papers report them: per exit and method top-1, top-5,
+    NLPD and ECE; the sets' size, coverage (pooled over seeds, Wilson 95% interval) and nestedness at each alpha;
+    the budgeted-exit curve; and which of the papers' qualitative claims hold here."""
+    reports = exit_reports(root, [run.name for run in exits_runs(seeds, fresh_seeds, root)])
+    runs = reports[EXIT_ALPHAS[0]]
+    if not runs:
+        return ["No run has finished."]
+    n_exits = len(runs[0]["exits"])
+    mean = lambda values: statistics.mean(values)
+    lines = [f"Test %, mean ± sd over {len(runs)} seeds ({EXIT_CLASSES} classes). Laplace: each exit's KFAC "
+             "last-layer posterior, (T, σ²) tuned on val NLL; MIE: the FLOP-weighted mean of exits 0..k; "
+             "MIE+Laplace: the Laplace exits inside the ensemble, tuned greedily.", "",
+             "| exit | GFLOPs | method | top-1 | top-5 | NLPD | ECE |", "|---|---|---|---|---|---|---|"]
+    for k in range(n_exits):
+        for method in EXIT_METHODS:
+            values = lambda key: [r["exits"][k][method][key] for r in runs]
+            lines.append(f"| {k} | {runs[0]['exits'][k]['flops'] / 1e9:.4f} | {method} | {cell(values('top1'))} | "
+                         f"{cell(values('top5'))} | {cell(values('nlpd'), 1.0, 3)} | {cell(values('ece'))} |")
+    claims = []
+    lowest = [k for k in range(n_exits) if min(EXIT_METHODS, key=lambda m: mean(r["exits"][k][m]["ece"] for r in runs))
+              == "MIE+Laplace"]
+    claims.append(f"MIE+Laplace has the lowest mean ECE at exits {lowest or 'none'} of 0..{n_exits - 1}.")
+    overconfident = [k for k in range(n_exits) if mean(r["exits"][k]["MAP"]["ece"] for r in runs)
+                     > mean(r["exits"][-1]["MAP"]["ece"] for r in runs)]
+    claims.append(f"MAP ECE above the last exit's at exits {overconfident or 'none'}.")
+    for alpha in EXIT_ALPHAS:
+        lines += ["", f"Prediction sets at α = {alpha:g} (thresholds tuned on val; coverage on test pooled over the "
+                      "seeds with its Wilson 95% interval; nestedness |∩_{s≤t} C_s| / |C_t|, * without the running "
+                      "intersection).", "",
+                  "| exit | AVCS τ | size | coverage | 95% interval | nestedness | nestedness* | Laplace-AVCS size | "
+                  "coverage | 95% interval | nestedness |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        alpha_runs = reports[alpha]
+        for k in range(n_exits):
+            row = [str(k), mean_of([r["exits"][k]["avcs"]["threshold"] for r in alpha_runs], 2)]
+            for kind in ("avcs", "laplace_avcs"):
+                covered = [r["exits"][k][kind]["coverage"] for r in alpha_runs]
+                trials = [r["n_test"] for r in alpha_runs]
+                successes = round(sum(c * n for c, n in zip(covered, trials)))
+                low, high = wilson_interval(successes, sum(trials))
+                row += [mean_of([r["exits"][k][kind]["size"] for r in alpha_runs], 2),
+                        f"{successes / sum(trials):.3f}", f"[{low:.3f}, {high:.3f}]",
+                        mean_of([r["exits"][k][kind]["nestedness"] for r in alpha_runs], 3)]
+                if kind == "avcs":
+                    row.append(mean_of([r["exits"][k]["avcs"]["nestedness_without_intersection"] for r in alpha_runs], 3))
+            lines.append("| " + " | ".join(row) + " |")
+        for kind, label in (("avcs", "Dirichlet AVCS"), ("laplace_avcs", "Laplace-AVCS")):
+            reach = [k for k in range(n_exits) if sum(r["exits"][k][kind]["coverage"] * r["n_test"] for r in alpha_runs)
+                     / sum(r["n_test"] for r in alpha_runs) >= 1 - alpha]
+            sizes = [mean(r["exits"][k][kind]["size"] for r in alpha_runs) for k in range(n_exits)]
+            shrink = all(a >= b for a, b in zip(sizes, sizes[1:]))
+            claims.append(f"α = {alpha:g}, {label}: coverage ≥ 1 − α at exits {reach or 'none'}; mean size "
+                          f"{'shrinks' if shrink else 'does not shrink'} with depth "
+                          f"({' → '.join(f'{v:.2f}' for v in sizes)}).")
+    lines += ["", "Budgeted early exit (thresholds on val; test accuracy and ECE %, mean over seeds, against the "
+                  "expected GFLOPs per input); every third budget level.", "",
+              "| level q | MAP GFLOPs | MAP accuracy | MAP ECE | MIE+Laplace GFLOPs | accuracy | ECE |",
+              "|---|---|---|---|---|---|---|"]
+    curves = {m: [[p for p in r["budget_curve"] if p["method"] == m] for r in runs] for m in ("MAP", "MIE+Laplace")}
+    for index in range(0, len(curves["MAP"][0]), 3):
+        row = [f"{curves['MAP'][0][index]['level']:.2f}"]
+        for method in ("MAP", "MIE+Laplace"):
+            points = [curve[index] for curve in curves[method]]
+            row += [f"{mean(p['expected_flops'] for p in points) / 1e9:.4f}",
+                    f"{100 * mean(p['accuracy'] for p in points):.1f}", f"{100 * mean(p['ece'] for p in points):.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + ["", "What holds here (computed from the tables above):", ""] + [f"- {claim}" for claim in claims]
+
+
 @dataclass(frozen=True)
 class Study:
     runs: Callable[[Sequence[int], Sequence[int], Path], list[Run]]
@@ -422,6 +528,8 @@ STUDIES = {
                 (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)),
     "data-size": Study(data_size_runs, data_size_lines, "The readout's posterior against a tuned temperature as the "
                        "training set shrinks", tuple(range(10))),
+    "exits": Study(exits_runs, exits_lines, f"The exit-level methods on the {EXIT_CLASSES}-class synth benchmark",
+                   (0, 1, 2, 3, 4)),
 }
 
 

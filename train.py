@@ -6,8 +6,8 @@
 Weightings: ``none`` (plain KD), ``dedier`` (the readout's softmax margin, Tiwari et al. 2024), ``dedier-ts``
 (the margin of its softmax at a temperature tuned on val; the default: the best validation worst-group accuracy
 over the ten seeds of the README's table), ``laplace`` (the margin of its KFAC Laplace predictive, (T, sigma^2)
-tuned on val), ``laplace-cv`` (the same, every sample's posterior fit without it: an ablation, cross-fitting
-widens the posterior by 5-6%) and ``laplace-ml`` (the prior precision by the marginal likelihood, T = 1). Writes
+tuned on val), ``laplace-cv`` (the same, every sample's posterior fit without its fold: an ablation) and
+``laplace-ml`` (the prior precision by the Laplace evidence with the MAP fixed, T = 1: no validation labels). Writes
 teacher.pt, student.pt, last.pt, log.jsonl and metrics.json to --out; ``--resume`` continues an interrupted run.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ CROSS_FIT_FOLDS = 5  # laplace-cv: each sample's posterior is fit on the other 4
 # ── Defaults per dataset (``--help`` prints them) ───────────────────────────────────────────────────────
 # alpha/beta per weighting: on the real datasets DEDIER's published values (Tiwari et al. 2024) for Waterbirds
 # (0.05, 4) and CelebA (0.1, 3.5), alpha = 1, beta = 2 for the calibrated margins (untuned there); on synth the
-# values that `python bench.py --table` selected on validation worst-group accuracy (README, "Results").
+# values that `python sweep.py --study table` selected on validation worst-group accuracy (README, "Results").
 # Optimiser settings follow group DRO's recipes (Sagawa et al. 2020). lam = 1 and T = 3 are DEDIER's.
 CALIBRATED_MARGINS = ("dedier-ts", "laplace", "laplace-cv", "laplace-ml")
 SHARED = dict(width=32, teacher_width=64, lam=1.0, temperature=3.0,
@@ -102,6 +102,8 @@ class Config:
     image_size: Optional[int] = flag(None, "input size of the JPEG datasets (default 224)")
     cache_dir: Optional[str] = flag(None, "where decoded images are cached")
     synth_n_train: int = flag(4800, "synth training images (val = 1/4, test = 1/2 of it)")
+    synth_classes: int = flag(2, "synth classes: shapes on land or water, 2 to 10 (2: the benchmark of the README's "
+                                 "tables; 10: the multi-class benchmark of the exit-level methods)")
     seed: int = flag(0, "random seed")
     device: str = flag("auto", "auto, cpu or cuda", ["auto", "cpu", "cuda"])
     compile: bool = flag(False, "torch.compile the networks")
@@ -147,7 +149,9 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
               (cfg.epochs >= 1 and cfg.teacher_epochs >= 0, "--epochs must be >= 1 and --teacher-epochs >= 0"),
               (cfg.batch_size >= 1, "--batch-size must be >= 1"), (cfg.lr > 0, "--lr must be > 0"),
               (cfg.weight_decay >= 0, "--weight-decay must be >= 0"), (cfg.synth_n_train >= 16, "--synth-n-train must be >= 16"),
-              (cfg.reweight_every >= 1, "--reweight-every must be >= 1")]
+              (cfg.reweight_every >= 1, "--reweight-every must be >= 1"),
+              (2 <= cfg.synth_classes <= len(K.SYNTH_SHAPES), f"--synth-classes must be in 2..{len(K.SYNTH_SHAPES)}"),
+              (cfg.synth_classes == 2 or cfg.dataset == "synth", "--synth-classes is a flag of --dataset synth")]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -262,8 +266,8 @@ def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.
     pass of the readout over the training set; the margin's probabilities depend on --weighting (module
     docstring) and are tuned on the readout's val logits (N_val, c) and features (N_val, p), which come from the
     epoch's validation pass. Returns the weights (N,) and the epoch's diagnostics for log.jsonl. Under bf16
-    autocast the readout head's convolutions run in bf16 here, every epoch (README, "Speed": a pass 0.23 -> 0.13
-    s, the weights within 2% of float32 heads'); the summary and eval.py read float32 heads."""
+    autocast the readout head's convolutions run in bf16 here, every epoch (the weights move by under 2% against
+    float32 heads'); the summary and eval.py read float32 heads."""
     seed = cfg.seed * SEED_STRIDE + epoch
     train, val = splits["train"], splits["val"]
     train_logits, train_features = readout_pass(cfg, student, splits, data, device, "train", float32_heads=False)
@@ -490,9 +494,6 @@ def resume_state(cfg: Config, out: Path) -> dict:
     if not last.is_file():
         raise FileNotFoundError(f"--resume: no {last} to resume from (run without --resume first)")
     state = K.load_checkpoint(last)
-    if "sample_weights" not in state:
-        raise ValueError(f"--resume: {last} was written by an earlier version of train.py (before lr_at); "
-                         "start the run again without --resume")
     saved = state["config"]
     if (saved["dataset"], saved["arch"], saved["teacher_arch"]) != (cfg.dataset, cfg.arch, cfg.teacher_arch):
         raise ValueError(f"--resume: {last} is a run of dataset {saved['dataset']} with arch {saved['arch']} / "
