@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 import kdlaplace as K
-import sweep
 import train
 
 
@@ -315,7 +314,7 @@ def markdown(rows: list[dict], argv: list[str], device: torch.device, seconds: f
     """The rows as a markdown table under the results header: command, code version, hardware, date, wall time."""
     amp = K.bf16_is_fast(device)
     lines = ["# Speed rows", "", f"- command: `python bench.py {' '.join(argv)}`",
-             f"- code version: `{sweep.code_version()}`",
+             f"- code version: `{K.code_version()}`",
              f"- hardware: {K.hardware_name(device)}, {'bf16 autocast' if amp else 'float32'}, "
              f"{torch.get_num_threads()} threads",
              f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", f"- wall time: {seconds / 60:.1f} min",

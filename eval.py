@@ -82,9 +82,9 @@ def prediction_sets(logits_val: torch.Tensor, y_val: torch.Tensor, test: tuple, 
     """Per-exit size, coverage and nestedness on test of the Dirichlet AVCS (thresholds tuned on val; also without
     the running intersection) and of the Laplace-AVCS. ``test`` is predict_split's (logits (K, N, c), features)."""
     thresholds = K.tune_avcs_thresholds(logits_val, y_val, args.alpha, generator=K.seeded_generator(seed, device))
-    avcs = K.set_metrics(K.avcs_sets(test[0], thresholds, args.alpha, True, K.seeded_generator(seed, device)), y_test)
-    avcs_plain = K.set_metrics(K.avcs_sets(test[0], thresholds, args.alpha, False, K.seeded_generator(seed, device)),
-                               y_test)
+    log_ratios = K.dirichlet_log_ratios(test[0], thresholds, K.seeded_generator(seed, device))  # (K, N, c): one draw
+    avcs = K.set_metrics(K.nested_sets(log_ratios, args.alpha, intersect=True), y_test)
+    avcs_plain = K.set_metrics(K.nested_sets(log_ratios, args.alpha, intersect=False), y_test)
     laplace_sets = K.laplace_avcs_sets(laplaces, test[1], args.alpha, args.n_samples, True,
                                        K.seeded_generator(seed, device))
     return {"avcs": {"threshold": thresholds, **avcs, "nestedness_without_intersection": avcs_plain["nestedness"]},

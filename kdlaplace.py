@@ -31,6 +31,7 @@ import os
 import pickle
 import platform
 import shutil
+import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,8 +66,6 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(f"kd_loss: student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must both have shape (N, c)")
-    if not T > 0:
-        raise ValueError(f"kd_loss: T must be > 0, got {T}")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # never below fp32
     log_q_student = F.log_softmax(student_logits.to(dtype) / T, dim=-1)  # (N, c)
     log_q_teacher = F.log_softmax(teacher_logits.to(dtype) / T, dim=-1)  # (N, c)
@@ -97,8 +96,6 @@ def dedier_weights(probs: Tensor, y: Tensor, alpha: float, beta: float) -> Tenso
     Tiwari et al. (WACV 2024), eq. (3). Shapes: ``probs`` (N, c), ``y`` (N,) -> (N,).
     Copy it with :func:`confidence_margin`.
     """
-    if not alpha > 0:  # m ** 0 = 1 would up-weight every wrong sample alike, whatever its margin
-        raise ValueError(f"dedier_weights: alpha must be > 0, got {alpha}")
     margin = confidence_margin(probs)  # (N,)
     wrong = probs.argmax(dim=-1) != y  # (N,)
     return torch.where(wrong, torch.exp(beta * margin ** alpha), torch.ones_like(margin))
@@ -112,8 +109,6 @@ def student_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, weig
     terms, as in the DEDIER authors' code. ``weights=None`` means all ones (plain KD).
     Tiwari et al. (WACV 2024), eq. (4); Hinton et al. (2015). Shapes: logits (N, c), y (N,), weights (N,).
     """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"student_loss: lam must be in [0, 1], got {lam}")
     if y.shape != student_logits.shape[:1]:
         raise ValueError(f"student_loss: y must have shape ({student_logits.shape[0]},), got {tuple(y.shape)}")
     if weights is not None and weights.shape != y.shape:
@@ -187,10 +182,6 @@ class KFACLaplace:
 
     def __init__(self, weight: Tensor, A: Tensor, G: Tensor, n: int, has_bias: bool,
                  prior_precision: float = 1.0, temperature: float = 1.0) -> None:
-        if not prior_precision > 0:
-            raise ValueError(f"prior_precision must be > 0, got {prior_precision}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weight, self.A, self.G, self.n, self.has_bias = weight, A, G, n, has_bias
         self.prior_precision, self.temperature = float(prior_precision), float(temperature)
         self._eigen: dict = {}  # filled on first use; one dict shared by every copy (with_hyperparameters)
@@ -215,8 +206,6 @@ class KFACLaplace:
                              f"{tuple(features.shape)} and {tuple(weight.shape)}")
         if bias is not None and bias.shape != weight.shape[:1]:
             raise ValueError(f"KFACLaplace.fit: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if features.shape[0] < 1:
-            raise ValueError("KFACLaplace.fit: features is empty (N = 0)")
         n, dtype = features.shape[0], features.dtype
         weight = weight.detach().to(dtype)
         logits = features @ weight.T  # (N, c)
@@ -227,8 +216,6 @@ class KFACLaplace:
         gram = (features.T @ features).double()  # (p, p): the one big product
         # a NaN or inf anywhere in a column makes that column's sum of squares non-finite: an O(p) check
         # instead of a full scan, which would cost half of the product itself
-        if not bool(torch.isfinite(gram.diagonal()).all()):
-            raise ValueError("KFACLaplace.fit: features contain NaN or inf values (or values whose squares overflow)")
         if bias is not None:
             column_sums = features.sum(0).double()  # (p,)
             A = torch.empty(gram.shape[0] + 1, gram.shape[0] + 1, dtype=torch.float64, device=features.device)
@@ -265,8 +252,6 @@ class KFACLaplace:
         width = self.weight.shape[1] - int(self.has_bias)
         if features.dim() != 2 or features.shape[1] != width:
             raise ValueError(f"features must have shape (N, {width}) for this Laplace, got {tuple(features.shape)}")
-        if not bool(torch.isfinite(features).all()):
-            raise ValueError("features contain NaN or inf values")
 
     def _projected_features(self, features: Tensor) -> Tensor:
         """``phi~^T Q_A`` (N, p+1) without building ``phi~``: the feature part times Q plus Q's bias row."""
@@ -299,8 +284,6 @@ class KFACLaplace:
     def _posterior_directions(self, n_samples: int, generator: Optional[torch.Generator],
                               dtype: torch.dtype) -> Tensor:
         """``L g_s`` for ``s = 1..S`` with ``L = cholesky(U)``, ``g_s ~ N(0, I_c)``: (S, c), shared by every input."""
-        if not (isinstance(n_samples, int) and n_samples >= 1):
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
         U, _ = self.factors()
         cholesky = torch.linalg.cholesky(U)  # (c, c)
         normal = torch.randn(n_samples, U.shape[0], generator=generator, dtype=torch.float64, device=U.device)
@@ -428,8 +411,6 @@ def tune_temperature(logits_val: Tensor, y_val: Tensor,
     Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, section 4.2 (here on a grid).
     Shapes: ``logits_val`` (N, c), ``y_val`` (N,).
     """
-    if not bool(torch.isfinite(logits_val).all()):  # a NaN would make every NLL NaN and argmin pick grid[0]
-        raise ValueError("tune_temperature: logits_val contain NaN or inf values")
     grid = torch.tensor(list(temperatures), dtype=torch.float64, device=logits_val.device)  # (G,)
     log_probs = torch.log_softmax(logits_val.double()[None] / grid[:, None, None], dim=-1)  # (G, N, c)
     log_p_true = log_probs.gather(-1, y_val[None, :, None].expand(len(grid), -1, 1))  # (G, N, 1)
@@ -497,9 +478,6 @@ def cross_fitted_laplace_predict(laplace: KFACLaplace, features: Tensor, n_folds
     Shapes: ``features`` (N, p) with ``N >= 2 K`` ; ``laplace.weight`` (c, p+1) or (c, p) without a bias.
     Copy it with :class:`KFACLaplace`.
     """
-    if not (isinstance(n_folds, int) and n_folds >= 2) or features.shape[0] < 2 * n_folds:
-        raise ValueError(f"cross_fitted_laplace_predict: needs an integer n_folds >= 2 and N >= 2 n_folds inputs, "
-                         f"got n_folds={n_folds}, N={features.shape[0]}")
     width = features.shape[1]
     weight, bias = laplace.weight[:, :width], laplace.weight[:, width] if laplace.has_bias else None
     fold = torch.arange(features.shape[0], device=features.device) % n_folds  # (N,)
@@ -529,8 +507,6 @@ def mie_ensemble(probs: Tensor, flops: Tensor) -> Tensor:
     if probs.dim() != 3 or flops.shape != probs.shape[:1]:
         raise ValueError(f"mie_ensemble: probs (K, N, c) and flops (K,) expected, got {tuple(probs.shape)} "
                          f"and {tuple(flops.shape)}")
-    if not bool((flops > 0).all()):  # a zero first weight would divide 0 by 0
-        raise ValueError(f"mie_ensemble: flops must be > 0, got {flops.tolist()}")
     weighted = torch.cumsum(flops[:, None, None] * probs, dim=0)  # (K, N, c)
     return weighted / torch.cumsum(flops, dim=0)[:, None, None]
 
@@ -577,8 +553,6 @@ def budget_thresholds(confidences_val: Tensor, level: float) -> Tensor:
     """
     if confidences_val.dim() != 2:
         raise ValueError(f"budget_thresholds: confidences_val must be (K, N), got {tuple(confidences_val.shape)}")
-    if not level > 0:
-        raise ValueError(f"budget_thresholds: level must be > 0, got {level}")
     n_exits, n = confidences_val.shape
     shares = torch.tensor([level ** (k + 1) for k in range(n_exits)], dtype=torch.float64)
     exit_counts = torch.floor(n * shares / shares.sum()).long().tolist()  # K numbers: a loop over exits only
@@ -653,8 +627,6 @@ def nested_sets(log_ratios: Tensor, alpha: float = 0.05, intersect: bool = True)
     """Sets from per-exit log likelihood ratios by Ville's inequality: ``C_t = {k : sum_{l<=t} log r_l(k) <=
     log(1/alpha)}``, with ``intersect`` the running intersection ``C_t ∩ C_{t-1} ∩ ...`` (nested by construction).
     Jazbec et al. (UAI 2024), eq. (5). Shapes: ``log_ratios`` (K, N, c) -> bool (K, N, c)."""
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     sets = torch.cumsum(log_ratios, dim=0) <= -math.log(alpha)  # (K, N, c)
     if intersect:
         sets = torch.cumprod(sets.to(torch.uint8), dim=0).bool()
@@ -670,8 +642,6 @@ def dirichlet_log_ratios(logits: Tensor, thresholds: Tensor, generator: Optional
     if thresholds.shape != logits.shape[:1]:
         raise ValueError(f"thresholds must have shape ({logits.shape[0]},) to match K of logits, got "
                          f"{tuple(thresholds.shape)}")
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("logits contain NaN or inf values")
     z = logits.double()
     support = (z >= thresholds.double()[:, None, None]) & (z > 0)  # (K, N, c)
     concentration = torch.where(support, z, torch.zeros_like(z))  # (K, N, c)
@@ -806,10 +776,6 @@ def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 
     """
     if features.dim() != 2 or y.shape != features.shape[:1]:
         raise ValueError(f"features (N, p) and y (N,) expected, got {tuple(features.shape)} and {tuple(y.shape)}")
-    if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(y).all())):
-        raise ValueError("fit_bayesian_linear_regression: features and y must be finite")
-    if features.shape[0] < 2:  # the noise precision starts from y's variance, which one target does not have
-        raise ValueError(f"fit_bayesian_linear_regression: needs N >= 2 targets, got {features.shape[0]}")
     ones = torch.ones(features.shape[0], 1, dtype=torch.float64, device=features.device)
     design = torch.cat([features.double(), ones], 1)  # (N, p+1): the intercept's column of ones
     targets = y.double()  # (N,)
@@ -849,8 +815,6 @@ def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], featur
     (N, p_k) -> (K, N, 2) float64.
     Copy it with :class:`BayesianLinearRegression`.
     """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if len(models) != len(features) or not models:
         raise ValueError(f"models and features must be non-empty lists of the same length, got "
                          f"{len(models)} and {len(features)}")
@@ -960,8 +924,6 @@ def worst_group_accuracy(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int)
     Sagawa et al. (ICLR 2020), section 2. Shapes: ``pred``, ``y``, ``groups`` (N,).
     Copy it with :func:`group_accuracies`."""
     accuracies = group_accuracies(pred, y, groups, n_groups)
-    if bool(accuracies.isnan().all()):
-        raise ValueError("worst_group_accuracy: no group has a sample (N = 0)")
     return float(accuracies[~accuracies.isnan()].min())
 
 
@@ -996,8 +958,6 @@ def reliability_bins(probs: Tensor, y: Tensor, n_bins: int = 15) -> tuple[Tensor
     Guo et al. (ICML 2017), section 2 (reliability diagrams). Shapes: ``probs`` (N, c), ``y`` (N,)."""
     if probs.dim() != 2 or y.shape != probs.shape[:1]:
         raise ValueError(f"probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
-    if not (isinstance(n_bins, int) and n_bins >= 1):
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins}")
     confidence, pred = probs.double().max(dim=-1)  # (N,), (N,)
     inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=probs.device)[1:-1]  # (B-1,)
     bins = torch.bucketize(confidence, inner_edges, right=False)  # (N,): edges[b-1] < conf <= edges[b]
@@ -1726,6 +1686,15 @@ def hardware_name(device: torch.device) -> str:
     except OSError:  # not Linux
         return platform.processor() or "unknown CPU"
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+
+
+def code_version() -> str:
+    """``git describe --always --dirty`` of the folder this module lives in; "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=30).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):  # no git on the machine
+        return "unknown"
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:

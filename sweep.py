@@ -624,18 +624,10 @@ def seed_text(seeds: Sequence[int]) -> str:
     return " ".join(map(str, seeds))
 
 
-def code_version() -> str:
-    """``git describe --always --dirty`` of this folder, "unknown" outside a git checkout."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True,
-                              timeout=30).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def header(title: str, runs: list[Run], root: Path, argv: Sequence[str], sweep_seconds: Optional[float]) -> list[str]:
     """The results file's header: command, code version, the hardware and code versions the runs record, date,
     wall time (this invocation's, and the runs' own), and how many runs have finished."""
+    import kdlaplace as K  # torch: only where tables are written
     metrics = finished(root, [run.name for run in runs])
     tally = lambda values: ", ".join(f"{value} ({n} runs)" for value, n in Counter(values).most_common())
     versions = tally(m.get("code_version", "unknown") for m in metrics)
@@ -645,7 +637,7 @@ def header(title: str, runs: list[Run], root: Path, argv: Sequence[str], sweep_s
     wall = f"{sweep_seconds / 60:.1f} min for this command" if sweep_seconds is not None else "tables only"
     return [f"# {title}", "",
             f"- command: `{shlex.join(['python', 'sweep.py', *argv])}`",
-            f"- code version: `{code_version()}` (the runs: {versions or 'none yet'})",
+            f"- code version: `{K.code_version()}` (the runs: {versions or 'none yet'})",
             f"- hardware of the runs: {hardware or 'none yet'}",
             f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
             f"- wall time: {wall}; the finished runs' train.py processes took {run_seconds / 60:.1f} min in all",
@@ -707,6 +699,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for run in stage:
             if not (root / run.name / "metrics.json").is_file():
                 print(shlex.join(command(run, root, extra)))
+        if args.study == "table" and args.fresh_seeds and not select_grid_points(args.seeds, root):
+            print("sweep.py: the fresh seeds' students wait for the selection: print the students again once the "
+                  "grid's runs have finished", file=sys.stderr)
         return
     started, failures = time.perf_counter(), []
     if not args.tables:

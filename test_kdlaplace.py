@@ -84,12 +84,14 @@ def test_kd_loss_from_probabilities_with_zeros_is_the_kl_with_0_log_0_equal_to_0
 def test_kd_loss_runs_in_fp32_under_bf16_inputs():
     g = seeded(2)
     student, teacher = torch.randn(3, 4, generator=g).bfloat16(), torch.randn(3, 4, generator=g).bfloat16()
-    assert K.kd_loss(student, teacher, 3.0).dtype == torch.float32
+    loss = K.kd_loss(student, teacher, 3.0)
+    p_t = torch.softmax(teacher.double() / 3, -1)  # the bf16 inputs' exact values, then float64 by hand
+    expected = 9 * (p_t * (p_t.log() - torch.log_softmax(student.double() / 3, -1))).sum(-1)
+    assert loss.dtype == torch.float32  # a bf16 KL would be off by about 1e-2 relative, not 1e-6
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_kd_loss_rejects_bad_input():
-    with pytest.raises(ValueError, match="T must be > 0"):
-        K.kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), 0.0)
+def test_kd_loss_rejects_logits_that_would_broadcast():
     with pytest.raises(ValueError, match="teacher_logits"):
         K.kd_loss(torch.zeros(2, 3), torch.zeros(2, 4), 1.0)
 
@@ -132,13 +134,13 @@ def test_student_loss_is_weighted_mix_of_ce_and_kd():
     y = torch.randint(0, 3, (6,), generator=g)
     weights = torch.rand(6, generator=g, dtype=f64) + 0.5
     lam, T = 0.3, 2.0
-    ce = -torch.log_softmax(student, -1)[torch.arange(6), y]
-    expected = (weights * ((1 - lam) * ce + lam * K.kd_loss(student, teacher, T))).mean()
-    torch.testing.assert_close(K.student_loss(student, teacher, y, weights, lam, T), expected)
-    unweighted = ((1 - lam) * ce + lam * K.kd_loss(student, teacher, T)).mean()
-    torch.testing.assert_close(K.student_loss(student, teacher, y, None, lam, T), unweighted)
-    with pytest.raises(ValueError, match="lam"):
-        K.student_loss(student, teacher, y, None, 1.5, T)
+    ce = -(student[torch.arange(6), y] - student.exp().sum(-1).log())  # -log softmax(z)_y, written out
+    q_t = torch.exp(teacher / T) / torch.exp(teacher / T).sum(-1, keepdim=True)
+    q_s = torch.exp(student / T) / torch.exp(student / T).sum(-1, keepdim=True)
+    kl = T ** 2 * (q_t * (torch.log(q_t) - torch.log(q_s))).sum(-1)  # the hand-written KL of the test above
+    torch.testing.assert_close(K.student_loss(student, teacher, y, weights, lam, T),
+                               (weights * ((1 - lam) * ce + lam * kl)).mean())
+    torch.testing.assert_close(K.student_loss(student, teacher, y, None, lam, T), ((1 - lam) * ce + lam * kl).mean())
 
 
 def test_group_dro_loss_matches_explicit_update():
@@ -198,28 +200,30 @@ def test_kfac_posterior_is_the_dense_kronecker_inverse():
 def test_logit_distribution_matches_dense_weight_covariance():
     features, weight, bias, _ = random_head(n=30, p=5, c=3, seed=5)
     laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=0.7)
-    U, V = laplace.factors()
+    _, U, V = dense_posterior(features, weight, bias, 0.7)  # per-sample loops and dense inverses
     covariance = torch.kron(U, V)  # Cov(vec W~), row-major vec
     mean, scale = laplace.logit_distribution(features[:4])
+    module_U, _ = laplace.factors()
     for i in range(4):
         phi = torch.cat([features[i], torch.ones(1, dtype=f64)])
         jacobian = torch.kron(torch.eye(3, dtype=f64), phi[None])  # f = (I (x) phi^T) vec W~
-        torch.testing.assert_close(jacobian @ covariance @ jacobian.T, scale[i] * U, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(scale[i] * module_U, jacobian @ covariance @ jacobian.T, rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(mean[i], weight @ features[i] + bias)
 
 
 def test_sample_logits_covariance_is_scale_times_U():
     features, weight, bias, _ = random_head(n=50, p=4, c=3, seed=6)
     laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=0.5)
-    U, _ = laplace.factors()
+    _, U, V = dense_posterior(features, weight, bias, 0.5)
     samples = laplace.sample_logits(features[:2], 40000, generator=seeded(7))  # (S, 2, c)
     assert samples.shape == (40000, 2, 3)
-    mean, scale = laplace.logit_distribution(features[:2])
     for i in range(2):
-        centred = samples[:, i] - mean[i]
+        phi = torch.cat([features[i], torch.ones(1, dtype=f64)])
+        covariance, mean = float(phi @ V @ phi) * U, weight @ features[i] + bias  # (c, c), (c,)
+        centred = samples[:, i] - mean
         empirical = centred.T @ centred / centred.shape[0]
-        torch.testing.assert_close(empirical, scale[i] * U, rtol=0.05, atol=0.03 * float(scale[i] * U.diag().max()))
-        torch.testing.assert_close(samples[:, i].mean(0), mean[i], rtol=0, atol=0.03 * float((scale[i] * U.diag().max()).sqrt()))
+        torch.testing.assert_close(empirical, covariance, rtol=0.05, atol=0.03 * float(covariance.diag().max()))
+        torch.testing.assert_close(samples[:, i].mean(0), mean, rtol=0, atol=0.03 * float(covariance.diag().max().sqrt()))
 
 
 def test_probit_agrees_with_large_sample_mc_and_no_sample_predict_is_deterministic():
@@ -271,37 +275,27 @@ def test_huge_prior_collapses_to_the_map_softmax():
 def test_laplace_edge_cases_two_classes_and_fewer_samples_than_features():
     features, weight, bias, _ = random_head(n=5, p=20, c=2, seed=12)  # rank-1 G, singular A
     laplace = K.KFACLaplace.fit(features, weight, bias)
-    U, V = laplace.factors()
-    assert torch.linalg.eigvalsh(U).min() > 0 and torch.linalg.eigvalsh(V).min() > 0
-    probs = laplace.predict(features, 30, generator=seeded(0))
-    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(5, dtype=f64))
-    # near one-hot probabilities: G ~ 0, U ~ I / sqrt(tau), still well defined
-    sharp = K.KFACLaplace.fit(features, 1e3 * weight, bias)
-    assert torch.isfinite(sharp.predict(features, 10, generator=seeded(0))).all()
-    # without a bias: phi~ = phi
+    _, U, V = dense_posterior(features, weight, bias, 1.0)
+    module_U, module_V = laplace.factors()
+    torch.testing.assert_close(module_U, U, rtol=1e-9, atol=1e-12)  # the damping makes both invertible
+    torch.testing.assert_close(module_V, V, rtol=1e-9, atol=1e-12)
+    probs = laplace.predict(features, link="probit")
+    torch.testing.assert_close(probs, reference_predictive(features, torch.cat([weight, bias[:, None]], 1), U, V, 1.0))
+    # without a bias: phi~ = phi, A = F^T F / N
     no_bias = K.KFACLaplace.fit(features, weight, None)
-    assert no_bias.A.shape == (20, 20) and no_bias.weight.shape == (2, 20)
+    torch.testing.assert_close(no_bias.A, sum(torch.outer(row, row) for row in features) / 5)
+    assert no_bias.weight.shape == (2, 20)
 
 
 def test_laplace_rejects_bad_input():
     features, weight, bias, _ = random_head()
     with pytest.raises(ValueError, match="share p"):
         K.KFACLaplace.fit(features[:, :3], weight, bias)
-    with pytest.raises(ValueError, match="prior_precision"):
-        K.KFACLaplace.fit(features, weight, bias, prior_precision=0.0)
-    bad = features.clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        K.KFACLaplace.fit(bad, weight, bias)
     laplace = K.KFACLaplace.fit(features, weight, bias)
     with pytest.raises(ValueError, match="features must have shape"):
         laplace.predict(features[:, :2])
-    with pytest.raises(ValueError, match="link"):
+    with pytest.raises(ValueError, match="link"):  # an unknown link would silently be the MC one
         laplace.predict(features, link="laplace")
-    # cross-fitting needs two folds of at least two inputs: one fold would fit on nothing, zero would divide by 0
-    for n_folds, n in ((1, 40), (0, 40), (5, 9)):
-        with pytest.raises(ValueError, match="n_folds >= 2 and N >= 2 n_folds"):
-            K.cross_fitted_laplace_predict(laplace, features[:n], n_folds)
 
 
 def dense_posterior(features, weight, bias, prior_precision):
@@ -363,24 +357,19 @@ def test_tune_temperature_is_the_grid_minimum_of_softmax_nll():
     assert K.tune_temperature(logits.float(), y, grid) == min(nll, key=nll.get) > 1.0
 
 
-def test_tune_temperature_rejects_non_finite_logits():
-    logits = torch.zeros(4, 2)
-    logits[1, 0] = math.nan  # one NaN would make every NLL NaN, and argmin would pick the grid's first T
-    with pytest.raises(ValueError, match="logits_val contain NaN or inf"):
-        K.tune_temperature(logits, torch.zeros(4, dtype=torch.long))
-
-
 def test_tune_laplace_ensemble_is_greedy_exit_by_exit():
     features, weight, bias, y = random_head(n=120, p=5, c=3, seed=15)
     laplaces = [K.KFACLaplace.fit(features, weight, bias), K.KFACLaplace.fit(features, 0.5 * weight, bias)]
-    tuned = K.tune_laplace_ensemble(laplaces, [features, features], y, [1.0, 3.0], (0.5, 1.0, 2.0), (1.0,),
-                                    link="probit")
-    first = K.tune_laplace(laplaces[0], features, y, (0.5, 1.0, 2.0), (1.0,), link="probit")
-    assert tuned[0].temperature == first.temperature
-    p0 = tuned[0].predict(features, link="probit")
-    losses = {t: K.nlpd((p0 + 3 * laplaces[1].with_hyperparameters(temperature=t).predict(features, link="probit")) / 4, y)
-              for t in (0.5, 1.0, 2.0)}
-    assert tuned[1].temperature == min(losses, key=losses.get)
+    grid = (0.5, 1.0, 2.0)
+    tuned = K.tune_laplace_ensemble(laplaces, [features, features], y, [1.0, 3.0], grid, (1.0,), link="probit")
+    # by hand: each exit's probit predictive from its dense posterior; exit 0 alone picks its T, then exit 1 the T
+    # that minimises the NLL of the FLOP-weighted mixture (p_0 + 3 p_1) / 4 with exit 0 fixed
+    posteriors = [dense_posterior(features, scale * weight, bias, 1.0) for scale in (1.0, 0.5)]
+    predictive = lambda k, t: reference_predictive(features, *posteriors[k], t)  # (N, c)
+    nll = lambda probs: float(-probs[torch.arange(len(y)), y].log().mean())
+    first = min(grid, key=lambda t: nll(predictive(0, t)))
+    second = min(grid, key=lambda t: nll((predictive(0, first) + 3 * predictive(1, t)) / 4))
+    assert (tuned[0].temperature, tuned[1].temperature) == (first, second)
 
 
 # ──────────────────────────────────────────────────────────────────────────────
@@ -558,27 +547,10 @@ def test_tune_avcs_thresholds_equals_the_walk_that_evaluates_every_step():
 
 def test_avcs_rejects_bad_input():
     logits = torch.randn(2, 4, 3)
-    with pytest.raises(ValueError, match="alpha"):
-        K.avcs_sets(logits, torch.ones(2), alpha=1.5)
     with pytest.raises(ValueError, match="thresholds must have shape"):
         K.avcs_sets(logits, torch.ones(3))
-    with pytest.raises(ValueError, match="NaN"):
-        K.avcs_sets(torch.full((2, 4, 3), float("inf")), torch.ones(2))
     with pytest.raises(ValueError, match="y"):
         K.tune_avcs_thresholds(logits, torch.zeros(5, dtype=torch.long))
-
-
-def test_metrics_and_ensembles_reject_input_they_would_answer_wrongly():
-    probs, y = torch.softmax(torch.randn(5, 3), -1), torch.zeros(5, dtype=torch.long)
-    with pytest.raises(ValueError, match="n_bins must be a positive integer"):
-        K.expected_calibration_error(probs, y, n_bins=0)  # no bin: it used to return a number anyway
-    empty = torch.zeros(0, dtype=torch.long)
-    with pytest.raises(ValueError, match="no group has a sample"):
-        K.worst_group_accuracy(empty, empty, empty, 4)
-    with pytest.raises(ValueError, match="flops must be > 0"):
-        K.mie_ensemble(torch.rand(2, 3, 4), torch.tensor([0.0, 1.0]))  # 0 / 0 at the first exit
-    with pytest.raises(ValueError, match="needs N >= 2"):  # one target has no variance: the fit was all NaN
-        K.fit_bayesian_linear_regression(torch.randn(1, 3, dtype=f64), torch.randn(1, dtype=f64))
 
 
 def test_set_metrics_hand_worked():
@@ -597,13 +569,7 @@ def toy_laplaces(prior_precision: float = 1.0):
     return laplaces, [features] * 3, y
 
 
-def test_laplace_avcs_sets_collapse_to_all_labels_with_huge_prior():
-    collapsed, features, y = toy_laplaces(prior_precision=1e14)
-    sets = K.laplace_avcs_sets(collapsed, features, alpha=0.05, n_samples=30, generator=seeded(27))
-    assert sets.all()  # every ratio ~ 1 <= 1/alpha: every label stays in every set
-    features, weight, bias, _ = random_head(n=20, p=5, c=4, seed=25)
-    uncertain = [K.KFACLaplace.fit(features, s * weight, bias, 1e-2) for s in (0.5, 1.0, 2.0)]
-    assert not K.laplace_avcs_sets(uncertain, [features] * 3, alpha=0.05, n_samples=30, generator=seeded(26)).all()
+
 
 
 def test_laplace_avcs_matches_explicit_ratio_product():
@@ -1689,6 +1655,20 @@ def test_bench_epoch_cases_give_the_timed_and_the_multiply_add_ratio_of_every_ph
 # --reweight-every and the sweep runner
 # ──────────────────────────────────────────────────────────────────────────────
 
+@pytest.mark.parametrize("total_steps,peak_lr", [(37, 0.05), (760, 0.05), (10, 1e-3)])
+def test_lr_at_is_torch_one_cycle_lr_bit_for_bit(total_steps, peak_lr):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=peak_lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos",
+        cycle_momentum=True, base_momentum=0.85, max_momentum=0.95, div_factor=25, final_div_factor=1e4)
+    for step in range(total_steps):
+        group = optimizer.param_groups[0]
+        assert train.lr_at(step, total_steps, peak_lr) == (group["lr"], group["momentum"]), step
+        optimizer.step()
+        schedule.step()
+
+
 def test_reweight_every_2_reweights_after_epochs_1_and_3_and_equals_k_1_through_epoch_2(tmp_path, monkeypatch):
     teacher = tmp_path / "teacher"
     train.main(TINY + ["--weighting", "none", "--out", str(teacher)])
@@ -1762,6 +1742,16 @@ def test_sweep_shards_partition_each_stage(study):
     shares = [sweep.shard(runs, f"{i}/3") for i in (1, 2, 3)]
     names = [run.name for share in shares for run in share]
     assert sorted(names) == sorted(run.name for run in runs) and len(set(names)) == len(names)
+
+
+def test_sweep_slots_split_the_cores_and_pack_runs_onto_gpus(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    slots = sweep.slot_resources(4, 2, ["3", "5"])  # 4 runs, 2 per GPU, on the GPUs CUDA_VISIBLE_DEVICES names
+    assert [slot["gpu"] for slot in slots] == ["3", "3", "5", "5"]
+    assert [slot["cores"] for slot in slots] == [[0, 1], [2, 3], [4, 5], [6, 7]]  # disjoint, every core used
+    slots = sweep.slot_resources(3, 1, [])
+    assert [slot["gpu"] for slot in slots] == [None] * 3 and sorted(sum((s["cores"] for s in slots), [])) == list(range(8))
+    assert all(len(slot["cores"]) >= 2 for slot in slots)
 
 
 def test_sweep_rejects_a_bad_shard_and_too_many_jobs():

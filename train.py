@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 import typing
@@ -513,15 +512,9 @@ def load_teacher(cfg: Config, path: Path, data: K.SpuriousDataset, device: torch
 
 
 def provenance(device: torch.device, amp: bool) -> dict:
-    """What produced a run, for the tables that read it: the code version (``git describe --always --dirty`` of
-    this folder, "unknown" outside a git checkout), the hardware (the GPU's name, or the CPU model) and whether
-    bf16 autocast was on, and the torch threads."""
-    try:
-        version = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
-                                 capture_output=True, text=True, timeout=30).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):  # no git on the machine
-        version = "unknown"
-    return {"code_version": version, "hardware": K.hardware_name(device), "bf16": amp,
+    """What produced a run, for the tables that read it: the code version, the hardware (the GPU's name, or the CPU
+    model), whether bf16 autocast was on, and the torch threads."""
+    return {"code_version": K.code_version(), "hardware": K.hardware_name(device), "bf16": amp,
             "threads": torch.get_num_threads()}
 
 
