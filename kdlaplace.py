@@ -402,14 +402,14 @@ class KFACLaplace:
 
 
 def tune_temperature(logits_val: Tensor, y_val: Tensor,
-                     temperatures: Sequence[float] = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0)) -> float:
+                     temperatures: Sequence[float] = KFACLaplace.TEMPERATURE_GRID) -> float:
     """Temperature scaling: the ``T`` of the grid that minimises the validation NLL of ``softmax(z / T)``.
 
     ``argmin_T -(1/N) sum_n log softmax(z_n / T)_{y_n}`` over the same grid and criterion as :func:`tune_laplace`,
     with no posterior: the baseline that isolates what the Laplace adds to a tuned temperature. The default grid
     is Meronen et al. (2024)'s (``KFACLaplace.TEMPERATURE_GRID``).
     Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, section 4.2 (here on a grid).
-    Shapes: ``logits_val`` (N, c), ``y_val`` (N,).
+    Shapes: ``logits_val`` (N, c), ``y_val`` (N,). Copy it with :class:`KFACLaplace` (for its grid).
     """
     grid = torch.tensor(list(temperatures), dtype=torch.float64, device=logits_val.device)  # (G,)
     log_probs = torch.log_softmax(logits_val.double()[None] / grid[:, None, None], dim=-1)  # (G, N, c)
@@ -760,6 +760,11 @@ class BayesianLinearRegression:
         self.noise_variance = noise_variance  # sigma^2 = 1 / beta
         self.prior_precision = prior_precision  # alpha of the prior N(0, alpha^-1 I), intercept included
 
+    @staticmethod
+    def design(features: Tensor) -> Tensor:
+        """``h~ = [h, 1]``: the features (N, p) with the intercept's column of ones, float64 (N, p+1)."""
+        return torch.cat([features.double(), features.new_ones(features.shape[0], 1, dtype=torch.float64)], 1)
+
 
 def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 200,
                                    tol: float = 1e-10) -> BayesianLinearRegression:
@@ -776,8 +781,7 @@ def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 
     """
     if features.dim() != 2 or y.shape != features.shape[:1]:
         raise ValueError(f"features (N, p) and y (N,) expected, got {tuple(features.shape)} and {tuple(y.shape)}")
-    ones = torch.ones(features.shape[0], 1, dtype=torch.float64, device=features.device)
-    design = torch.cat([features.double(), ones], 1)  # (N, p+1): the intercept's column of ones
+    design = BayesianLinearRegression.design(features)  # (N, p+1)
     targets = y.double()  # (N,)
     eigenvalues, eigenvectors = torch.linalg.eigh(design.T @ design)  # (p+1,), (p+1, p+1)
     eigenvalues = eigenvalues.clamp(min=0)
@@ -823,8 +827,7 @@ def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], featur
         if exit_features.dim() != 2 or exit_features.shape[1] != model.mean.shape[0] - 1:
             raise ValueError(f"features must have shape (N, {model.mean.shape[0] - 1}), "
                              f"got {tuple(exit_features.shape)}")
-        h = torch.cat([exit_features.double(), exit_features.new_ones(exit_features.shape[0], 1, dtype=torch.float64)],
-                      1)  # (N, p+1): the intercept's column of ones
+        h = BayesianLinearRegression.design(exit_features)  # (N, p+1)
         noise = model.noise_variance
         mean = h @ model.mean  # (N,)
         variance = ((h @ model.covariance) * h).sum(-1) + noise  # (N,)

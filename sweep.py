@@ -199,7 +199,8 @@ def paired_cells(differences: Sequence[float]) -> list[str]:
     if not points:
         return ["–"] * 4
     low, high = bootstrap_interval(points) if len(points) > 1 else (points[0], points[0])
-    return [cell(points, 1.0), f"{statistics.median(points):+.1f}",
+    spread = f" ± {statistics.stdev(points):.1f}" if len(points) > 1 else ""
+    return [f"{statistics.mean(points):+.1f}{spread}", f"{statistics.median(points):+.1f}",
             f"{sum(p > 1 for p in points)} / {sum(abs(p) <= 1 for p in points)} / {sum(p < -1 for p in points)}",
             f"[{low:+.1f}, {high:+.1f}]"]
 
@@ -362,6 +363,12 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
              "| N train | weighting | avg | worst-group | median | per seed | readout ECE softmax / T / Laplace |",
              "|---|---|---|---|---|---|---|"]
     for n in DATA_SIZES:
+        teachers = [r["teacher"]["test"] for r in runs["none", n]]
+        if teachers:  # the teacher every student of this size distils (trained by the plain-KD run)
+            lines.append(f"| {n} | teacher (group DRO) | {cell([t['avg_acc'] for t in teachers])} | "
+                         f"{cell([t['worst_group_acc'] for t in teachers])} | "
+                         f"{100 * statistics.median(t['worst_group_acc'] for t in teachers):.1f} | "
+                         f"{per_seed([t['worst_group_acc'] for t in teachers])} | – |")
         for w in DATA_SIZE_WEIGHTINGS:
             rs = runs[w, n]
             if not rs:
@@ -403,6 +410,27 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
         for w in ("laplace", "laplace-ml"):
             paired = [test_wg(r) - test_wg(base[r["seed"]]) for r in runs[w, n] if r["seed"] in base]
             lines.append(f"| {n} | {w} − dedier-ts | " + " | ".join(paired_cells(paired)) + " |")
+    # the measurement against the prediction above, computed from these runs
+    import kdlaplace as K  # the readout's tuning grids
+    sizes = [n for n in DATA_SIZES if runs["laplace", n]]
+    if not sizes:
+        return lines
+    std = {n: statistics.mean(epoch_median(r, "posterior_logit_std_median") for r in runs["laplace", n]) for n in sizes}
+    largest = max(sizes)
+    lines += ["", "Measured against the prediction (laplace): the median posterior logit std on the training inputs "
+                  f"(mean over seeds) and its ratio to N = {largest}'s, beside the ratios 1/√N and 1/N^(1/4) predict.",
+              "", f"| N train | logit std | ratio to N = {largest} | (N/{largest})^(-1/2) | (N/{largest})^(-1/4) | "
+                  "lowest weight correlation, any epoch | between-group CV of φ̃ᵀVφ̃ | epochs with T / σ² on the "
+                  "grid's edge |", "|---|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        epochs = [e for r in runs["laplace", n] for e in r["epochs"]]
+        lowest = min(e["weight_corr_temperature"] for e in epochs if e.get("weight_corr_temperature") is not None)
+        on_edge = lambda key, grid: sum(e[key] in (min(grid), max(grid)) for e in epochs) / len(epochs)
+        lines.append(f"| {n} | {std[n]:.3f} | {std[n] / std[largest]:.2f} | {(n / largest) ** -0.5:.2f} | "
+                     f"{(n / largest) ** -0.25:.2f} | {lowest:.4f} | "
+                     f"{mean_of([epoch_median(r, 'posterior_variance_group_cv') for r in runs['laplace', n]], 2)} | "
+                     f"{100 * on_edge('readout_temperature', K.KFACLaplace.TEMPERATURE_GRID):.0f}% / "
+                     f"{100 * on_edge('readout_prior_variance', K.KFACLaplace.PRIOR_VARIANCE_GRID):.0f}% |")
     return lines
 
 
@@ -422,6 +450,10 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
     half = z * np.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
     return centre - half, centre + half
+
+
+def exit_list(exits: Sequence[int]) -> str:
+    return "exits " + ", ".join(map(str, exits)) if exits else "no exit"
 
 
 def exit_reports(root: Path, names: Sequence[str]) -> dict[float, list[dict]]:
@@ -463,10 +495,10 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
     claims = []
     lowest = [k for k in range(n_exits) if min(EXIT_METHODS, key=lambda m: mean(r["exits"][k][m]["ece"] for r in runs))
               == "MIE+Laplace"]
-    claims.append(f"MIE+Laplace has the lowest mean ECE at exits {lowest or 'none'} of 0..{n_exits - 1}.")
+    claims.append(f"MIE+Laplace has the lowest mean ECE of the four methods at {exit_list(lowest)} (of 0..{n_exits - 1}).")
     overconfident = [k for k in range(n_exits) if mean(r["exits"][k]["MAP"]["ece"] for r in runs)
                      > mean(r["exits"][-1]["MAP"]["ece"] for r in runs)]
-    claims.append(f"MAP ECE above the last exit's at exits {overconfident or 'none'}.")
+    claims.append(f"MAP ECE is above the last exit's at {exit_list(overconfident)}.")
     for alpha in EXIT_ALPHAS:
         lines += ["", f"Prediction sets at α = {alpha:g} (thresholds tuned on val; coverage on test pooled over the "
                       "seeds with its Wilson 95% interval; nestedness |∩_{s≤t} C_s| / |C_t|, * without the running "
@@ -492,7 +524,7 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
                      / sum(r["n_test"] for r in alpha_runs) >= 1 - alpha]
             sizes = [mean(r["exits"][k][kind]["size"] for r in alpha_runs) for k in range(n_exits)]
             shrink = all(a >= b for a, b in zip(sizes, sizes[1:]))
-            claims.append(f"α = {alpha:g}, {label}: coverage ≥ 1 − α at exits {reach or 'none'}; mean size "
+            claims.append(f"α = {alpha:g}, {label}: coverage ≥ 1 − α at {exit_list(reach)}; mean size "
                           f"{'shrinks' if shrink else 'does not shrink'} with depth "
                           f"({' → '.join(f'{v:.2f}' for v in sizes)}).")
     lines += ["", "Budgeted early exit (thresholds on val; test accuracy and ECE %, mean over seeds, against the "
@@ -729,4 +761,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the runs got the signal too: each keeps its last.pt and resumes from it
+        sys.exit("\nsweep.py: interrupted; the same command continues the sweep")
