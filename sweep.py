@@ -151,7 +151,7 @@ def finished(root: Path, names: Sequence[str]) -> list[dict]:
     return [run for run in (load_run(root, name) for name in names) if run is not None]
 
 
-def test_wg(run: dict) -> float:
+def worst_group_on_test(run: dict) -> float:
     return run["student"]["test"]["worst_group_acc"]
 
 
@@ -240,10 +240,10 @@ def table_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
                                   r["epochs"][0].get(key) is not None else None for r in rs]
         lines.append(f"| {label} | " + " | ".join([
             cell([r["student"]["val"]["worst_group_acc"] for r in rs]), cell([r["student"]["test"]["avg_acc"] for r in rs]),
-            cell([test_wg(r) for r in rs]),
+            cell([worst_group_on_test(r) for r in rs]),
             *(cell([r["student"]["readout"][kind]["ece"] for r in rs]) for kind in ("map", "temperature", "laplace")),
             cell(epoch_mean("posterior_logit_std_median"), 1.0, 3), cell(epoch_mean("weight_corr_temperature"), 1.0, 3),
-            per_seed([test_wg(r) for r in rs])]) + " |")
+            per_seed([worst_group_on_test(r) for r in rs])]) + " |")
     lines += ["", "Selection grid: validation / test worst-group accuracy (%), mean over the seeds; the selected point "
                   "in bold.", "", "| α | β | " + " | ".join(TUNED_WEIGHTINGS) + " |",
               "|---|---|" + "---|" * len(TUNED_WEIGHTINGS)]
@@ -252,7 +252,7 @@ def table_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
             entries = []
             for w in TUNED_WEIGHTINGS:
                 rs = runs(grid_name(w, a, b), seeds)
-                entry = f"{100 * val_score(rs)[0]:.1f} / {100 * statistics.mean(map(test_wg, rs)):.1f}"
+                entry = f"{100 * val_score(rs)[0]:.1f} / {100 * statistics.mean(map(worst_group_on_test, rs)):.1f}"
                 entries.append(f"**{entry}**" if grid_name(w, a, b) == selected[w] else entry)
             lines.append(f"| {a:g} | {b:g} | " + " | ".join(entries) + " |")
     lines += ["", "The readout's posterior on the training inputs, selected runs (mean over the reweighted epochs, "
@@ -273,7 +273,7 @@ def table_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
             fresh, every = runs(point, fresh_seeds), runs(point, [*seeds, *fresh_seeds])
             lines.append(f"| {label} | {cell([r['student']['val']['worst_group_acc'] for r in every])} | "
                          f"{cell([r['student']['test']['avg_acc'] for r in fresh])} | "
-                         f"{cell([test_wg(r) for r in fresh])} | {per_seed([test_wg(r) for r in fresh])} |")
+                         f"{cell([worst_group_on_test(r) for r in fresh])} | {per_seed([worst_group_on_test(r) for r in fresh])} |")
     lines += ["", "The shortcut: the seeds' teachers with group DRO and with ERM (same model selection).", "",
               "| teacher objective | test avg | test worst-group |", "|---|---|---|"]
     for objective, point in (("group DRO", "none"), ("ERM", "erm")):
@@ -302,9 +302,9 @@ def budget_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -
         rs = [r for r in runs[w].values() if r is not None]
         if not rs:
             continue
-        paired = [test_wg(runs[w][s]) - test_wg(runs["none"][s]) for s in seeds
+        paired = [worst_group_on_test(runs[w][s]) - worst_group_on_test(runs["none"][s]) for s in seeds
                   if runs[w][s] is not None and runs["none"][s] is not None]
-        worst = list(map(test_wg, rs))
+        worst = list(map(worst_group_on_test, rs))
         lines.append(f"| {w} | {cell([r['student']['test']['avg_acc'] for r in rs])} | {cell(worst)} | "
                      f"{100 * statistics.median(worst):.1f} | {per_seed(worst)} | "
                      + " | ".join(["–"] * 4 if w == "none" else paired_cells(paired)) + " |")
@@ -331,9 +331,9 @@ def lr_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> li
             lines.append(f"| {w} | – | – | – | – | – | – | – |")
             continue
         fresh = runs(w, lr, fresh_seeds)
-        paired = [100 * (test_wg(r) - test_wg(plain[r["seed"]])) for r in fresh if r["seed"] in plain]
-        lines.append(f"| {w} | {per_rate} | {lr:g} | {cell(list(map(test_wg, runs(w, lr, seeds))))} | "
-                     f"{cell(list(map(test_wg, fresh)))} | {per_seed(list(map(test_wg, fresh)))} | "
+        paired = [100 * (worst_group_on_test(r) - worst_group_on_test(plain[r["seed"]])) for r in fresh if r["seed"] in plain]
+        lines.append(f"| {w} | {per_rate} | {lr:g} | {cell(list(map(worst_group_on_test, runs(w, lr, seeds))))} | "
+                     f"{cell(list(map(worst_group_on_test, fresh)))} | {per_seed(list(map(worst_group_on_test, fresh)))} | "
                      + ("– | –" if w == "none" or not paired else f"{cell(paired, 1.0)} | {statistics.median(paired):+.1f}")
                      + " |")
     return lines
@@ -375,8 +375,8 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
                 continue
             ece = " / ".join(cell([r["student"]["readout"][kind]["ece"] for r in rs]) for kind in ("map", "temperature", "laplace"))
             lines.append(f"| {n} | {w} | {cell([r['student']['test']['avg_acc'] for r in rs])} | "
-                         f"{cell(list(map(test_wg, rs)))} | {100 * statistics.median(map(test_wg, rs)):.1f} | "
-                         f"{per_seed(list(map(test_wg, rs)))} | {ece} |")
+                         f"{cell(list(map(worst_group_on_test, rs)))} | {100 * statistics.median(map(worst_group_on_test, rs)):.1f} | "
+                         f"{per_seed(list(map(worst_group_on_test, rs)))} | {ece} |")
     lines += ["", "The readout on the training inputs, where the weights are computed (per run the median over its "
                   "reweighted epochs, then the mean over seeds): the posterior std of the temperature-scaled logits "
                   "per group (g1 and g2 are the minority groups), the coefficient of variation of the posterior "
@@ -408,7 +408,7 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
     for n in DATA_SIZES:
         base = {r["seed"]: r for r in runs["dedier-ts", n]}
         for w in ("laplace", "laplace-ml"):
-            paired = [test_wg(r) - test_wg(base[r["seed"]]) for r in runs[w, n] if r["seed"] in base]
+            paired = [worst_group_on_test(r) - worst_group_on_test(base[r["seed"]]) for r in runs[w, n] if r["seed"] in base]
             lines.append(f"| {n} | {w} − dedier-ts | " + " | ".join(paired_cells(paired)) + " |")
     # the measurement against the prediction above, computed from these runs
     import kdlaplace as K  # the readout's tuning grids

@@ -4,6 +4,7 @@ import ast
 import copy
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -1805,3 +1806,27 @@ def test_a_killed_sweep_resumes_its_interrupted_run(tmp_path):
     assert len(launches) == 2 and launches[1].endswith("--resume") and not launches[0].endswith("--resume")
     records = [json.loads(line) for line in (interrupted[0] / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["phase"] == "student"] == [1, 2, 3]
+
+
+def test_wilson_interval_solves_its_defining_equation():
+    # the Wilson interval's ends are the p with |p_hat - p| = z sqrt(p (1 - p) / n): found here by bisection
+    for successes, trials in ((953, 1000), (0, 50), (50, 50), (17, 40)):
+        p_hat, z = successes / trials, 1.959964
+        gap = lambda p: abs(p_hat - p) - z * math.sqrt(p * (1 - p) / trials)
+
+        def root(low, high):  # gap(low) and gap(high) of opposite signs
+            for _ in range(200):
+                middle = (low + high) / 2
+                low, high = (middle, high) if (gap(middle) > 0) == (gap(low) > 0) else (low, middle)
+            return (low + high) / 2
+        expected = (0.0 if successes == 0 else root(0.0, p_hat), 1.0 if successes == trials else root(p_hat, 1.0))
+        assert sweep.wilson_interval(successes, trials) == pytest.approx(expected, abs=1e-9)
+
+
+def test_bootstrap_interval_matches_the_exact_bootstrap_distribution():
+    values = [0.0, 1.0, 3.0, 7.0]  # all 256 equally likely resamples of 4 values, enumerated
+    means = [sum(resample) / 4 for resample in itertools.product(values, repeat=4)]
+    exact = np.quantile(means, [0.025, 0.975], method="inverted_cdf")  # the quantiles the random resamples estimate
+    # (their CDF steps lie 0.006 or more from 0.025 and 0.975: far beyond 200000 resamples' sampling error)
+    assert sweep.bootstrap_interval(values, resamples=200000) == tuple(exact)
+    assert sweep.bootstrap_interval([2.0, 2.0]) == (2.0, 2.0)
