@@ -1202,8 +1202,9 @@ SYNTH_SHAPES = ("disk", "triangle", "square", "ring", "plus", "diamond", "invert
 
 def _shape_masks(rows: Tensor, cols: Tensor, centre_row: Tensor, centre_col: Tensor, half_width: Tensor,
                  n_classes: int) -> Tensor:
-    """The first ``n_classes`` shapes of SYNTH_SHAPES at every image's centre and size: bool (C, N, H, W). Each
-    spans about the same area, so only its outline tells the class."""
+    """The first ``n_classes`` shapes of SYNTH_SHAPES at every image's centre and half-width r: bool (C, N, H, W).
+    Their areas are comparable (1.4 r^2 for the bars to 2.2 r^2 for the ring; disk and triangle 1.8 r^2), so the
+    outline, more than the amount of colour, tells the class."""
     dr, dc = (rows - centre_row) / half_width, (cols - centre_col) / half_width  # (N, H, 1), (N, 1, W): units of r
     radius = (dr ** 2 + dc ** 2).sqrt()
     depth = (rows - (centre_row - half_width)) / (1.8 * half_width)  # 0 at the apex, 1 at the base
