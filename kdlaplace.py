@@ -169,8 +169,9 @@ class KFACLaplace:
     the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. (laplace-torch adds the prior exactly in
     the eigenbasis, ``(N G (x) A + tau I)^-1``, which is not Kronecker; we keep Meronen's form.)
     ``temperature`` divides the logits before the softmax (Meronen's logit temperature, not a likelihood
-    temperature). Factors, eigendecompositions and inverses are float64; predictions run in the dtype of
-    the features passed in.
+    temperature). The products ``F^T F`` and ``P^T P`` are formed in the features' dtype and stored as float64
+    factors (pass float64 features for float64 arithmetic throughout: with float32 ones, G's rows sum to about
+    1e-7 rather than 0); eigendecompositions and inverses are float64; predictions run in the features' dtype.
 
     Attributes: ``A`` (p+1, p+1), ``G`` (c, c), ``n``, ``prior_precision``, ``temperature``,
     ``weight`` (c, p+1) (``W~``; width p without a bias), ``has_bias``.
