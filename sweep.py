@@ -36,7 +36,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -123,12 +124,13 @@ def lr_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> lis
     return runs
 
 
-def data_size_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
+def data_size_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path,
+                   sizes: Sequence[int] = DATA_SIZES) -> list[Run]:
     """Per size and seed plain KD (it trains the teacher) and each weighting of DATA_SIZE_WEIGHTINGS at its
     defaults."""
     return [Run(f"{w}-n{n}-seed{seed}", run_flags(weighting=w, synth_n_train=n, seed=seed),
                 None if w == "none" else f"none-n{n}-seed{seed}")
-            for n in DATA_SIZES for seed in seeds for w in DATA_SIZE_WEIGHTINGS]
+            for n in sizes for seed in seeds for w in DATA_SIZE_WEIGHTINGS]
 
 
 # ── Reading the runs ─────────────────────────────────────────────────────────────────────────────────────
@@ -353,16 +355,17 @@ well above the majority's (between-group CV of φ̃ᵀVφ̃ above 0.5), and a pa
 interval excludes 0."""
 
 
-def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
+def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path,
+                    sizes: Sequence[int] = DATA_SIZES) -> list[str]:
     """Per training-set size: the students' test figures, the readout posterior's size and spread on the training
     inputs, the weights' agreement with the temperature-only softmax, the paired worst-group differences from
     dedier-ts, and the readout's test calibration."""
-    runs = {(w, n): finished(root, [f"{w}-n{n}-seed{s}" for s in seeds]) for w in DATA_SIZE_WEIGHTINGS for n in DATA_SIZES}
+    runs = {(w, n): finished(root, [f"{w}-n{n}-seed{s}" for s in seeds]) for w in DATA_SIZE_WEIGHTINGS for n in sizes}
     lines = [DATA_SIZE_PREDICTION, "", "Students: test %, mean ± sd over seeds; median; per seed. Readout test ECE (%) "
              "with its softmax / temperature-scaled softmax / Laplace predictive.", "",
              "| N train | weighting | avg | worst-group | median | per seed | readout ECE softmax / T / Laplace |",
              "|---|---|---|---|---|---|---|"]
-    for n in DATA_SIZES:
+    for n in sizes:
         teachers = [r["teacher"]["test"] for r in runs["none", n]]
         if teachers:  # the teacher every student of this size distils (trained by the plain-KD run)
             lines.append(f"| {n} | teacher (group DRO) | {cell([t['avg_acc'] for t in teachers])} | "
@@ -385,7 +388,7 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
                   "up-weighted samples (all / g1 / g2).", "",
               "| N train | weighting | logit std g0 | g1 | g2 | g3 | CV of φ̃ᵀVφ̃ | between groups | corr with T-softmax "
               "weights | up-weighted share |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for n in DATA_SIZES:
+    for n in sizes:
         for w in DATA_SIZE_WEIGHTINGS[1:]:
             rs = runs[w, n]
             if not rs:
@@ -405,14 +408,14 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
                   "teacher), in points: mean ± sd, median, won / tied within 1 point / lost, 95% bootstrap interval "
                   "of the mean.", "", "| N train | comparison | mean ± sd | median | won / tied / lost | 95% interval |",
               "|---|---|---|---|---|---|"]
-    for n in DATA_SIZES:
+    for n in sizes:
         base = {r["seed"]: r for r in runs["dedier-ts", n]}
         for w in ("laplace", "laplace-ml"):
             paired = [worst_group_on_test(r) - worst_group_on_test(base[r["seed"]]) for r in runs[w, n] if r["seed"] in base]
             lines.append(f"| {n} | {w} − dedier-ts | " + " | ".join(paired_cells(paired)) + " |")
     # the measurement against the prediction above, computed from these runs
     import kdlaplace as K  # the readout's tuning grids
-    sizes = [n for n in DATA_SIZES if runs["laplace", n]]
+    sizes = [n for n in sizes if runs["laplace", n]]
     if not sizes:
         return lines
     std = {n: statistics.mean(epoch_median(r, "posterior_logit_std_median") for r in runs["laplace", n]) for n in sizes}
@@ -721,9 +724,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse_args(argv)
     study, root = STUDIES[args.study], args.out
-    if args.sizes:  # the data-size study's sizes, read by its runs and its tables
-        global DATA_SIZES
-        DATA_SIZES = tuple(args.sizes)
+    if args.sizes:  # the data-size study's runs and tables at these sizes only
+        study = replace(study, runs=partial(data_size_runs, sizes=args.sizes),
+                        lines=partial(data_size_lines, sizes=args.sizes))
     stages = lambda: [[run for run in study.runs(args.seeds, args.fresh_seeds, root) if run.teacher is None],
                       [run for run in study.runs(args.seeds, args.fresh_seeds, root) if run.teacher is not None]]
     if args.print_commands:
