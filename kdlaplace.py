@@ -36,7 +36,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -177,9 +177,11 @@ class KFACLaplace:
     ``weight`` (c, p+1) (``W~``; width p without a bias), ``has_bias``.
     """
 
-    # Meronen et al. (2024)'s validation grids for the logit temperature and the prior variance sigma^2
-    TEMPERATURE_GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0)
+    # where tune_temperature and tune_laplace search the logit temperature T (continuously, on a log scale) and
+    # the prior variance sigma^2 (Meronen et al. 2024's validation grid, grown past an edge that holds the best)
+    TEMPERATURE_RANGE = (0.01, 100.0)
     PRIOR_VARIANCE_GRID = (0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0)
+    PRIOR_VARIANCE_RANGE = (1e-4, 1e4)
 
     def __init__(self, weight: Tensor, A: Tensor, G: Tensor, n: int, has_bias: bool,
                  prior_precision: float = 1.0, temperature: float = 1.0) -> None:
@@ -329,33 +331,6 @@ class KFACLaplace:
         directions = self._posterior_directions(n_samples, generator, features.dtype)  # (S, c)
         return self.mc_softmax_mean(mean, scale, directions, self.temperature, log)
 
-    def grid_predictive(self, features: Tensor, temperatures: Sequence[float], prior_variances: Sequence[float],
-                        n_samples: int = 50, link: str = "mc",
-                        generator: Optional[torch.Generator] = None) -> Iterator[tuple["KFACLaplace", Tensor]]:
-        """Every ``(copy with (T, sigma^2), predictive probs (N, c))`` over a grid, for tuning: the eigen-projection
-        of ``features`` (N, p) is done once and one set of normal draws serves every candidate (common random
-        numbers make the comparison fair)."""
-        if link not in ("mc", "probit"):
-            raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
-        self._check_features(features)
-        dtype = features.dtype
-        mean = self.logit_distribution(features)[0]  # (N, c)
-        squared_projection = self._projected_features(features).square()  # (N, p+1)
-        normal = torch.randn(n_samples, mean.shape[1], generator=generator, dtype=torch.float64, device=mean.device)
-        for prior_variance in prior_variances:
-            candidate = self.with_hyperparameters(prior_precision=1.0 / prior_variance)
-            _, v_diag = candidate._damped_inverse_diagonals()
-            scale = squared_projection @ v_diag.to(dtype)  # (N,)
-            U, _ = candidate.factors()  # (c, c); V is never formed: scale comes from the projection
-            if link == "probit":
-                variance = scale[:, None] * torch.diagonal(U).to(dtype)  # (N, c)
-                predictives = (self.probit_softmax(mean, variance, temperature) for temperature in temperatures)
-            else:  # the sampled logits are formed once for every temperature
-                directions = (normal @ torch.linalg.cholesky(U).T).to(dtype)  # (S, c)
-                predictives = self.mc_softmax_means(mean, scale, directions, temperatures)  # (G, N, c)
-            for temperature, probs in zip(temperatures, predictives):
-                yield candidate.with_hyperparameters(temperature=temperature), probs
-
     @staticmethod
     def probit_softmax(mean: Tensor, variance: Tensor, temperature: float, log: bool = False) -> Tensor:
         """Probit-approximated predictive ``softmax((mean/T) / sqrt(1 + pi/8 var / T^2))`` (N, c), or its
@@ -368,78 +343,120 @@ class KFACLaplace:
     def mc_softmax_mean(mean: Tensor, scale: Tensor, directions: Tensor, temperature: float,
                         log: bool = False) -> Tensor:
         """``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)`` (N, c), or its logarithm by a logsumexp over
-        ``s`` when ``log``. Shapes: ``mean`` (N, c), ``scale`` (N,), ``directions`` ``L g_s`` (S, c). One
-        temperature of :meth:`mc_softmax_means`."""
-        return KFACLaplace.mc_softmax_means(mean, scale, directions, (temperature,), log)[0]
-
-    @staticmethod
-    def mc_softmax_means(mean: Tensor, scale: Tensor, directions: Tensor, temperatures: Sequence[float],
-                         log: bool = False) -> Tensor:
-        """:meth:`mc_softmax_mean` at every temperature of ``temperatures`` (G, N, c), in blocks of inputs that
-        bound memory. The sampled logits ``mean + sqrt(scale) L g_s`` are formed once per block and shared by the
-        temperatures (a tuning grid pays one division and one softmax per T); each temperature runs the same
-        operations on the same shapes as a call of its own, so its numbers are the same bit for bit."""
-        n_samples, n_classes = directions.shape
-        block = max(1, (1 << 22) // (n_samples * n_classes))  # ~4M elements per block: cache-friendly
-        # a softmax over a short last axis runs row by row (about 18x slower at c = 2 on a CPU); with the classes
-        # first it vectorises over samples and inputs. From 16 classes on the last axis is the faster one.
-        class_axis = 0 if n_classes < 16 else -1
-        sample_axis = 1 if class_axis == 0 else 0
-        out = mean.new_empty(len(temperatures), *mean.shape)  # (G, N, c)
-        for start in range(0, mean.shape[0], block):
-            stop = start + block
-            if class_axis == 0:
-                logits = mean.T[:, None, start:stop] + scale[None, None, start:stop].sqrt() * directions.T[:, :, None]
-            else:  # (c, S, B) above, (S, B, c) here
-                logits = mean[None, start:stop] + scale[None, start:stop, None].sqrt() * directions[:, None, :]
-            for index, temperature in enumerate(temperatures):
-                if log:
-                    log_probs = torch.log_softmax(logits / temperature, dim=class_axis)
-                    predictive = torch.logsumexp(log_probs, sample_axis) - math.log(n_samples)
-                else:
-                    predictive = torch.softmax(logits / temperature, dim=class_axis).mean(sample_axis)
-                out[index, start:stop] = predictive.T if class_axis == 0 else predictive  # (B, c)
-        return out
+        ``s`` when ``log``. Shapes: ``mean`` (N, c), ``scale`` (N,), ``directions`` ``L g_s`` (S, c)."""
+        # classes first: a softmax over a short last axis runs row by row (about 20x slower at c = 2 on a CPU)
+        logits = mean.T[:, None, :] + scale.sqrt() * directions.T[:, :, None]  # (c, S, N)
+        if log:
+            log_probs = torch.log_softmax(logits / temperature, dim=0)  # (c, S, N)
+            return (torch.logsumexp(log_probs, dim=1) - math.log(directions.shape[0])).T  # (N, c)
+        return torch.softmax(logits / temperature, dim=0).mean(1).T  # (N, c)
 
 
-def tune_temperature(logits_val: Tensor, y_val: Tensor,
-                     temperatures: Sequence[float] = KFACLaplace.TEMPERATURE_GRID) -> float:
-    """Temperature scaling: the ``T`` of the grid that minimises the validation NLL of ``softmax(z / T)``.
+def minimise_unimodal(objective: Callable[[float], float], low: float, high: float,
+                      tolerance: float = 1e-5) -> float:
+    """The minimiser of a unimodal ``objective`` on ``[low, high]`` by golden-section search.
 
-    ``argmin_T -(1/N) sum_n log softmax(z_n / T)_{y_n}`` over the same grid and criterion as :func:`tune_laplace`,
-    with no posterior: the baseline that isolates what the Laplace adds to a tuned temperature. The default grid
-    is Meronen et al. (2024)'s (``KFACLaplace.TEMPERATURE_GRID``).
-    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, section 4.2 (here on a grid).
-    Shapes: ``logits_val`` (N, c), ``y_val`` (N,). Copy it with :class:`KFACLaplace` (for its grid).
+    Keep a bracket ``[a, b]`` and two inner points ``c < d`` at the golden ratios; the side beyond the worse inner
+    point cannot hold the minimum, so each step drops it and shrinks the bracket by ``1/phi = 0.618`` for one new
+    evaluation, until it is ``tolerance`` wide. A minimum at an end of the range comes back as that end.
+    Kiefer (1953), *Sequential minimax search for a maximum*.
     """
-    grid = torch.tensor(list(temperatures), dtype=torch.float64, device=logits_val.device)  # (G,)
-    log_probs = torch.log_softmax(logits_val.double()[None] / grid[:, None, None], dim=-1)  # (G, N, c)
-    log_p_true = log_probs.gather(-1, y_val[None, :, None].expand(len(grid), -1, 1))  # (G, N, 1)
-    nll = -log_p_true.clamp(min=math.log(1e-12)).mean((1, 2))  # (G,): p clamped at 1e-12 as in tune_laplace
-    return float(grid[int(nll.argmin())])
+    inverse_phi = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = low, high
+    c, d = b - inverse_phi * (b - a), a + inverse_phi * (b - a)
+    value_c, value_d = objective(c), objective(d)
+    while b - a > tolerance:
+        if value_c <= value_d:  # the minimum is in [a, d]
+            b, d, value_d = d, c, value_c
+            c = b - inverse_phi * (b - a)
+            value_c = objective(c)
+        else:  # the minimum is in [c, b]
+            a, c, value_c = c, d, value_d
+            d = a + inverse_phi * (b - a)
+            value_d = objective(d)
+    return (a + b) / 2.0
+
+
+def tune_temperature(logits_val: Tensor, y_val: Tensor) -> float:
+    """Temperature scaling: the ``T`` that minimises the validation NLL of ``softmax(z / T)``.
+
+    ``argmin_T -(1/N) sum_n log softmax(z_n / T)_{y_n}``, by :func:`minimise_unimodal` over ``log T`` in
+    ``KFACLaplace.TEMPERATURE_RANGE`` to a relative 1e-5. The NLL is convex in ``1/T`` (a log-sum-exp of linear
+    functions minus a linear one), so it is unimodal in ``log T`` and the search finds its minimum; no grid caps
+    the choice. The same search picks the temperature of :func:`tune_laplace`: this is the baseline that isolates
+    what the posterior adds to a tuned temperature.
+    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, section 4.2.
+    Shapes: ``logits_val`` (N, c), ``y_val`` (N,). Copy it with :class:`KFACLaplace` and :func:`minimise_unimodal`.
+    """
+    logits, labels = logits_val.double(), y_val[:, None]  # (N, c), (N, 1)
+
+    def nll(log_temperature: float) -> float:
+        log_probs = torch.log_softmax(logits / math.exp(log_temperature), dim=-1)  # (N, c)
+        return float(-log_probs.gather(1, labels).mean())
+
+    low, high = KFACLaplace.TEMPERATURE_RANGE
+    return math.exp(minimise_unimodal(nll, math.log(low), math.log(high)))
 
 
 def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor,
-                 temperatures: Sequence[float] = KFACLaplace.TEMPERATURE_GRID,
                  prior_variances: Sequence[float] = KFACLaplace.PRIOR_VARIANCE_GRID,
-                 n_samples: int = 50, link: str = "mc",
-                 generator: Optional[torch.Generator] = None) -> KFACLaplace:
-    """Copy of ``laplace`` with the ``(T, sigma^2)`` of the grid that minimises validation NLL.
+                 n_samples: int = 50, link: str = "mc", generator: Optional[torch.Generator] = None,
+                 criterion: Optional[Callable[[Tensor], Tensor]] = None) -> KFACLaplace:
+    """Copy of ``laplace`` with the ``(T, sigma^2)`` that minimise the validation NLL; no refit (shared factors).
 
-    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (``p_hat`` clamped at 1e-12); no refit (the
-    factors are shared). Meronen et al. (2024), section 4 and appendix: grids ``T in {0.3..3.0}``,
-    ``sigma^2 in {0.5..4.0}``. Shapes: ``features_val`` (N, p), ``y_val`` (N,).
-    Copy it with :class:`KFACLaplace`.
+    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (``p_hat`` clamped at 1e-12). For every prior variance
+    ``sigma^2`` the temperature is minimised continuously over ``log T`` (:func:`minimise_unimodal`, as
+    :func:`tune_temperature`); ``sigma^2`` runs over Meronen et al. (2024)'s grid ``{0.5 .. 4.0}``, which doubles
+    past its top (or halves below its bottom) while the best ``sigma^2`` sits on that edge, within
+    ``KFACLaplace.PRIOR_VARIANCE_RANGE``: no grid edge censors the choice. One set of normal draws serves every
+    candidate (common random numbers make the comparison fair and the MC objective smooth in T).
+    ``criterion(probs (N, c)) -> ()`` replaces the NLL (:func:`tune_laplace_ensemble` scores an ensemble).
+    Meronen et al. (2024), section 4 and appendix. Shapes: ``features_val`` (N, p), ``y_val`` (N,).
+    Copy it with :class:`KFACLaplace` and :func:`minimise_unimodal`.
     """
     if y_val.shape != features_val.shape[:1]:
         raise ValueError(f"y_val must have shape ({features_val.shape[0]},), got {tuple(y_val.shape)}")
-    candidates, nlls = [], []
-    for candidate, probs in laplace.grid_predictive(features_val, temperatures, prior_variances, n_samples, link,
-                                                    generator):
-        candidates.append(candidate)
-        nlls.append(-probs.gather(1, y_val[:, None]).clamp(min=1e-12).log().mean())  # kept on the device
-    # one host sync for the whole grid; argmin takes the first of tied minima, as a running "<" would
-    return candidates[int(torch.stack(nlls).nan_to_num(nan=math.inf).argmin())]
+    if link not in ("mc", "probit"):
+        raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
+    if criterion is None:
+        def criterion(probs: Tensor) -> Tensor:
+            return -probs.gather(1, y_val[:, None]).clamp(min=1e-12).log().mean()
+    mean = laplace.logit_distribution(features_val)[0]  # (N, c)
+    squared_projection = laplace._projected_features(features_val).square()  # (N, p+1)
+    normal = torch.randn(n_samples, mean.shape[1], generator=generator, dtype=torch.float64,
+                         device=mean.device)  # (S, c): the draws of every candidate
+
+    def best_temperature(prior_variance: float) -> tuple[float, KFACLaplace]:
+        candidate = laplace.with_hyperparameters(prior_precision=1.0 / prior_variance)
+        _, v_diag = candidate._damped_inverse_diagonals()
+        scale = squared_projection @ v_diag.to(mean.dtype)  # (N,): phi~^T V phi~ without forming V
+        U, _ = candidate.factors()  # (c, c)
+        variance = scale[:, None] * torch.diagonal(U).to(mean.dtype)  # (N, c): the probit's
+        directions = (normal @ torch.linalg.cholesky(U).T).to(mean.dtype)  # (S, c): the MC's
+
+        def objective(log_temperature: float) -> float:
+            temperature = math.exp(log_temperature)
+            if link == "probit":
+                probs = candidate.probit_softmax(mean, variance, temperature)  # (N, c)
+            else:
+                probs = candidate.mc_softmax_mean(mean, scale, directions, temperature)  # (N, c)
+            value = float(criterion(probs))
+            return math.inf if math.isnan(value) else value
+
+        low, high = KFACLaplace.TEMPERATURE_RANGE
+        log_temperature = minimise_unimodal(objective, math.log(low), math.log(high))
+        return objective(log_temperature), candidate.with_hyperparameters(temperature=math.exp(log_temperature))
+
+    tuned = {prior_variance: best_temperature(prior_variance) for prior_variance in prior_variances}
+    lowest, highest = KFACLaplace.PRIOR_VARIANCE_RANGE
+    while True:
+        best = min(tuned, key=lambda prior_variance: tuned[prior_variance][0])  # the first of tied minima
+        if best == max(tuned) and best * 2.0 <= highest:
+            tuned[best * 2.0] = best_temperature(best * 2.0)
+        elif best == min(tuned) and best / 2.0 >= lowest:
+            tuned[best / 2.0] = best_temperature(best / 2.0)
+        else:
+            return tuned[best][1]
 
 
 def tune_laplace_marglik(laplace: KFACLaplace, prior_precisions: Optional[Sequence[float]] = None) -> KFACLaplace:
@@ -514,31 +531,35 @@ def mie_ensemble(probs: Tensor, flops: Tensor) -> Tensor:
 
 def tune_laplace_ensemble(laplaces: Sequence[KFACLaplace], features_val: Sequence[Tensor], y_val: Tensor,
                           flops: Sequence[float],
-                          temperatures: Sequence[float] = KFACLaplace.TEMPERATURE_GRID,
                           prior_variances: Sequence[float] = KFACLaplace.PRIOR_VARIANCE_GRID,
                           n_samples: int = 50, link: str = "mc",
                           generator: Optional[torch.Generator] = None) -> list[KFACLaplace]:
     """Greedy exit-by-exit tuning for the model-internal ensemble: exit ``k``'s ``(T, sigma^2)`` minimises the
     validation NLL of the FLOPs-weighted ensemble of exits ``<= k``, earlier exits fixed.
 
+    ``argmin -(1/N) sum_n log [(sum_{m<k} w_m p_m + w_k p_k(T, sigma^2)) / sum_{m<=k} w_m]_{y_n}``, searched as in
+    :func:`tune_laplace`, whose draws exit ``k``'s fixed predictive then replays.
     Meronen et al. (2024), section 3.3 ("MIE + Laplace"). ``features_val[k]`` is (N, p_k); ``flops`` (K,).
-    Copy it with :class:`KFACLaplace`.
+    Copy it with :class:`KFACLaplace`, :func:`tune_laplace` and :func:`minimise_unimodal`.
     """
     if not len(laplaces) == len(features_val) == len(flops):
         raise ValueError(f"laplaces, features_val and flops must have the same length K, got "
                          f"{len(laplaces)}, {len(features_val)}, {len(flops)}")
+    if generator is None:  # a private stream, so that each exit's predictive can replay its search's draws
+        generator = torch.Generator(device=features_val[0].device).manual_seed(int(torch.randint(2 ** 62, (1,))))
     tuned: list[KFACLaplace] = []
     weighted_sum, weight_total = 0.0, 0.0  # running sum_m w_m p_m over the exits already fixed
     for laplace, features, exit_flops in zip(laplaces, features_val, flops):
-        best, best_probs, best_nll = laplace, None, math.inf
-        for candidate, probs in laplace.grid_predictive(features, temperatures, prior_variances, n_samples, link,
-                                                        generator):
+        def ensemble_nll(probs: Tensor) -> Tensor:
             ensemble = (weighted_sum + exit_flops * probs) / (weight_total + exit_flops)  # (N, c)
-            nll = float(-ensemble.gather(1, y_val[:, None]).clamp(min=1e-12).log().mean())
-            if nll < best_nll:
-                best, best_probs, best_nll = candidate, probs, nll
+            return -ensemble.gather(1, y_val[:, None]).clamp(min=1e-12).log().mean()
+
+        start = generator.get_state()
+        best = tune_laplace(laplace, features, y_val, prior_variances, n_samples, link, generator, ensemble_nll)
+        generator.set_state(start)
+        probs = best.predict(features, n_samples, link, generator)  # (N, c): the search's draws
         tuned.append(best)
-        weighted_sum, weight_total = weighted_sum + exit_flops * best_probs, weight_total + exit_flops
+        weighted_sum, weight_total = weighted_sum + exit_flops * probs, weight_total + exit_flops
     return tuned
 
 
@@ -674,19 +695,13 @@ def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: f
     Start at ``tau = 1`` everywhere; exit by exit, raise ``tau_t`` by ``step`` while the marginal coverage
     stays ``>= 1 - alpha`` at all exits; undo the step that broke it. Every evaluation replays the same
     random stream, so a repeat of ``avcs_sets`` with an identically seeded generator reproduces the tuned
-    coverage. The sets depend on ``tau_t`` only through exit ``t``'s support ``{z >= tau_t}``, so a step that
-    passes none of exit ``t``'s logits keeps the coverage already checked and is not evaluated again: the walk
-    costs one evaluation per step that passes a logit, not one per step up to the largest logit.
-    Jazbec et al. (UAI 2024), appendix (their notebook tunes on test; use a held-out split).
-    Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,).
+    coverage. Jazbec et al. (UAI 2024), appendix (their notebook tunes on test; use a held-out split).
+    Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,). Copy it with :func:`avcs_sets`.
     """
-    if not step > 0:
-        raise ValueError(f"step must be > 0, got {step}")
     if logits.dim() != 3 or y.shape != logits.shape[1:2]:
         raise ValueError(f"logits (K, N, c) and y (N,) expected, got {tuple(logits.shape)} and {tuple(y.shape)}")
     if generator is None:
-        generator = torch.Generator(device=logits.device)
-        generator.manual_seed(int(torch.randint(2 ** 62, (1,))))
+        generator = torch.Generator(device=logits.device).manual_seed(int(torch.randint(2 ** 62, (1,))))
     start_state = generator.get_state()
     labels = y[None, :, None].expand(logits.shape[0], -1, 1)  # (K, N, 1)
 
@@ -696,28 +711,14 @@ def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: f
         coverage = sets.gather(-1, labels).squeeze(-1).double().mean(-1)  # (K,)
         return bool((coverage >= 1.0 - alpha).all())
 
-    thresholds = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
-    ceiling = float(logits.max()) + step  # above every logit every set is empty: the loop must stop there
-    known_to_cover = False  # the start is never evaluated: its first step is
+    thresholds = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)  # (K,)
+    ceiling = float(logits.max()) + step  # above every logit every set is empty: the walk must stop there
     for t in range(logits.shape[0]):
-        exit_logits = torch.unique(logits[t].double()).tolist()  # sorted: the values where exit t's support changes
-        tau, next_logit = float(thresholds[t]), 0  # exit_logits[next_logit] is the first logit >= tau
-        while tau < ceiling:
-            raised = tau + step  # Python floats are IEEE doubles: the same grid as adding step to the tensor
-            while next_logit < len(exit_logits) and exit_logits[next_logit] < tau:
-                next_logit += 1
-            passes_a_logit = next_logit < len(exit_logits) and exit_logits[next_logit] < raised
-            if known_to_cover and not passes_a_logit:  # the same sets as at tau
-                tau = raised
-                continue
-            thresholds[t] = raised
+        while float(thresholds[t]) < ceiling:
+            thresholds[t] += step
             if not covers(thresholds):
-                thresholds[t] = raised - step  # back to the sets at tau, unless the subtraction rounds elsewhere
-                known_to_cover = known_to_cover and raised - step == tau
+                thresholds[t] -= step
                 break
-            tau, known_to_cover = raised, True
-        else:
-            thresholds[t] = tau
     generator.set_state(start_state)
     return thresholds
 
@@ -1078,23 +1079,21 @@ class EarlyExitNet(nn.Module):
         self.exit_flops = [self.pass_flops(range(k + 1)) for k in range(len(self.heads))]
 
     def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None,
-                         float32_heads: Union[bool, Sequence[int]] = False) -> list[Tensor]:
+                         float32_heads: bool = False) -> list[Tensor]:
         """Features (N, p_k) of every exit, or of ``exits`` only: stages past the last one asked for are skipped
         (a readout pass costs one stage and one head). ``float32_heads=True`` runs the heads in float32 on
         float32 stage outputs even under bf16 autocast (the backbone stays bf16), so that the calibration
-        figures, the exits' Laplace fits and the sets do not read bf16's 3 significant digits; a list of exits
-        runs those heads in float32 and the others under the autocast. (train.py's per-epoch readout passes for
-        the weights use bf16 heads: measured, they move the weights by less than 2%.)"""
+        figures, the exits' Laplace fits and the sets do not read bf16's 3 significant digits. (train.py's
+        per-epoch readout passes for the weights use bf16 heads: measured, they move the weights by less than 2%.)"""
         last = len(self.heads) - 1
         wanted = self._exit_set(exits)
-        in_float32 = wanted if float32_heads is True else self._exit_set(float32_heads or ())
         features, h = {}, x
         for k, modules in enumerate(self.backbone.stage_modules()[:max(wanted) + 1]):
             for module in modules:
                 h = module(h)
             if k in wanted:
                 head_input = h.detach() if self.detach_exits and k < last else h
-                if k in in_float32:
+                if float32_heads:
                     with torch.autocast(x.device.type, enabled=False):
                         features[k] = self.heads[k].features(head_input.float())  # (N, p_k) float32
                 else:
@@ -1733,13 +1732,12 @@ def batch_images(split: Split, index: Union[Tensor, slice], device: torch.device
 @torch.no_grad()
 def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std: Sequence[float],
                   device: torch.device, batch_size: int = 256, exits: Optional[Sequence[int]] = None,
-                  amp: bool = False, float32_heads: Union[bool, Sequence[int]] = True) -> tuple[Tensor, list[Tensor]]:
+                  amp: bool = False, float32_heads: bool = True) -> tuple[Tensor, list[Tensor]]:
     """One eval-mode pass over ``split``: logits (K', N, c) float32 and features [(N, p_k)] float32 of the
     exits in ``exits`` (default all), on ``device``. BatchNorm uses running statistics (``model.eval()``).
     With ``amp`` the backbone runs under bf16 autocast in channels_last and every head in float32 (see
-    ``forward_features``), or, with ``float32_heads=False``, the heads' convolutions in bf16 too, or with a list
-    of exits, those exits' heads in float32 and the others' in bf16 (pooled features are returned in float32;
-    the linear layers always run in float32)."""
+    ``forward_features``), or, with ``float32_heads=False``, the heads' convolutions in bf16 too (pooled features
+    are returned in float32; the linear layers always run in float32)."""
     was_training = model.training
     model.eval()
     exits = list(range(len(model.heads))) if exits is None else list(exits)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -341,6 +342,10 @@ def lr_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> li
     return lines
 
 
+# the edges of Meronen et al. (2024)'s validation grids: a tuned value on or beyond them is one those grids censor
+GRID_EDGES = {"T": (0.3, 3.0), "sigma2": (0.5, 4.0)}
+
+
 DATA_SIZE_PREDICTION = """\
 Prediction, written before the runs. The readout's posterior covariance of the logits is (φ̃ᵀVφ̃)·U with
 U = (√N G + √τ I)⁻¹ and V = (√N A + √τ I)⁻¹, so at a fixed fit its standard deviation falls like 1/√N: from the
@@ -414,26 +419,35 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
             paired = [worst_group_on_test(r) - worst_group_on_test(base[r["seed"]]) for r in runs[w, n] if r["seed"] in base]
             lines.append(f"| {n} | {w} − dedier-ts | " + " | ".join(paired_cells(paired)) + " |")
     # the measurement against the prediction above, computed from these runs
-    import kdlaplace as K  # the readout's tuning grids
     sizes = [n for n in sizes if runs["laplace", n]]
     if not sizes:
         return lines
     std = {n: statistics.mean(epoch_median(r, "posterior_logit_std_median") for r in runs["laplace", n]) for n in sizes}
     largest = max(sizes)
     lines += ["", "Measured against the prediction (laplace): the median posterior logit std on the training inputs "
-                  f"(mean over seeds) and its ratio to N = {largest}'s, beside the ratios 1/√N and 1/N^(1/4) predict.",
-              "", f"| N train | logit std | ratio to N = {largest} | (N/{largest})^(-1/2) | (N/{largest})^(-1/4) | "
-                  "lowest weight correlation, any epoch | between-group CV of φ̃ᵀVφ̃ | epochs with T / σ² on the "
-                  "grid's edge |", "|---|---|---|---|---|---|---|---|"]
+                  f"(mean over seeds) and its ratio to N = {largest}'s, beside the ratios 1/√N and 1/N^(1/4) predict; "
+                  "the median tuned T and σ² over all reweighted epochs, and the share of those epochs whose choice "
+                  "lies on or beyond the edges of Meronen et al.'s grids (T 0.3–3.0, σ² 0.5–4.0), which would have "
+                  "censored it.", "", f"| N train | logit std | ratio to N = {largest} | (N/{largest})^(-1/2) | "
+                  f"(N/{largest})^(-1/4) | lowest weight correlation, any epoch | between-group CV of φ̃ᵀVφ̃ | "
+                  "median T dedier-ts / laplace, σ² | beyond the grids: T dedier-ts / laplace, σ² |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
-        epochs = [e for r in runs["laplace", n] for e in r["epochs"]]
+        epochs = [e for r in runs["laplace", n] for e in r["epochs"] if e.get("readout_temperature") is not None]
+        ts_epochs = [e for r in runs["dedier-ts", n] for e in r["epochs"] if e.get("readout_temperature") is not None]
         lowest = min(e["weight_corr_temperature"] for e in epochs if e.get("weight_corr_temperature") is not None)
-        on_edge = lambda key, grid: sum(e[key] in (min(grid), max(grid)) for e in epochs) / len(epochs)
+        medians = [statistics.median(e[key] for e in chosen) if chosen else math.nan
+                   for chosen, key in ((ts_epochs, "readout_temperature"), (epochs, "readout_temperature"),
+                                       (epochs, "readout_prior_variance"))]
+        beyond = [sum(not low < e[key] < high for e in chosen) / len(chosen) if chosen else math.nan
+                  for chosen, key, (low, high) in ((ts_epochs, "readout_temperature", GRID_EDGES["T"]),
+                                                   (epochs, "readout_temperature", GRID_EDGES["T"]),
+                                                   (epochs, "readout_prior_variance", GRID_EDGES["sigma2"]))]
         lines.append(f"| {n} | {std[n]:.3f} | {std[n] / std[largest]:.2f} | {(n / largest) ** -0.5:.2f} | "
                      f"{(n / largest) ** -0.25:.2f} | {lowest:.4f} | "
                      f"{mean_of([epoch_median(r, 'posterior_variance_group_cv') for r in runs['laplace', n]], 2)} | "
-                     f"{100 * on_edge('readout_temperature', K.KFACLaplace.TEMPERATURE_GRID):.0f}% / "
-                     f"{100 * on_edge('readout_prior_variance', K.KFACLaplace.PRIOR_VARIANCE_GRID):.0f}% |")
+                     f"{medians[0]:.2f} / {medians[1]:.2f}, {medians[2]:.3g} | "
+                     f"{100 * beyond[0]:.0f}% / {100 * beyond[1]:.0f}%, {100 * beyond[2]:.0f}% |")
     return lines
 
 
@@ -495,6 +509,17 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
             values = lambda key: [r["exits"][k][method][key] for r in runs]
             lines.append(f"| {k} | {runs[0]['exits'][k]['flops'] / 1e9:.4f} | {method} | {cell(values('top1'))} | "
                          f"{cell(values('top5'))} | {cell(values('nlpd'), 1.0, 3)} | {cell(values('ece'))} |")
+    lines += ["", "Each exit's tuned Laplace (T, σ²): median [lowest, highest] over the seeds, and in how many seeds "
+                  "the choice lies on or beyond the edges of Meronen et al.'s grids (T 0.3–3.0, σ² 0.5–4.0).", "",
+              "| exit | T | σ² | beyond the grids |", "|---|---|---|---|"]
+    for k in range(n_exits):
+        temperatures = [r["exits"][k]["laplace"]["temperature"] for r in runs]
+        variances = [1.0 / r["exits"][k]["laplace"]["prior_precision"] for r in runs]
+        beyond = sum(not (GRID_EDGES["T"][0] < t < GRID_EDGES["T"][1] and GRID_EDGES["sigma2"][0] < v < GRID_EDGES["sigma2"][1])
+                     for t, v in zip(temperatures, variances))
+        lines.append(f"| {k} | {statistics.median(temperatures):.2f} [{min(temperatures):.2f}, {max(temperatures):.2f}] | "
+                     f"{statistics.median(variances):.3g} [{min(variances):.3g}, {max(variances):.3g}] | "
+                     f"{beyond} of {len(runs)} |")
     claims = []
     lowest = [k for k in range(n_exits) if min(EXIT_METHODS, key=lambda m: mean(r["exits"][k][m]["ece"] for r in runs))
               == "MIE+Laplace"]

@@ -240,12 +240,11 @@ def test_probit_agrees_with_large_sample_mc_and_no_sample_predict_is_determinist
     torch.testing.assert_close(laplace.predict(features[:10], 50, generator=seeded(10)), by_hand)
 
 
-@pytest.mark.parametrize("n_classes", [3, 20])  # classes first (c < 16) and last: the two layouts of the kernel
-def test_mc_softmax_mean_matches_a_loop_over_samples_in_both_layouts(n_classes):
+@pytest.mark.parametrize("n_classes", [3, 20])
+def test_mc_softmax_mean_matches_a_loop_over_samples(n_classes):
     generator = seeded(21)
-    n_inputs = 30000 if n_classes == 3 else 300  # 30000 > one block (2^22 / (S c)): the blocking is covered too
-    mean = 3 * torch.randn(n_inputs, n_classes, generator=generator, dtype=f64)  # (N, c)
-    scale = torch.rand(n_inputs, generator=generator, dtype=f64)  # (N,)
+    mean = 3 * torch.randn(300, n_classes, generator=generator, dtype=f64)  # (N, c)
+    scale = torch.rand(300, generator=generator, dtype=f64)  # (N,)
     directions = torch.randn(50, n_classes, generator=generator, dtype=f64)  # (S, c)
     by_hand = [torch.log_softmax((mean + scale.sqrt()[:, None] * d) / 1.7, -1) for d in directions]  # S x (N, c)
     expected = torch.stack(by_hand).exp().mean(0)  # (N, c)
@@ -253,52 +252,6 @@ def test_mc_softmax_mean_matches_a_loop_over_samples_in_both_layouts(n_classes):
                                rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(K.KFACLaplace.mc_softmax_mean(mean, scale, directions, 1.7, log=True),
                                torch.logsumexp(torch.stack(by_hand), 0) - math.log(50), rtol=1e-12, atol=1e-12)
-    # a grid of temperatures shares the sampled logits: each one is the loop over samples at its own T
-    for dtype, tolerance in ((f64, 1e-12), (torch.float32, 1e-5)):
-        grid = K.KFACLaplace.mc_softmax_means(mean.to(dtype), scale.to(dtype), directions.to(dtype),
-                                              (0.3, 1.7, 3.0))  # (3, N, c)
-        log_grid = K.KFACLaplace.mc_softmax_means(mean.to(dtype), scale.to(dtype), directions.to(dtype),
-                                                  (0.3, 1.7, 3.0), log=True)  # (3, N, c)
-        for probs, log_probs, temperature in zip(grid, log_grid, (0.3, 1.7, 3.0)):
-            loop = torch.stack([torch.log_softmax((mean + scale.sqrt()[:, None] * d) / temperature, -1)
-                                for d in directions])  # (S, N, c), float64
-            torch.testing.assert_close(probs.double(), loop.exp().mean(0), rtol=tolerance, atol=tolerance)
-            torch.testing.assert_close(log_probs.double(), torch.logsumexp(loop, 0) - math.log(50),
-                                       rtol=tolerance, atol=tolerance)
-
-
-def test_huge_prior_collapses_to_the_map_softmax():
-    features, weight, bias, _ = random_head(seed=11)
-    laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=1e12, temperature=2.0)
-    expected = torch.softmax((features @ weight.T + bias) / 2.0, -1)
-    torch.testing.assert_close(laplace.predict(features, 10, generator=seeded(0)), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(laplace.predict(features, link="probit"), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_laplace_edge_cases_two_classes_and_fewer_samples_than_features():
-    features, weight, bias, _ = random_head(n=5, p=20, c=2, seed=12)  # rank-1 G, singular A
-    laplace = K.KFACLaplace.fit(features, weight, bias)
-    _, U, V = dense_posterior(features, weight, bias, 1.0)
-    module_U, module_V = laplace.factors()
-    torch.testing.assert_close(module_U, U, rtol=1e-9, atol=1e-12)  # the damping makes both invertible
-    torch.testing.assert_close(module_V, V, rtol=1e-9, atol=1e-12)
-    probs = laplace.predict(features, link="probit")
-    torch.testing.assert_close(probs, reference_predictive(features, torch.cat([weight, bias[:, None]], 1), U, V, 1.0))
-    # without a bias: phi~ = phi, A = F^T F / N
-    no_bias = K.KFACLaplace.fit(features, weight, None)
-    torch.testing.assert_close(no_bias.A, sum(torch.outer(row, row) for row in features) / 5)
-    assert no_bias.weight.shape == (2, 20)
-
-
-def test_laplace_rejects_bad_input():
-    features, weight, bias, _ = random_head()
-    with pytest.raises(ValueError, match="share p"):
-        K.KFACLaplace.fit(features[:, :3], weight, bias)
-    laplace = K.KFACLaplace.fit(features, weight, bias)
-    with pytest.raises(ValueError, match="features must have shape"):
-        laplace.predict(features[:, :2])
-    with pytest.raises(ValueError, match="link"):  # an unknown link would silently be the MC one
-        laplace.predict(features, link="laplace")
 
 
 def dense_posterior(features, weight, bias, prior_precision):
@@ -315,7 +268,8 @@ def dense_posterior(features, weight, bias, prior_precision):
 
 
 def reference_predictive(features, weight_tilde, U, V, temperature, normal=None):
-    """Probit (normal=None) or MC predictive by an explicit loop over inputs and samples, float64."""
+    """Probit (normal=None) or MC predictive by an explicit loop over inputs and samples, float64: (N, c), or
+    (N, G, c) for a column of temperatures ``temperature`` (G, 1)."""
     out = []
     for phi in torch.cat([features, torch.ones(features.shape[0], 1, dtype=f64)], 1):
         mean, v = weight_tilde @ phi, float(phi @ V @ phi)
@@ -328,56 +282,84 @@ def reference_predictive(features, weight_tilde, U, V, temperature, normal=None)
     return torch.stack(out)
 
 
-def test_tune_laplace_picks_the_grid_minimum_without_refit():
+FINE_TEMPERATURES = torch.logspace(-2, 2, 801, dtype=f64)  # 0.01 .. 100, 1.2% apart
+
+
+def brute_force_tuning(nll_at, prior_variances):
+    """(T, sigma^2) by brute force: ``nll_at(sigma^2)`` gives the NLL (G,) on FINE_TEMPERATURES; sigma^2 on
+    ``prior_variances``, doubled past the top (halved below the bottom) while the best sits there, in 1e-4 .. 1e4."""
+    best = {}
+    for v in prior_variances:
+        nll = nll_at(v)
+        best[v] = (float(nll.min()), float(FINE_TEMPERATURES[int(nll.argmin())]))
+    while True:
+        v = min(best, key=lambda key: best[key][0])
+        if v == max(best) and v * 2 <= 1e4:
+            best[v * 2] = (lambda nll: (float(nll.min()), float(FINE_TEMPERATURES[int(nll.argmin())])))(nll_at(v * 2))
+        elif v == min(best) and v / 2 >= 1e-4:
+            best[v / 2] = (lambda nll: (float(nll.min()), float(FINE_TEMPERATURES[int(nll.argmin())])))(nll_at(v / 2))
+        else:
+            return best[v][1], v
+
+
+def test_tune_laplace_equals_a_brute_force_search_without_refit():
     features, weight, bias, y = random_head(n=200, p=5, c=3, seed=13)
     y = (features @ weight.T + bias + 1.5 * torch.randn(200, 3, generator=seeded(14), dtype=f64)).argmax(-1)
     laplace = K.KFACLaplace.fit(features[:100], weight, bias)
-    temperatures, variances = (0.5, 1.0, 2.0), (0.5, 2.0)
     val, y_val = features[100:], y[100:]
     for link in ("probit", "mc"):
-        tuned = K.tune_laplace(laplace, val, y_val, temperatures, variances, n_samples=20, link=link,
-                               generator=seeded(0))
+        tuned = K.tune_laplace(laplace, val, y_val, (0.5, 2.0), n_samples=20, link=link, generator=seeded(0))
         assert tuned.A is laplace.A  # a copy sharing the fitted factors
-        normal = None if link == "probit" else torch.randn(20, 3, generator=seeded(0), dtype=f64)  # the grid's draws
-        grid = {}
-        for v in variances:
-            weight_tilde, U, V = dense_posterior(features[:100], weight, bias, 1 / v)
-            for t in temperatures:
-                probs = reference_predictive(val, weight_tilde, U, V, t, normal)
-                grid[(t, v)] = float(-torch.log(probs[torch.arange(100), y_val]).mean())
-        best = min(grid, key=grid.get)
-        assert sorted(grid.values())[1] - grid[best] > 1e-6  # a unique minimum: the comparison can fail
-        assert (tuned.temperature, tuned.prior_precision) == (best[0], 1 / best[1]), link
+        normal = None if link == "probit" else torch.randn(20, 3, generator=seeded(0), dtype=f64)  # the search's draws
+
+        def nll_at(v):
+            probs = reference_predictive(val, *dense_posterior(features[:100], weight, bias, 1 / v),
+                                         FINE_TEMPERATURES[:, None], normal)  # (N, G, c)
+            return -probs[torch.arange(100), :, y_val].log().mean(0)  # (G,)
+        temperature, variance = brute_force_tuning(nll_at, (0.5, 2.0))
+        assert 1 / tuned.prior_precision == pytest.approx(variance, rel=1e-12), link
+        assert tuned.temperature == pytest.approx(temperature, rel=0.012), link  # within the fine grid's step
+    assert variance not in (0.5, 2.0)  # the grid grew past its edge
 
 
-def test_tune_temperature_is_the_grid_minimum_of_softmax_nll():
+def test_tune_temperature_equals_a_fine_grid_search_beyond_the_old_grid():
     g = seeded(41)
     logits = 4 * torch.randn(300, 3, generator=g, dtype=f64)
-    y = (logits + 3 * torch.randn(300, 3, generator=g, dtype=f64)).argmax(-1)  # overconfident logits
-    grid = (0.3, 0.5, 1.0, 2.0, 3.0)
-    nll = {t: -sum(math.log(math.exp(z[k] / t) / sum(math.exp(v / t) for v in z))
-                   for z, k in zip(logits.tolist(), y.tolist())) / 300 for t in grid}
-    assert K.tune_temperature(logits.float(), y, grid) == min(nll, key=nll.get) > 1.0
+    y = (0.15 * logits + torch.randn(300, 3, generator=g, dtype=f64)).argmax(-1)  # overconfident logits: T > 3
+    grid = torch.logspace(math.log10(1.0), math.log10(30.0), 20001, dtype=f64)  # 1 .. 30, 0.017% apart
+    exp = torch.exp(logits[None] / grid[:, None, None])  # (G, N, c)
+    nll = -torch.log(exp[:, torch.arange(300), y] / exp.sum(-1)).mean(1)  # (G,) by hand
+    best = float(grid[int(nll.argmin())])
+    assert best > 3.0  # outside Meronen et al.'s grid 0.3 .. 3.0
+    assert K.tune_temperature(logits.float(), y) == pytest.approx(best, rel=1e-3)
+    assert K.tune_temperature(logits, y) == pytest.approx(best, rel=1e-3)
+
+
+def test_minimise_unimodal_finds_interior_and_end_minima():
+    assert K.minimise_unimodal(lambda x: (x - 0.3) ** 2, -2.0, 5.0, 1e-8) == pytest.approx(0.3, abs=1e-7)
+    assert K.minimise_unimodal(lambda x: abs(x - 1.7), 0.0, 2.0, 1e-8) == pytest.approx(1.7, abs=1e-7)
+    assert K.minimise_unimodal(lambda x: x, 1.0, 4.0, 1e-8) == pytest.approx(1.0, abs=1e-7)  # at an end
+    assert K.minimise_unimodal(lambda x: -x, 1.0, 4.0, 1e-8) == pytest.approx(4.0, abs=1e-7)
 
 
 def test_tune_laplace_ensemble_is_greedy_exit_by_exit():
     features, weight, bias, y = random_head(n=120, p=5, c=3, seed=15)
     laplaces = [K.KFACLaplace.fit(features, weight, bias), K.KFACLaplace.fit(features, 0.5 * weight, bias)]
-    grid = (0.5, 1.0, 2.0)
-    tuned = K.tune_laplace_ensemble(laplaces, [features, features], y, [1.0, 3.0], grid, (1.0,), link="probit")
-    # by hand: each exit's probit predictive from its dense posterior; exit 0 alone picks its T, then exit 1 the T
-    # that minimises the NLL of the FLOP-weighted mixture (p_0 + 3 p_1) / 4 with exit 0 fixed
-    posteriors = [dense_posterior(features, scale * weight, bias, 1.0) for scale in (1.0, 0.5)]
-    predictive = lambda k, t: reference_predictive(features, *posteriors[k], t)  # (N, c)
-    nll = lambda probs: float(-probs[torch.arange(len(y)), y].log().mean())
-    first = min(grid, key=lambda t: nll(predictive(0, t)))
-    second = min(grid, key=lambda t: nll((predictive(0, first) + 3 * predictive(1, t)) / 4))
-    assert (tuned[0].temperature, tuned[1].temperature) == (first, second)
+    tuned = K.tune_laplace_ensemble(laplaces, [features, features], y, [1.0, 3.0], (1.0,), link="probit")
+    # by brute force: each exit's probit predictive from its dense posterior; exit 0 alone picks its (T, sigma^2),
+    # then exit 1 the pair that minimises the NLL of the FLOP-weighted mixture (p_0 + 3 p_1) / 4, exit 0 fixed
+    def predictive(k, v, temperatures):
+        return reference_predictive(features, *dense_posterior(features, (1.0, 0.5)[k] * weight, bias, 1 / v),
+                                    temperatures)
+    nll = lambda probs: -probs[torch.arange(len(y)), ..., y].log().mean(0)  # noqa: E731
+    first_t, first_v = brute_force_tuning(lambda v: nll(predictive(0, v, FINE_TEMPERATURES[:, None])), (1.0,))
+    fixed = predictive(0, first_v, first_t)[:, None]  # (N, 1, c)
+    second_t, second_v = brute_force_tuning(lambda v: nll((fixed + 3 * predictive(1, v, FINE_TEMPERATURES[:, None])) / 4),
+                                            (1.0,))
+    assert 1 / tuned[0].prior_precision == first_v and 1 / tuned[1].prior_precision == second_v
+    assert tuned[0].temperature == pytest.approx(first_t, rel=0.012)
+    assert tuned[1].temperature == pytest.approx(second_t, rel=0.012)
 
-
-# ──────────────────────────────────────────────────────────────────────────────
-# Ensembles and budgeted exits
-# ──────────────────────────────────────────────────────────────────────────────
 
 def test_mie_ensemble_hand_worked():
     probs = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.5, 0.5]]], dtype=f64)  # (K=3, N=1, c=2)
@@ -518,34 +500,6 @@ def test_tune_avcs_thresholds_reaches_coverage_on_its_data():
         raised[t] += 0.5
         coverage = K.set_metrics(K.avcs_sets(logits, raised, alpha=alpha, generator=seeded(24)), y)["coverage"]
         assert (coverage < 1 - alpha).any() or raised[t] >= logits.max()
-
-
-def test_tune_avcs_thresholds_equals_the_walk_that_evaluates_every_step():
-    def every_step(logits, y, alpha, step, seed):  # the plain walk: one coverage evaluation per step
-        labels = y[None, :, None].expand(logits.shape[0], -1, 1)
-
-        def covers(thresholds):
-            sets = K.avcs_sets(logits, thresholds, alpha, generator=seeded(seed))
-            return bool((sets.gather(-1, labels).squeeze(-1).double().mean(-1) >= 1 - alpha).all())
-        thresholds = torch.ones(logits.shape[0], dtype=f64)
-        ceiling = float(logits.max()) + step
-        for t in range(logits.shape[0]):
-            while thresholds[t] < ceiling:
-                thresholds[t] += step
-                if not covers(thresholds):
-                    thresholds[t] -= step
-                    break
-        return thresholds
-    g = seeded(25)
-    for case, (alpha, step, scale, peak) in enumerate([(0.1, 0.5, 1.5, 6.0), (0.2, 0.3, 1.0, 3.0), (0.05, 0.7, 2.0, 9.0),
-                                                        (0.3, 0.5, 0.5, 1.0)]):
-        y = torch.randint(0, 6, (60,), generator=g)
-        logits = scale * torch.randn(3, 60, 6, generator=g, dtype=f64)
-        logits[:, torch.arange(60), y] += peak
-        logits[2, 0, y[0]] = 40.0  # one far logit: the plain walk evaluates every step up to it
-        expected = every_step(logits, y, alpha, step, 30 + case)
-        got = K.tune_avcs_thresholds(logits, y, alpha, step, generator=seeded(30 + case))
-        assert torch.equal(got, expected), (case, got, expected)
 
 
 def test_avcs_rejects_bad_input():
@@ -808,7 +762,7 @@ def copied(name, units):
         if unit not in needed:
             needed.append(unit)
             queue.extend(units[unit][1])
-    for unit in reversed(needed):  # dependencies first
+    for unit in sorted(needed, key=list(units).index):  # in the module's order: dependencies first
         exec(compile("from __future__ import annotations\n" + units[unit][0], f"<copy of {unit}>", "exec"), namespace)
     return type("Copy", (), {k: staticmethod(v) if callable(v) and not isinstance(v, type) else v
                              for k, v in namespace.items()})
@@ -837,6 +791,7 @@ def unit_examples():
                                                      torch.full((4,), 0.25, dtype=f64), 0.1),
         "early_exit_loss": lambda m: m.early_exit_loss(list(logits), y[:8]),
         "KFACLaplace": lambda m: laplace(m).predict(features[:5], 20, generator=seeded(45)),
+        "minimise_unimodal": lambda m: m.minimise_unimodal(lambda x: (x - 0.3) ** 2, -1.0, 2.0),
         "tune_temperature": lambda m: m.tune_temperature(logits[0], y[:8]),
         "tune_laplace": lambda m: m.tune_laplace(laplace(m), features, y, n_samples=10, generator=seeded(46)).temperature,
         "tune_laplace_marglik": lambda m: m.tune_laplace_marglik(laplace(m)).prior_precision,
@@ -1004,14 +959,13 @@ def test_predict_split_runs_heads_in_float32_under_cpu_bf16_autocast():
     torch.testing.assert_close(features_bf16[0].double(), expected_features, rtol=0.05, atol=0.05)
     torch.testing.assert_close(logits_bf16[0], head.linear.float()(features_bf16[0]), rtol=1e-5, atol=1e-6)
     assert not torch.equal(features_bf16[0], features[0])
-    # a list of exits (train.py's validation pass): those heads in float32, the others in bf16, each bit for bit
-    # as in a pass of its own, in the order asked for
-    mixed_logits, mixed_features = K.predict_split(model, data.val, data.mean, data.std, torch.device("cpu"),
-                                                   exits=[2, 0], amp=True, float32_heads=[2])
+    # two exits in one pass (train.py's validation pass), in the order asked for: each bit for bit as alone
+    both_logits, both_features = K.predict_split(model, data.val, data.mean, data.std, torch.device("cpu"),
+                                                 exits=[2, 0], amp=True)
     last_logits, last_features = K.predict_split(model, data.val, data.mean, data.std, torch.device("cpu"),
                                                  exits=[2], amp=True)
-    assert torch.equal(mixed_logits[0], last_logits[0]) and torch.equal(mixed_features[0], last_features[0])
-    assert torch.equal(mixed_logits[1], logits_bf16[0]) and torch.equal(mixed_features[1], features_bf16[0])
+    assert torch.equal(both_logits[0], last_logits[0]) and torch.equal(both_features[0], last_features[0])
+    assert torch.equal(both_logits[1], logits[0]) and torch.equal(both_features[1], features[0])
 
 
 def test_detached_exits_leave_the_backbone_gradients_untouched():
@@ -1390,7 +1344,7 @@ def test_eval_reports_every_exit_and_the_budget_curve(tiny_runs, tmp_path):
         assert "pip install matplotlib" in result.stderr
 
 
-MERONEN_GRID = ((0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0), (0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0))
+MERONEN_PRIOR_VARIANCES = (0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0)
 
 
 def tiny_setup(*flags: str):
@@ -1428,8 +1382,7 @@ def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
     cfg, data, splits = tiny_setup("--weighting", weighting, "--alpha", "0.7", "--beta", "1.5")
     torch.manual_seed(4)
     student = train.new_model(cfg, "student", data, torch.device("cpu"))
-    pass_logits, pass_features = train.readout_pass(cfg, student, splits, data, torch.device("cpu"), "val",
-                                                     float32_heads=False)  # as in train_phase's validation pass
+    pass_logits, pass_features = train.readout_pass(cfg, student, splits, data, torch.device("cpu"), "val")
     weights, info = train.readout_weights(cfg, student, splits, data, torch.device("cpu"), 3, pass_logits, pass_features)
     features, linear = exit_features_float64(student, 0, data.train, data)
     logits = linear(features).detach()  # (N, 2)
@@ -1438,9 +1391,9 @@ def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
     if weighting == "dedier":
         probs = torch.softmax(logits, -1)
     elif weighting == "dedier-ts":
-        nll = {t: float(-torch.log_softmax(val_logits / t, -1)[torch.arange(len(data.val)), data.val.labels].mean())
-               for t in MERONEN_GRID[0]}
-        assert info["readout_temperature"] == min(nll, key=nll.get)
+        nll = -torch.log_softmax(val_logits / FINE_TEMPERATURES[:, None, None], -1)[
+            :, torch.arange(len(data.val)), data.val.labels].mean(1)  # (G,)
+        assert info["readout_temperature"] == pytest.approx(float(FINE_TEMPERATURES[int(nll.argmin())]), rel=0.012)
         probs = torch.softmax(logits / info["readout_temperature"], -1)
     elif weighting == "laplace-cv":  # fold k = samples n with n mod 5 = k, its posterior fit on the others
         draws = seeded(cfg.seed * train.SEED_STRIDE + 3)
@@ -1496,16 +1449,14 @@ def test_laplace_teacher_targets_match_a_hand_computation():
     val_features, _ = exit_features_float64(teacher, last, data.val, data)
     view_features, _ = exit_features_float64(teacher, last, data.train, data, flips)
     weight, bias = linear.weight.detach(), linear.bias.detach()
-    best, best_nll = None, math.inf
-    for variance in MERONEN_GRID[1]:  # the probit grid search, written out
-        weight_tilde, U, V = dense_posterior(train_features, weight, bias, 1 / variance)
-        for temperature in MERONEN_GRID[0]:
-            probs = reference_predictive(val_features, weight_tilde, U, V, temperature)
-            nll = float(-torch.log(probs[torch.arange(len(data.val)), data.val.labels]).mean())
-            if nll < best_nll:
-                best, best_nll = (weight_tilde, U, V, temperature), nll
-    expected = torch.log(reference_predictive(view_features, *best))
-    torch.testing.assert_close(log_p.double(), expected, rtol=1e-4, atol=1e-5)
+    def nll_at(v):  # the probit predictive on val at every fine temperature, from the dense posterior
+        probs = reference_predictive(val_features, *dense_posterior(train_features, weight, bias, 1 / v),
+                                     FINE_TEMPERATURES[:, None])  # (N, G, c)
+        return -probs[torch.arange(len(data.val)), :, data.val.labels].log().mean(0)  # (G,)
+    temperature, variance = brute_force_tuning(nll_at, MERONEN_PRIOR_VARIANCES)
+    expected = torch.log(reference_predictive(view_features, *dense_posterior(train_features, weight, bias, 1 / variance),
+                                              temperature))
+    torch.testing.assert_close(log_p.double(), expected, rtol=0, atol=2e-3)  # T within the fine grid's step
 
 
 def test_softmax_teacher_targets_are_the_last_exit_logits_of_each_view():

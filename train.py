@@ -393,14 +393,13 @@ def validate_and_reweight(cfg: Config, role: str, model: K.EarlyExitNet, splits:
                           device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
     """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student after
     an epoch where (epoch - 1) % --reweight-every == 0, the readout's sample weights (N,) for the next epochs with
-    their diagnostics (else None and {}). One validation pass serves both, the last exit's head in float32 and the
-    readout's in bf16 (as in its training-set pass): the stages they share run once."""
+    their diagnostics (else None and {}). One validation pass serves both (heads in float32): the stages they share run
+    once."""
     last_exit = len(model.heads) - 1
     reweight = role == "student" and cfg.weighting != "none" and (epoch - 1) % cfg.reweight_every == 0
     val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device,
                                                exits=[last_exit, cfg.readout_exit] if reweight else [last_exit],
-                                               amp=K.run_uses_bf16(vars(cfg), device),
-                                               float32_heads=[last_exit])  # (K', N_val, c), K' x (N_val, p)
+                                               amp=K.run_uses_bf16(vars(cfg), device))  # (K', N_val, c), K' x (N_val, p)
     metrics = accuracy_metrics(val_logits[0].argmax(-1), splits["val"], data)
     if not reweight:
         return metrics, None, {}
