@@ -211,7 +211,7 @@ def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.Spuriou
                      "macs_ratio": macs[1] / macs[0],
                      "bound_ratio": seconds / bare_and_tail if bare_and_tail else None})
 
-    def phase_epoch(cfg: train.Config, role: str, model: K.EarlyExitNet, out: str,
+    def phase_epoch(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, out: str,
                     targets: Optional[Callable] = None) -> Callable[[], object]:
         return lambda: train.train_phase(cfg, role, model, data, splits, device, 1, Path(out),
                                          lambda record, epochs: None, {}, targets)
@@ -235,7 +235,7 @@ def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.Spuriou
     configs = {weighting: train.parse_args([*flags, "--weighting", weighting, "--device", device.type])
                for weighting in weightings}
 
-    def tail_of_epoch(cfg_w: train.Config) -> Callable[[], object]:  # what an epoch does after its training loop
+    def tail_of_epoch(cfg_w: argparse.Namespace) -> Callable[[], object]:  # what an epoch does after its training loop
         return lambda: train.validate_and_reweight(cfg_w, "student", student, splits, data, device, 1)
     with tempfile.TemporaryDirectory() as out:
         cases = {"bare": bare_epoch(student, data, splits["train"], device, amp, cfg.batch_size, targets)}

@@ -288,16 +288,16 @@ FINE_TEMPERATURES = torch.logspace(-2, 2, 801, dtype=f64)  # 0.01 .. 100, 1.2% a
 def brute_force_tuning(nll_at, prior_variances):
     """(T, sigma^2) by brute force: ``nll_at(sigma^2)`` gives the NLL (G,) on FINE_TEMPERATURES; sigma^2 on
     ``prior_variances``, doubled past the top (halved below the bottom) while the best sits there, in 1e-4 .. 1e4."""
-    best = {}
-    for v in prior_variances:
+    def best_temperature(v):
         nll = nll_at(v)
-        best[v] = (float(nll.min()), float(FINE_TEMPERATURES[int(nll.argmin())]))
+        return float(nll.min()), float(FINE_TEMPERATURES[int(nll.argmin())])
+    best = {v: best_temperature(v) for v in prior_variances}
     while True:
         v = min(best, key=lambda key: best[key][0])
         if v == max(best) and v * 2 <= 1e4:
-            best[v * 2] = (lambda nll: (float(nll.min()), float(FINE_TEMPERATURES[int(nll.argmin())])))(nll_at(v * 2))
+            best[v * 2] = best_temperature(v * 2)
         elif v == min(best) and v / 2 >= 1e-4:
-            best[v / 2] = (lambda nll: (float(nll.min()), float(FINE_TEMPERATURES[int(nll.argmin())])))(nll_at(v / 2))
+            best[v / 2] = best_temperature(v / 2)
         else:
             return best[v][1], v
 
@@ -524,9 +524,6 @@ def toy_laplaces(prior_precision: float = 1.0):
     features, weight, bias, y = random_head(n=200, p=5, c=4, seed=25)
     laplaces = [K.KFACLaplace.fit(features, s * weight, bias, prior_precision) for s in (0.5, 1.0, 2.0)]
     return laplaces, [features] * 3, y
-
-
-
 
 
 def test_laplace_avcs_matches_explicit_ratio_product():
@@ -1275,8 +1272,7 @@ def tiny_runs(tmp_path_factory):
     results = {}
     for weighting in ("none", "dedier", "dedier-ts", "laplace"):
         teacher = [] if weighting == "none" else ["--teacher", str(root / "none" / "teacher.pt")]
-        extra = ["--teacher-targets", "laplace"] if weighting == "laplace" else []
-        results[weighting] = run_script("train.py", *TINY, "--weighting", weighting, *teacher, *extra,
+        results[weighting] = run_script("train.py", *TINY, "--weighting", weighting, *teacher,
                                         "--out", str(root / weighting))
     return root, results
 
@@ -1303,7 +1299,7 @@ def test_train_smoke_writes_every_output(tiny_runs, weighting):
         assert len(record["upweighted_share"]) == len(record["mean_weight"]) == 4
         assert (record["readout_temperature"] is None) == (weighting == "dedier")
         assert (record["posterior_logit_std"] is not None) == (weighting == "laplace")
-        assert "corr(T)" in result.stdout or record["weight_corr_temperature"] is None
+        assert "| T " in result.stdout  # the readout diagnostics on the printed epoch line
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["weighting"] == weighting and metrics["dataset"] == "synth" and metrics["seed"] == 0
     # recompute the student's test figures from student.pt with an explicit loop over groups
@@ -1342,9 +1338,6 @@ def test_eval_reports_every_exit_and_the_budget_curve(tiny_runs, tmp_path):
         assert (tmp_path / "figures" / "reliability.png").is_file()
     except ImportError:
         assert "pip install matplotlib" in result.stderr
-
-
-MERONEN_PRIOR_VARIANCES = (0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0)
 
 
 def tiny_setup(*flags: str):
@@ -1435,28 +1428,6 @@ def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
     shares = [float((expected[data.train.groups == g] > 1).double().mean()) for g in range(4)]
     assert info["upweighted_share"] == pytest.approx(shares)
     assert info["upweighted_share_all"] == pytest.approx(float((expected > 1).double().mean()))
-
-
-def test_laplace_teacher_targets_match_a_hand_computation():
-    cfg, data, splits = tiny_setup("--teacher-targets", "laplace")
-    torch.manual_seed(5)
-    teacher = train.new_model(cfg, "teacher", data, torch.device("cpu")).eval()
-    targets = train.teacher_targets(cfg, teacher, splits, data, torch.device("cpu"))
-    flips = K.random_flips(len(data.train), seeded(3))  # (N,): the targets of both views are looked up
-    log_p = targets(None, torch.arange(len(data.train)), flips)  # (N, c)
-    last = len(teacher.heads) - 1
-    train_features, linear = exit_features_float64(teacher, last, data.train, data)
-    val_features, _ = exit_features_float64(teacher, last, data.val, data)
-    view_features, _ = exit_features_float64(teacher, last, data.train, data, flips)
-    weight, bias = linear.weight.detach(), linear.bias.detach()
-    def nll_at(v):  # the probit predictive on val at every fine temperature, from the dense posterior
-        probs = reference_predictive(val_features, *dense_posterior(train_features, weight, bias, 1 / v),
-                                     FINE_TEMPERATURES[:, None])  # (N, G, c)
-        return -probs[torch.arange(len(data.val)), :, data.val.labels].log().mean(0)  # (G,)
-    temperature, variance = brute_force_tuning(nll_at, MERONEN_PRIOR_VARIANCES)
-    expected = torch.log(reference_predictive(view_features, *dense_posterior(train_features, weight, bias, 1 / variance),
-                                              temperature))
-    torch.testing.assert_close(log_p.double(), expected, rtol=0, atol=2e-3)  # T within the fine grid's step
 
 
 def test_softmax_teacher_targets_are_the_last_exit_logits_of_each_view():
@@ -1603,25 +1574,9 @@ def test_bench_epoch_cases_give_the_timed_and_the_multiply_add_ratio_of_every_ph
         assert student["bound_ratio"] == pytest.approx(student["seconds"] / (bare + tail))
 
 
-
-
 # ──────────────────────────────────────────────────────────────────────────────
 # --reweight-every and the sweep runner
 # ──────────────────────────────────────────────────────────────────────────────
-
-@pytest.mark.parametrize("total_steps,peak_lr", [(37, 0.05), (760, 0.05), (10, 1e-3)])
-def test_lr_at_is_torch_one_cycle_lr_bit_for_bit(total_steps, peak_lr):
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=peak_lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos",
-        cycle_momentum=True, base_momentum=0.85, max_momentum=0.95, div_factor=25, final_div_factor=1e4)
-    for step in range(total_steps):
-        group = optimizer.param_groups[0]
-        assert train.lr_at(step, total_steps, peak_lr) == (group["lr"], group["momentum"]), step
-        optimizer.step()
-        schedule.step()
-
 
 def test_reweight_every_2_reweights_after_epochs_1_and_3_and_equals_k_1_through_epoch_2(tmp_path, monkeypatch):
     teacher = tmp_path / "teacher"

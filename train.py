@@ -17,8 +17,6 @@ import json
 import math
 import sys
 import time
-import typing
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,6 +29,7 @@ WEIGHTINGS = ("none", "dedier", "dedier-ts", "laplace", "laplace-cv", "laplace-m
 N_SAMPLES = 50  # MC samples of every Laplace predictive in training and in its summary
 SEED_STRIDE = 100003  # a prime: the readout pass of (seed, epoch) draws from seed * SEED_STRIDE + epoch
 CROSS_FIT_FOLDS = 5  # laplace-cv: each sample's posterior is fit on the other 4/5 of the training set
+GDRO_STEP = 0.01  # group DRO's step size eta on the group weights (Sagawa et al. 2020)
 
 # ── Defaults per dataset (``--help`` prints them) ───────────────────────────────────────────────────────
 # alpha/beta per weighting: on the real datasets DEDIER's published values (Tiwari et al. 2024) for Waterbirds
@@ -59,82 +58,57 @@ DATASET_DEFAULTS = {
 }
 
 
-def flag(default, help: str, choices=None):
-    """A Config field: its default, its --help text and its allowed values."""
-    return field(default=default, metadata={"help": help, "choices": None if choices is None else list(choices)})
-
-
-@dataclass
-class Config:
-    """Every flag of train.py; ``None`` means "the dataset's default" (DATASET_DEFAULTS)."""
-    dataset: str = flag("synth", "the benchmark", K.DATASETS)
-    data_root: Optional[str] = flag(None,
-        "folder of the dataset, not for synth (default: $KDLAPLACE_DATA/<dataset>, else ./data/<dataset>)")
-    weighting: str = flag("dedier-ts",
-        "sample weights from the readout (module docstring; the default: README, Results)", WEIGHTINGS)
-    arch: Optional[str] = flag(None, "student architecture", K.ARCHITECTURES)
-    teacher_arch: Optional[str] = flag(None, "teacher architecture", K.ARCHITECTURES)
-    width: Optional[int] = flag(None, "student width (arch cnn only)")
-    teacher_width: Optional[int] = flag(None, "teacher width (arch cnn only)")
-    pretrained: Optional[str] = flag(None, "student weights: imagenet, none, or a torchvision-format state dict path")
-    teacher_pretrained: Optional[str] = flag(None,
-        "teacher weights, same values as --pretrained (default: as --pretrained when the architectures match, "
-        "else the dataset's --pretrained)")
-    teacher: Optional[str] = flag(None, "reuse this trained teacher.pt instead of training one")
-    teacher_objective: Optional[str] = flag(None, "erm, or gdro: group DRO with online group weights", ["erm", "gdro"])
-    teacher_targets: str = flag("softmax",
-        "KD targets: the teacher's softmax or its Laplace predictive", ["softmax", "laplace"])
-    epochs: Optional[int] = flag(None, "student epochs (in total, with --resume)")
-    teacher_epochs: Optional[int] = flag(None, "teacher epochs")
-    batch_size: Optional[int] = flag(None, "batch size")
-    lr: Optional[float] = flag(None, "peak learning rate of the one-cycle schedule")
-    weight_decay: Optional[float] = flag(None, "weight decay")
-    lam: Optional[float] = flag(None, "KD share in [0, 1]: (1 - lam) CE + lam KD")
-    temperature: Optional[float] = flag(None, "KD temperature T > 0")
-    alpha: Optional[float] = flag(None, "exponent on the readout margin (> 0)")
-    beta: Optional[float] = flag(None, "scale of the weights exp(beta * margin ** alpha) (>= 0)")
-    readout_exit: int = flag(0, "which student exit is the readout (0 = the first)")
-    joint_exits: bool = flag(False, "train the exits jointly instead of on detached features")
-    reweight_every: int = flag(1, "the readout pass and new sample weights only after epochs where "
-                                  "(epoch - 1) %% K == 0 (DEDIER's --reweigh_at)")
-    gdro_step: float = flag(0.01, "group DRO step size eta")
-    image_size: Optional[int] = flag(None, "input size of the JPEG datasets (default 224)")
-    cache_dir: Optional[str] = flag(None, "where decoded images are cached")
-    synth_n_train: int = flag(4800, "synth training images (val = 1/4, test = 1/2 of it)")
-    synth_classes: int = flag(2, "synth classes: shapes on land or water, 2 to 10 (2: the benchmark of the README's "
-                                 "tables; 10: the multi-class benchmark of the exit-level methods)")
-    seed: int = flag(0, "random seed")
-    device: str = flag("auto", "auto, cpu or cuda", ["auto", "cpu", "cuda"])
-    compile: bool = flag(False, "torch.compile the networks")
-    float32: bool = flag(False, "no bf16 autocast, even where it is fast (CUDA, CPUs with AVX512-BF16 or AMX)")
-    out: Optional[str] = flag(None, "output folder (default runs/<dataset>/<weighting>-seed<seed>)")
-    resume: bool = flag(False, "continue from OUT/last.pt")
-
-
-def dataset_default_help(name: str) -> str:
-    """'(default: X)' or '(default: synth X, waterbirds Y, ...)' from DATASET_DEFAULTS, for --help."""
-    def show(value) -> str:
-        return " ".join(f"{k}={v:g}" for k, v in value.items()) if isinstance(value, dict) else str(value)
-    values = {dataset: show(defaults[name]) for dataset, defaults in DATASET_DEFAULTS.items()}
-    if len(set(values.values())) == 1:
-        return f" (default: {next(iter(values.values()))})"
-    return " (default: " + "; ".join(f"{dataset} {value}" for dataset, value in values.items()) + ")"
-
-
-def parse_args(argv: Optional[list[str]] = None) -> Config:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The flags; those left out take the dataset's default (DATASET_DEFAULTS), which --help lists per dataset."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(Config)
-    for f in fields(Config):
-        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-            continue
-        kind = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))  # Optional[X] -> X
-        default = dataset_default_help(f.name) if f.name in DATASET_DEFAULTS["synth"] else \
-            "" if f.default is None else f" (default: {f.default})"
-        parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                            help=f.metadata["help"] + default)
-    cfg = Config(**vars(parser.parse_args(argv)))
+
+    def add(name: str, help: str, **options) -> None:
+        key = name[2:].replace("-", "_")
+        if key in DATASET_DEFAULTS["synth"]:  # "(default: X)", or per dataset where they differ
+            values = {dataset: " ".join(f"{k}={x:g}" for k, x in defaults[key].items())
+                      if isinstance(defaults[key], dict) else str(defaults[key])
+                      for dataset, defaults in DATASET_DEFAULTS.items()}
+            help += " (default: " + (next(iter(values.values())) if len(set(values.values())) == 1 else
+                                     "; ".join(f"{dataset} {value}" for dataset, value in values.items())) + ")"
+        elif options.get("default") is not None and options.get("action") != "store_true":
+            help += f" (default: {options['default']})"
+        parser.add_argument(name, help=help, **options)
+
+    add("--dataset", "the benchmark", default="synth", choices=K.DATASETS)
+    add("--data-root", "folder of the dataset, not for synth (default: $KDLAPLACE_DATA/<dataset>, else ./data/<dataset>)")
+    add("--weighting", "sample weights from the readout (module docstring)", default="dedier-ts", choices=WEIGHTINGS)
+    add("--arch", "student architecture", choices=K.ARCHITECTURES)
+    add("--teacher-arch", "teacher architecture", choices=K.ARCHITECTURES)
+    add("--width", "student width (arch cnn only)", type=int)
+    add("--teacher-width", "teacher width (arch cnn only)", type=int)
+    add("--pretrained", "student weights: imagenet, none, or a torchvision-format state dict path")
+    add("--teacher-pretrained", "teacher weights, same values as --pretrained (default: as --pretrained when the "
+                                "architectures match, else the dataset's --pretrained)")
+    add("--teacher", "reuse this trained teacher.pt instead of training one")
+    add("--teacher-objective", "erm, or gdro: group DRO with online group weights", choices=["erm", "gdro"])
+    add("--epochs", "student epochs (in total, with --resume)", type=int)
+    add("--teacher-epochs", "teacher epochs", type=int)
+    add("--batch-size", "batch size", type=int)
+    add("--lr", "peak learning rate of the one-cycle schedule", type=float)
+    add("--weight-decay", "weight decay", type=float)
+    add("--lam", "KD share in [0, 1]: (1 - lam) CE + lam KD", type=float)
+    add("--temperature", "KD temperature T > 0", type=float)
+    add("--alpha", "exponent on the readout margin (> 0)", type=float)
+    add("--beta", "scale of the weights exp(beta * margin ** alpha) (>= 0)", type=float)
+    add("--readout-exit", "which student exit is the readout (0 = the first)", type=int, default=0)
+    add("--reweight-every", "the readout pass and new sample weights only after epochs where (epoch - 1) %% K == 0 "
+                            "(DEDIER's --reweigh_at)", type=int, default=1)
+    add("--image-size", "input size of the JPEG datasets (default 224)", type=int)
+    add("--cache-dir", "where decoded images are cached")
+    add("--synth-n-train", "synth training images (val = 1/4, test = 1/2 of it)", type=int, default=4800)
+    add("--synth-classes", "synth classes: shapes on land or water, 2 to 10 (2: the benchmark of the README's "
+                           "tables; 10: the multi-class benchmark of the exit-level methods)", type=int, default=2)
+    add("--seed", "random seed", type=int, default=0)
+    add("--device", "auto, cpu or cuda", default="auto", choices=["auto", "cpu", "cuda"])
+    add("--float32", "no bf16 autocast, even where it is fast (CUDA, CPUs with AVX512-BF16 or AMX)", action="store_true")
+    add("--out", "output folder (default runs/<dataset>/<weighting>-seed<seed>)")
+    add("--resume", "continue from OUT/last.pt", action="store_true")
+    cfg = parser.parse_args(argv)
     defaults = DATASET_DEFAULTS[cfg.dataset]
     student_pretrained = cfg.pretrained  # as given, before the dataset's defaults fill it
     for name, value in defaults.items():  # fill what the user left to the dataset (alpha, beta: per weighting)
@@ -154,52 +128,36 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     for ok, message in checks:
         if not ok:
             parser.error(message)
-    if cfg.out is None:
-        cfg.out = f"runs/{cfg.dataset}/{cfg.weighting}-seed{cfg.seed}"
+    cfg.out = cfg.out or f"runs/{cfg.dataset}/{cfg.weighting}-seed{cfg.seed}"
     return cfg
 
 
-# ── Schedule and checkpoints ─────────────────────────────────────────────────────────────────────────────
+# ── Checkpoints ─────────────────────────────────────────────────────────────────────────────
 
-def lr_at(step: int, total_steps: int, peak_lr: float) -> tuple[float, float]:
-    """Learning rate and SGD momentum of optimiser step ``step`` (0-based) of the one-cycle schedule (Smith 2018;
-    PyTorch's OneCycleLR, cosine): over the first 15% of the steps the rate rises from peak/25 to the peak while
-    the momentum falls from 0.95 to 0.85, then the rate falls to peak/25e4 while the momentum climbs back."""
-    def cosine(start: float, end: float, fraction: float) -> float:
-        return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1)
-    warmup_end = float(0.15 * total_steps) - 1
-    if step <= warmup_end:
-        return cosine(peak_lr / 25, peak_lr, step / warmup_end), cosine(0.95, 0.85, step / warmup_end)
-    fraction = (step - warmup_end) / (total_steps - 1 - warmup_end)
-    return cosine(peak_lr, peak_lr / 25 / 1e4, fraction), cosine(0.85, 0.95, fraction)
-
-
-def save(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, path: Path, **state) -> None:
+def save(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, path: Path, **state) -> None:
     """Write what eval.py needs to rebuild the model (weights, model and run config), plus ``state`` (the
     optimiser, generator and per-sample weights that --resume needs, in last.pt), atomically."""
     K.atomic_save({"model": model.state_dict(), "model_config": model_config(cfg, role, data), "role": role,
-                   "config": asdict(cfg), "dataset": data.name, "n_classes": data.n_classes, **state}, path)
+                   "config": vars(cfg), "dataset": data.name, "n_classes": data.n_classes, **state}, path)
 
 
 # ── Networks and the teacher's targets ───────────────────────────────────────────────────────────────────
 
-def model_config(cfg: Config, role: str, data: K.SpuriousDataset) -> dict:
+def model_config(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset) -> dict:
     arch = cfg.arch if role == "student" else cfg.teacher_arch
     return dict(arch=arch, n_classes=data.n_classes, width=cfg.width if role == "student" else cfg.teacher_width,
-                input_size=data.image_size, detach_exits=not cfg.joint_exits)
+                input_size=data.image_size, detach_exits=True)
 
 
-def new_model(cfg: Config, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
+def new_model(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
     """A fresh network for ``role`` with its own pretrained weights (--pretrained or --teacher-pretrained)."""
     flag, value = ("--pretrained", cfg.pretrained) if role == "student" else ("--teacher-pretrained", cfg.teacher_pretrained)
     config = model_config(cfg, role, data)
     try:
         model = K.build_model(**config, pretrained={"none": False, "imagenet": True}.get(value, value))
-    except OSError as error:  # torch.hub cannot reach the download (an offline compute node)
-        raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}; offline, pass "
-                         f"a local torchvision-format state dict: {flag} FILE") from None
-    except ValueError as error:
-        raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}") from None
+    except (OSError, ValueError) as error:  # OSError: torch.hub cannot reach the download (an offline node)
+        offline = f"; offline, pass a local torchvision-format state dict: {flag} FILE" if isinstance(error, OSError) else ""
+        raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}{offline}") from None
     return K.model_to_device(model, device, K.run_uses_bf16(vars(cfg), device))
 
 
@@ -209,30 +167,19 @@ def targets_every_batch(data: K.SpuriousDataset) -> bool:
     return data.augment not in ("none", "flip")
 
 
-def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
+def teacher_targets(cfg: argparse.Namespace, teacher: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                     device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
     """A function (batch x, sample indices, flips or None) -> KD target logits (B, c): the teacher's last-exit
-    logits, or the log of its last-layer Laplace predictive (fit once on train, tuned on val; the probit link keeps
-    the targets deterministic; log space, since a probability that underflows to 0 gives -inf and a NaN KD loss).
-    With no augmentation or flips only, the targets of both views of every training image are computed once and
-    looked up: the teacher's forward pass costs more than the student's whole step."""
+    logits. With no augmentation or flips only, the targets of both views of every training image are computed
+    once and looked up: the teacher's forward pass costs more than the student's whole step."""
     teacher.eval()
     last, amp = len(teacher.heads) - 1, K.run_uses_bf16(vars(cfg), device)
-    head = teacher.heads[last].linear
-    if cfg.teacher_targets == "laplace":
-        _, (train_features,) = K.predict_split(teacher, splits["train"], data.mean, data.std, device, exits=[last])
-        _, (val_features,) = K.predict_split(teacher, splits["val"], data.mean, data.std, device, exits=[last])
-        laplace = K.KFACLaplace.fit(train_features, head.weight.detach(), head.bias.detach())
-        laplace = K.tune_laplace(laplace, val_features, splits["val"].labels, link="probit")
-        print(f"teacher Laplace targets: T={laplace.temperature}, prior precision={laplace.prior_precision:.3g}")
 
     def compute(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), K.autocast(device, amp):
             features = teacher.forward_features(x, exits=[last], float32_heads=True)[0]  # (B, p) float32
-            with torch.autocast(device.type, enabled=False):  # the backbone may run in bf16, the heads do not
-                if cfg.teacher_targets == "laplace":
-                    return laplace.log_predict(features, link="probit")  # (B, c)
-                return head(features)  # (B, c)
+            with torch.autocast(device.type, enabled=False):  # the backbone may run in bf16, the linear does not
+                return teacher.heads[last].linear(features)  # (B, c)
 
     if targets_every_batch(data):
         return lambda x, index, flips: compute(x)
@@ -248,7 +195,7 @@ def teacher_targets(cfg: Config, teacher: K.EarlyExitNet, splits: dict, data: K.
 
 # ── The readout: sample weights, their diagnostics, and its calibration ──────────────────────────────────
 
-def readout_pass(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
+def readout_pass(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                  device: torch.device, split: str, float32_heads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The readout exit's logits (N, c) and head features (N, p) float32 on one split (eval mode). Under bf16
     autocast the head's convolutions run in float32, or in bf16 with ``float32_heads=False``."""
@@ -258,7 +205,7 @@ def readout_pass(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.Spu
     return logits[0], features
 
 
-def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
+def readout_weights(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                     device: torch.device, epoch: int, val_logits: torch.Tensor,
                     val_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """DEDIER weights ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, from one eval-mode
@@ -311,7 +258,7 @@ def readout_weights(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.
     return weights, info
 
 
-def readout_calibration(cfg: Config, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
+def readout_calibration(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                         device: torch.device) -> dict:
     """Test accuracy, ECE and NLPD of the readout exit with its softmax, its temperature-scaled softmax and its
     Laplace predictive (T and (T, sigma^2) tuned on val). Same seeding rule as eval.py: the same figures."""
@@ -330,7 +277,7 @@ def readout_calibration(cfg: Config, student: K.EarlyExitNet, splits: dict, data
     return result
 
 
-def evaluate(cfg: Config, model: K.EarlyExitNet, split: K.Split, data: K.SpuriousDataset, device: torch.device) -> dict:
+def evaluate(cfg: argparse.Namespace, model: K.EarlyExitNet, split: K.Split, data: K.SpuriousDataset, device: torch.device) -> dict:
     """Average, worst-group and per-group accuracy of the last exit on a split."""
     logits, _ = K.predict_split(model, split, data.mean, data.std, device, exits=[len(model.heads) - 1],
                                 amp=K.run_uses_bf16(vars(cfg), device))
@@ -351,30 +298,7 @@ def accuracy_metrics(pred: torch.Tensor, split: K.Split, data: K.SpuriousDataset
 
 # ── Training: one phase (teacher or student), one epoch top to bottom ─────────────────────────────────────
 
-def teacher_step(cfg: Config, model: Callable, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor,
-                 group_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of one teacher batch: cross-entropy (ERM) or group DRO on the last exit, plus the early exits'
-    cross-entropy. Returns the loss and group DRO's updated group weights (n_groups,)."""
-    logits = model(x)  # K x (B, c)
-    per_sample = F.cross_entropy(logits[-1].float(), y, reduction="none")  # (B,)
-    if cfg.teacher_objective == "gdro":
-        loss, group_weights = K.group_dro_loss(per_sample, groups, group_weights, cfg.gdro_step)
-    else:
-        loss = per_sample.mean()
-    return loss + K.early_exit_loss(logits, y), group_weights
-
-
-def student_step(cfg: Config, model: Callable, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor,
-                 weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """Loss of one student batch: the weighted KD (+ CE) loss on the last exit plus the readouts' cross-entropy."""
-    logits = model(x)  # K x (B, c)
-    loss = K.student_loss(logits[-1], teacher_logits, y, weights, cfg.lam, cfg.temperature)
-    loss = loss + K.early_exit_loss(logits, y)
-    return loss / len(logits) if cfg.joint_exits else loss
-
-
-def phase_progress(role: str, model: K.EarlyExitNet, optimizer: torch.optim.Optimizer,
-                   generator: torch.Generator, state: dict, n_groups: int, device: torch.device) -> dict:
+def phase_progress(role: str, model: K.EarlyExitNet, optimizer: torch.optim.Optimizer, generator: torch.Generator, state: dict, n_groups: int, device: torch.device) -> dict:
     """Where a phase starts: the last finished epoch, the best validation score so far, group DRO's group weights
     (n_groups,) and the readout's sample weights (N,) or None. Fresh, or, when ``state`` (last.pt) was written in
     this phase, where it left off: the model, optimiser and generator are restored too."""
@@ -389,7 +313,7 @@ def phase_progress(role: str, model: K.EarlyExitNet, optimizer: torch.optim.Opti
             "sample_weights": None if sample_weights is None else sample_weights.to(device)}
 
 
-def validate_and_reweight(cfg: Config, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
+def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                           device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
     """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student after
     an epoch where (epoch - 1) % --reweight-every == 0, the readout's sample weights (N,) for the next epochs with
@@ -407,7 +331,7 @@ def validate_and_reweight(cfg: Config, role: str, model: K.EarlyExitNet, splits:
     return metrics, weights, info
 
 
-def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, splits: dict,
+def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, splits: dict,
                 device: torch.device, epochs: int, out: Path, log: Callable[[dict, int], None], state: dict,
                 targets: Optional[Callable] = None) -> K.EarlyExitNet:
     """Train ``role`` ("teacher", or "student" distilling ``targets``) with nesterov SGD on the one-cycle
@@ -415,35 +339,47 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
     validation worst-group accuracy improves, and OUT/last.pt, from which ``state`` resumes this phase."""
     train = splits["train"]
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                                weight_decay=cfg.weight_decay)  # lr and momentum: set every step by lr_at
+                                weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
     progress = phase_progress(role, model, optimizer, generator, state, data.n_groups, device)
-    forward = torch.compile(model) if cfg.compile else model
+    # one cycle (Smith 2018): over 15% of the steps the rate rises from lr/25 to lr while the momentum falls from
+    # 0.95 to 0.85, then, on cosines, the rate falls to lr/25e4 while the momentum climbs back; a resumed run
+    # continues at its step (a closed form), on the cycle of this run's --epochs
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch,
+                                                   pct_start=0.15, div_factor=25, final_div_factor=1e4,
+                                                   last_epoch=progress["epoch"] * steps_per_epoch - 1)
     amp = K.run_uses_bf16(vars(cfg), device)
     for epoch in range(progress["epoch"] + 1, epochs + 1):
         started = time.perf_counter()
         model.train()
         total_loss = torch.zeros((), device=device)  # summed on the device: no host sync per batch
-        for batch, index in enumerate(torch.randperm(len(train), generator=generator).split(cfg.batch_size)):
-            lr, momentum = lr_at((epoch - 1) * steps_per_epoch + batch, epochs * steps_per_epoch, cfg.lr)
-            for group in optimizer.param_groups:
-                group.update(lr=lr, momentum=momentum)
+        for index in torch.randperm(len(train), generator=generator).split(cfg.batch_size):
             flips = K.random_flips(len(index), generator) if data.augment == "flip" else None  # (B,) or None
             x = K.prepare_batch(K.batch_images(train, index, device), data.mean, data.std, data.augment, generator,
                                 channels_last=amp, flips=flips)
             index = index.to(device)
             y = train.labels[index]
             with K.autocast(device, amp):
-                if role == "teacher":
-                    loss, progress["group_weights"] = teacher_step(cfg, forward, x, y, train.groups[index],
-                                                                   progress["group_weights"])
-                else:  # no weights in epoch 1: the readout is untrained
+                if role == "student":  # weighted KD (+ CE); no weights in epoch 1: the readout is untrained
                     weights = None if progress["sample_weights"] is None else progress["sample_weights"][index]
-                    loss = student_step(cfg, forward, x, y, targets(x, index, flips), weights)
+                    teacher_logits = targets(x, index, flips)  # (B, c)
+                    logits = model(x)  # K x (B, c)
+                    loss = K.student_loss(logits[-1], teacher_logits, y, weights, cfg.lam, cfg.temperature)
+                else:  # cross-entropy (ERM) or group DRO
+                    logits = model(x)  # K x (B, c)
+                    per_sample = F.cross_entropy(logits[-1].float(), y, reduction="none")  # (B,)
+                    if cfg.teacher_objective == "gdro":
+                        loss, progress["group_weights"] = K.group_dro_loss(per_sample, train.groups[index],
+                                                                           progress["group_weights"], GDRO_STEP)
+                    else:
+                        loss = per_sample.mean()
+                loss = loss + K.early_exit_loss(logits, y)  # the readouts learn on detached features
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]  # this step's, for the log
+            schedule.step()
             total_loss += loss.detach()
         train_loss = float(total_loss) / steps_per_epoch
         if not math.isfinite(train_loss):
@@ -470,23 +406,19 @@ def train_phase(cfg: Config, role: str, model: K.EarlyExitNet, data: K.SpuriousD
 
 
 def epoch_line(record: dict, epochs: int) -> str:
-    """The printed line of an epoch's log record, with the key readout diagnostics where the epoch has them."""
+    """The printed line of an epoch's log record, with the readout's tuned T, sigma^2 and up-weighted shares."""
     line = (f"{record['phase']} epoch {record['epoch']:3d}/{epochs}  loss {record['train_loss']:.4f}  val avg "
-            f"{record['val_avg_acc']:.3f}  worst-group {record['val_worst_group_acc']:.3f}  {record['seconds']:.1f}s  "
-            f"{record['images_per_s']:.0f} img/s")
-    if "mean_weight" not in record:
-        return line
-    parts = [f"T {record['readout_temperature']:g}" if record["readout_temperature"] is not None else "",
-             f"s2 {record['readout_prior_variance']:.3g}" if record["readout_prior_variance"] is not None else "",
-             f"logit std {record['posterior_logit_std_median']:.3f}" if "posterior_logit_std_median" in record else "",
-             "up " + "/".join(f"{share:.2f}" if share is not None else "-" for share in record["upweighted_share"]),
-             f"corr(T) {record['weight_corr_temperature']:.3f}" if record["weight_corr_temperature"] is not None else ""]
-    return line + "  | " + "  ".join(part for part in parts if part)
+            f"{record['val_avg_acc']:.3f}  worst-group {record['val_worst_group_acc']:.3f}  {record['seconds']:.1f}s")
+    if "mean_weight" in record:
+        line += "  | T {} s2 {}  up ".format(*(f"{record[k]:.3g}" if record[k] is not None else "-" for k in
+                                              ("readout_temperature", "readout_prior_variance")))
+        line += "/".join(f"{share:.2f}" if share is not None else "-" for share in record["upweighted_share"])
+    return line
 
 
 # ── The pipeline ─────────────────────────────────────────────────────────────────────────────────────────
 
-def resume_state(cfg: Config, out: Path) -> dict:
+def resume_state(cfg: argparse.Namespace, out: Path) -> dict:
     """OUT/last.pt, checked to be a run of the same dataset and architectures."""
     last = out / "last.pt"
     if not last.is_file():
@@ -499,25 +431,17 @@ def resume_state(cfg: Config, out: Path) -> dict:
     return state
 
 
-def load_teacher(cfg: Config, path: Path, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
+def load_teacher(cfg: argparse.Namespace, path: Path, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
     """A trained teacher.pt; it must come from the same dataset (its architecture may be any)."""
     saved = K.load_checkpoint(path)
-    trained_on = saved.get("dataset", saved.get("config", {}).get("dataset"))
-    if trained_on != data.name:
-        raise ValueError(f"{path} was trained on another dataset ({trained_on}), not {data.name}")
+    if saved["dataset"] != data.name:
+        raise ValueError(f"{path} was trained on another dataset ({saved['dataset']}), not {data.name}")
     if saved["model_config"]["n_classes"] != data.n_classes:
         raise ValueError(f"{path} has {saved['model_config']['n_classes']} classes, {data.name} has {data.n_classes}")
     return K.model_to_device(K.model_from_checkpoint(saved), device, K.run_uses_bf16(vars(cfg), device))
 
 
-def provenance(device: torch.device, amp: bool) -> dict:
-    """What produced a run, for the tables that read it: the code version, the hardware (the GPU's name, or the CPU
-    model), whether bf16 autocast was on, and the torch threads."""
-    return {"code_version": K.code_version(), "hardware": K.hardware_name(device), "bf16": amp,
-            "threads": torch.get_num_threads()}
-
-
-def run(cfg: Config) -> dict:
+def run(cfg: argparse.Namespace) -> dict:
     started = time.perf_counter()
     out = Path(cfg.out)
     state = resume_state(cfg, out) if cfg.resume else {}
@@ -563,18 +487,18 @@ def run(cfg: Config) -> dict:
                "student": {"test": evaluate(cfg, student, splits["test"], data, device),
                            "val": K.load_checkpoint(out / "student.pt")["best"],  # the selected epoch
                            "readout": readout_calibration(cfg, student, splits, data, device)}}
-    metrics.update(provenance(device, K.run_uses_bf16(vars(cfg), device)),
-                   wall_seconds=round(time.perf_counter() - started, 1))  # of this process (after --resume: its part)
+    # what produced the run, for the tables that read it (wall time: of this process, after --resume its part)
+    metrics.update(code_version=K.code_version(), hardware=K.hardware_name(device), bf16=K.run_uses_bf16(vars(cfg), device),
+                   threads=torch.get_num_threads(), wall_seconds=round(time.perf_counter() - started, 1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\n{'test':8s} {'avg acc':>8s} {'worst-group':>12s}  " + "  ".join(f"{g:>14s}" for g in data.group_names))
     for role in ("teacher", "student"):
         m = metrics[role]["test"]
-        groups = "  ".join(f"{a:14.3f}" if a is not None else f"{'-':>14s}" for a in m["group_acc"])
-        print(f"{role:8s} {m['avg_acc']:8.3f} {m['worst_group_acc']:12.3f}  {groups}")
+        print(f"{role:8s} {m['avg_acc']:8.3f} {m['worst_group_acc']:12.3f}  "
+              + "  ".join(f"{a:14.3f}" if a is not None else f"{'-':>14s}" for a in m["group_acc"]))
     readout = metrics["student"]["readout"]
-    print(f"student readout (exit {readout['exit']}) test ECE: softmax {readout['map']['ece']:.4f}, "
-          f"temperature-scaled {readout['temperature']['ece']:.4f}, Laplace {readout['laplace']['ece']:.4f}")
-    print(f"wrote {out}/metrics.json, student.pt, log.jsonl")
+    print(f"student readout (exit {readout['exit']}) test ECE: softmax {readout['map']['ece']:.4f}, temperature-scaled "
+          f"{readout['temperature']['ece']:.4f}, Laplace {readout['laplace']['ece']:.4f}\nwrote {out}/metrics.json")
     return metrics
 
 
