@@ -4,10 +4,10 @@ One module, read top to bottom like a lecture: the mathematics first, then the m
 
   1. Losses        knowledge distillation, DEDIER sample weights, group DRO, the readouts' loss.
   2. Laplace       closed-form KFAC last-layer Laplace: fit, predict (MC / probit), tune (T, sigma^2) on
-                   validation NLL or the prior by the marginal likelihood, cross-fitted predictions.
+                   validation NLL (NLPD) or the prior by the marginal likelihood, cross-fitted predictions.
   3. Ensembles     model-internal ensemble (MIE) and budgeted early exit.
   4. Sets          anytime-valid nested prediction sets (AVCS): Dirichlet, Laplace and regression.
-  5. Metrics       group accuracies, worst-group accuracy, ECE, NLPD.
+  5. Metrics       group accuracies, worst-group accuracy, ECE, top-k accuracy.
   6. Networks      early-exit networks: exit heads, a small CNN, the DEDIER readout.
   7. Data          a synthetic spurious-correlation benchmark; Waterbirds, CelebA and CIFAR-100 read in
                    their distributed formats, decoded once into a uint8 cache, augmented on the device.
@@ -352,6 +352,14 @@ class KFACLaplace:
         return torch.softmax(logits / temperature, dim=0).mean(1).T  # (N, c)
 
 
+def nlpd(probs: Tensor, y: Tensor) -> float:
+    """Negative log predictive density ``-(1/N) sum_n log p_hat(y_n | x_n)``, p clamped at 1e-12: the validation
+    criterion of every tuner below and a test metric. Shapes: ``probs`` (N, c), ``y`` (N,)."""
+    if probs.dim() != 2 or y.shape != probs.shape[:1]:
+        raise ValueError(f"nlpd: probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
+    return float(-torch.log(probs.gather(1, y[:, None]).clamp(min=1e-12)).mean())
+
+
 def minimise_unimodal(objective: Callable[[float], float], low: float, high: float,
                       tolerance: float = 1e-5) -> float:
     """The minimiser of a unimodal ``objective`` on ``[low, high]`` by golden-section search.
@@ -401,26 +409,26 @@ def tune_temperature(logits_val: Tensor, y_val: Tensor) -> float:
 def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor,
                  prior_variances: Sequence[float] = KFACLaplace.PRIOR_VARIANCE_GRID,
                  n_samples: int = 50, link: str = "mc", generator: Optional[torch.Generator] = None,
-                 criterion: Optional[Callable[[Tensor], Tensor]] = None) -> KFACLaplace:
+                 criterion: Optional[Callable[[Tensor], float]] = None) -> KFACLaplace:
     """Copy of ``laplace`` with the ``(T, sigma^2)`` that minimise the validation NLL; no refit (shared factors).
 
-    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (``p_hat`` clamped at 1e-12). For every prior variance
+    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (:func:`nlpd`). For every prior variance
     ``sigma^2`` the temperature is minimised continuously over ``log T`` (:func:`minimise_unimodal`, as
     :func:`tune_temperature`); ``sigma^2`` runs over Meronen et al. (2024)'s grid ``{0.5 .. 4.0}``, which doubles
     past its top (or halves below its bottom) while the best ``sigma^2`` sits on that edge, within
     ``KFACLaplace.PRIOR_VARIANCE_RANGE``: no grid edge censors the choice. One set of normal draws serves every
     candidate (common random numbers make the comparison fair and the MC objective smooth in T).
-    ``criterion(probs (N, c)) -> ()`` replaces the NLL (:func:`tune_laplace_ensemble` scores an ensemble).
+    ``criterion(probs (N, c)) -> float`` replaces the NLL (:func:`tune_laplace_ensemble` scores an ensemble).
     Meronen et al. (2024), section 4 and appendix. Shapes: ``features_val`` (N, p), ``y_val`` (N,).
-    Copy it with :class:`KFACLaplace` and :func:`minimise_unimodal`.
+    Copy it with :class:`KFACLaplace`, :func:`nlpd` and :func:`minimise_unimodal`.
     """
     if y_val.shape != features_val.shape[:1]:
         raise ValueError(f"y_val must have shape ({features_val.shape[0]},), got {tuple(y_val.shape)}")
     if link not in ("mc", "probit"):
         raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
     if criterion is None:
-        def criterion(probs: Tensor) -> Tensor:
-            return -probs.gather(1, y_val[:, None]).clamp(min=1e-12).log().mean()
+        def criterion(probs: Tensor) -> float:
+            return nlpd(probs, y_val)
     mean = laplace.logit_distribution(features_val)[0]  # (N, c)
     squared_projection = laplace._projected_features(features_val).square()  # (N, p+1)
     normal = torch.randn(n_samples, mean.shape[1], generator=generator, dtype=torch.float64,
@@ -540,7 +548,7 @@ def tune_laplace_ensemble(laplaces: Sequence[KFACLaplace], features_val: Sequenc
     ``argmin -(1/N) sum_n log [(sum_{m<k} w_m p_m + w_k p_k(T, sigma^2)) / sum_{m<=k} w_m]_{y_n}``, searched as in
     :func:`tune_laplace`, whose draws exit ``k``'s fixed predictive then replays.
     Meronen et al. (2024), section 3.3 ("MIE + Laplace"). ``features_val[k]`` is (N, p_k); ``flops`` (K,).
-    Copy it with :class:`KFACLaplace`, :func:`tune_laplace` and :func:`minimise_unimodal`.
+    Copy it with :class:`KFACLaplace`, :func:`tune_laplace`, :func:`nlpd` and :func:`minimise_unimodal`.
     """
     if not len(laplaces) == len(features_val) == len(flops):
         raise ValueError(f"laplaces, features_val and flops must have the same length K, got "
@@ -550,9 +558,8 @@ def tune_laplace_ensemble(laplaces: Sequence[KFACLaplace], features_val: Sequenc
     tuned: list[KFACLaplace] = []
     weighted_sum, weight_total = 0.0, 0.0  # running sum_m w_m p_m over the exits already fixed
     for laplace, features, exit_flops in zip(laplaces, features_val, flops):
-        def ensemble_nll(probs: Tensor) -> Tensor:
-            ensemble = (weighted_sum + exit_flops * probs) / (weight_total + exit_flops)  # (N, c)
-            return -ensemble.gather(1, y_val[:, None]).clamp(min=1e-12).log().mean()
+        def ensemble_nll(probs: Tensor) -> float:
+            return nlpd((weighted_sum + exit_flops * probs) / (weight_total + exit_flops), y_val)
 
         start = generator.get_state()
         best = tune_laplace(laplace, features, y_val, prior_variances, n_samples, link, generator, ensemble_nll)
@@ -980,15 +987,6 @@ def expected_calibration_error(probs: Tensor, y: Tensor, n_bins: int = 15) -> fl
     """
     _, confidence_sums, correct_sums = reliability_bins(probs, y, n_bins)
     return float((correct_sums - confidence_sums).abs().sum() / probs.shape[0])
-
-
-def nlpd(probs: Tensor, y: Tensor) -> float:
-    """Negative log predictive density ``-(1/N) sum_n log p_hat(y_n | x_n)``, p clamped at 1e-12.
-
-    Shapes: ``probs`` (N, c), ``y`` (N,)."""
-    if probs.dim() != 2 or y.shape != probs.shape[:1]:
-        raise ValueError(f"nlpd: probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
-    return float(-torch.log(probs.gather(1, y[:, None]).clamp(min=1e-12)).mean())
 
 
 def top_k_accuracy(probs: Tensor, y: Tensor, k: int = 5) -> float:
