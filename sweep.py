@@ -534,8 +534,9 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
     worse = [k for k in range(n_exits) if mean(r["exits"][k]["MAP"]["ece"] for r in runs)
              > mean(r["exits"][-1]["MAP"]["ece"] for r in runs)]
     overconfident = [k for k in range(n_exits) if mean(confidence_gap(k, "MAP")) > 0]
+    underconfident = [k for k in range(n_exits) if k not in overconfident]
     claims.append(f"MAP ECE is above the last exit's at {exit_list(worse)}; the MAP is overconfident (mean confidence "
-                  f"above accuracy) at {exit_list(overconfident)} and underconfident elsewhere.")
+                  f"above accuracy) at {exit_list(overconfident)}, underconfident at {exit_list(underconfident)}.")
     for alpha in EXIT_ALPHAS:
         lines += ["", f"Prediction sets at α = {alpha:g} (thresholds tuned on val; coverage on test pooled over the "
                       "seeds with its Wilson 95% interval; nestedness |∩_{s≤t} C_s| / |C_t|, * without the running "
