@@ -293,7 +293,7 @@ def main_job(device: torch.device) -> dict:
                        stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - started
     return {"case": "main_job", "device": device.type, "sizes": "python train.py (defaults)", "seconds": seconds,
-            "throughput": 1 / seconds, "unit": "runs/s", "baseline_seconds": None, "ratio": None}
+            "throughput": 3600 / seconds, "unit": "runs/h", "baseline_seconds": None, "ratio": None}
 
 
 def print_rows(rows: list[dict]) -> None:
