@@ -705,6 +705,8 @@ def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: f
     coverage. Jazbec et al. (UAI 2024), appendix (their notebook tunes on test; use a held-out split).
     Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,). Copy it with :func:`avcs_sets`.
     """
+    if not step > 0:  # the walk would never end
+        raise ValueError(f"step must be > 0, got {step}")
     if logits.dim() != 3 or y.shape != logits.shape[1:2]:
         raise ValueError(f"logits (K, N, c) and y (N,) expected, got {tuple(logits.shape)} and {tuple(y.shape)}")
     if generator is None:

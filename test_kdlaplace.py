@@ -508,6 +508,8 @@ def test_avcs_rejects_bad_input():
         K.avcs_sets(logits, torch.ones(3))
     with pytest.raises(ValueError, match="y"):
         K.tune_avcs_thresholds(logits, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="step must be > 0"):  # a walk that would never end
+        K.tune_avcs_thresholds(logits, torch.zeros(4, dtype=torch.long), step=0.0)
 
 
 def test_set_metrics_hand_worked():
