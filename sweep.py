@@ -346,6 +346,12 @@ def lr_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> li
 GRID_EDGES = {"T": (0.3, 3.0), "sigma2": (0.5, 4.0)}
 
 
+def beyond_grid(value: float, which: str) -> bool:
+    """Whether a tuned T (``which`` "T") or σ² ("sigma2") lies on or beyond the edges of Meronen et al.'s grid."""
+    low, high = GRID_EDGES[which]
+    return not low < value < high
+
+
 DATA_SIZE_PREDICTION = """\
 Prediction, written before the runs. The readout's posterior covariance of the logits is (φ̃ᵀVφ̃)·U with
 U = (√N G + √τ I)⁻¹ and V = (√N A + √τ I)⁻¹, so at a fixed fit its standard deviation falls like 1/√N: from the
@@ -439,10 +445,9 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
         medians = [statistics.median(e[key] for e in chosen) if chosen else math.nan
                    for chosen, key in ((ts_epochs, "readout_temperature"), (epochs, "readout_temperature"),
                                        (epochs, "readout_prior_variance"))]
-        beyond = [sum(not low < e[key] < high for e in chosen) / len(chosen) if chosen else math.nan
-                  for chosen, key, (low, high) in ((ts_epochs, "readout_temperature", GRID_EDGES["T"]),
-                                                   (epochs, "readout_temperature", GRID_EDGES["T"]),
-                                                   (epochs, "readout_prior_variance", GRID_EDGES["sigma2"]))]
+        beyond = [sum(beyond_grid(e[key], which) for e in chosen) / len(chosen) if chosen else math.nan
+                  for chosen, key, which in ((ts_epochs, "readout_temperature", "T"), (epochs, "readout_temperature", "T"),
+                                             (epochs, "readout_prior_variance", "sigma2"))]
         lines.append(f"| {n} | {std[n]:.3f} | {std[n] / std[largest]:.2f} | {(n / largest) ** -0.5:.2f} | "
                      f"{(n / largest) ** -0.25:.2f} | {lowest:.4f} | "
                      f"{mean_of([epoch_median(r, 'posterior_variance_group_cv') for r in runs['laplace', n]], 2)} | "
@@ -521,8 +526,7 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
     for k in range(n_exits):
         temperatures = [r["exits"][k]["laplace"]["temperature"] for r in runs]
         variances = [1.0 / r["exits"][k]["laplace"]["prior_precision"] for r in runs]
-        beyond = sum(not (GRID_EDGES["T"][0] < t < GRID_EDGES["T"][1] and GRID_EDGES["sigma2"][0] < v < GRID_EDGES["sigma2"][1])
-                     for t, v in zip(temperatures, variances))
+        beyond = sum(beyond_grid(t, "T") or beyond_grid(v, "sigma2") for t, v in zip(temperatures, variances))
         lines.append(f"| {k} | {cell(confidence_gap(k, 'MAP'))} | {cell(confidence_gap(k, 'Laplace'))} | "
                      f"{statistics.median(temperatures):.2f} [{min(temperatures):.2f}, {max(temperatures):.2f}] | "
                      f"{statistics.median(variances):.3g} [{min(variances):.3g}, {max(variances):.3g}] | "
