@@ -200,7 +200,7 @@ def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.Spuriou
     amp = K.run_uses_bf16(vars(cfg), device)
     torch.manual_seed(0)
     teacher = train.new_model(cfg, "teacher", data, device)
-    target_flops = teacher.pass_flops([-1]) if train.targets_every_batch(data) else 0  # else once for the run
+    target_flops = teacher.pass_flops([-1]) if data.augment not in ("none", "flip") else 0  # else once for the run
     n_train, n_val = len(data.train), len(data.val)
 
     def add(case: str, network: str, seconds: float, baseline: Optional[float], macs: tuple[int, int],
@@ -230,7 +230,7 @@ def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.Spuriou
     teacher.eval()
     student = train.new_model(cfg, "student", data, device)
     student_name = f"student {cfg.arch}" + (f" w={cfg.width}" if cfg.arch == "cnn" else "")
-    targets = train.teacher_targets(cfg, teacher, splits, data, device)
+    targets = K.teacher_targets(teacher, splits["train"], data.mean, data.std, data.augment, device, amp)
     weightings = ("none", "dedier", "laplace")  # the readout's weights are computed at the end of the epoch
     configs = {weighting: train.parse_args([*flags, "--weighting", weighting, "--device", device.type])
                for weighting in weightings}

@@ -950,6 +950,21 @@ def adjusted_average_accuracy(group_accuracy: Tensor, train_group_counts: Tensor
     return float((torch.nan_to_num(group_accuracy.double()) * counts).sum() / counts.sum())
 
 
+def accuracy_report(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int,
+                    train_group_counts: Optional[Tensor] = None) -> dict:
+    """Average, worst-group and per-group accuracy (None for an empty group) of predictions ``pred`` (N,), and
+    Waterbirds' adjusted average when ``train_group_counts`` (G,) is given. Sagawa et al. (ICLR 2020).
+    Shapes: ``pred``, ``y``, ``groups`` (N,). Copy it with :func:`group_accuracies`,
+    :func:`worst_group_accuracy` and :func:`adjusted_average_accuracy`."""
+    accuracies = group_accuracies(pred, y, groups, n_groups)  # (G,)
+    report = {"avg_acc": float((pred == y).double().mean()),
+              "worst_group_acc": worst_group_accuracy(pred, y, groups, n_groups),
+              "group_acc": [None if math.isnan(a) else a for a in accuracies.tolist()]}
+    if train_group_counts is not None:
+        report["adjusted_avg_acc"] = adjusted_average_accuracy(accuracies, train_group_counts)
+    return report
+
+
 def group_means(values: Tensor, groups: Tensor, n_groups: int) -> list[Optional[float]]:
     """Mean of ``values`` within each group, ``sum_{n: g_n = g} v_n / |{n: g_n = g}|``; None for an empty group.
     Shapes: ``values``, ``groups`` (N,) -> a list of ``n_groups`` floats."""
@@ -1732,9 +1747,10 @@ def batch_images(split: Split, index: Union[Tensor, slice], device: torch.device
 @torch.no_grad()
 def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std: Sequence[float],
                   device: torch.device, batch_size: int = 256, exits: Optional[Sequence[int]] = None,
-                  amp: bool = False, float32_heads: bool = True) -> tuple[Tensor, list[Tensor]]:
+                  amp: bool = False, float32_heads: bool = True, flip: bool = False) -> tuple[Tensor, list[Tensor]]:
     """One eval-mode pass over ``split``: logits (K', N, c) float32 and features [(N, p_k)] float32 of the
-    exits in ``exits`` (default all), on ``device``. BatchNorm uses running statistics (``model.eval()``).
+    exits in ``exits`` (default all), on ``device``, of the images as they are or, ``flip=True``, mirrored.
+    BatchNorm uses running statistics (``model.eval()``).
     With ``amp`` the backbone runs under bf16 autocast in channels_last and every head in float32 (see
     ``forward_features``), or, with ``float32_heads=False``, the heads' convolutions in bf16 too (pooled features
     are returned in float32; the linear layers always run in float32)."""
@@ -1745,6 +1761,7 @@ def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std:
     for start in range(0, len(split), batch_size):
         batch = slice(start, min(start + batch_size, len(split)))
         x = prepare_batch(batch_images(split, batch, device), mean, std, channels_last=amp)
+        x = x.flip(-1) if flip else x  # a flip commutes with normalising
         with autocast(device, amp):  # the backbone in bf16 when amp; the linears always in float32
             batch_features = [f.float() for f in model.forward_features(x, exits, float32_heads)]  # K' x (B, p_k)
             with torch.autocast(device.type, enabled=False):
@@ -1753,6 +1770,26 @@ def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std:
         features.append(batch_features)
     model.train(was_training)
     return torch.cat(logits, dim=1), [torch.cat(parts) for parts in zip(*features)]
+
+
+def teacher_targets(teacher: EarlyExitNet, train: Split, mean: Sequence[float], std: Sequence[float], augment: str,
+                    device: torch.device, amp: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+    """A function (batch x, sample indices, flips or None) -> KD target logits (B, c): the teacher's last-exit
+    logits (its head and linear in float32). Without augmentation or with flips only (``augment`` "none" or
+    "flip"), the targets of every view of every training image are computed once and looked up: the teacher's
+    forward pass costs more than the student's whole step. Random crops make every batch new: computed per batch."""
+    last = len(teacher.heads) - 1
+    teacher.eval()
+    if augment not in ("none", "flip"):
+        def per_batch(x: Tensor, index: Tensor, flips: Optional[Tensor]) -> Tensor:
+            with torch.no_grad(), autocast(device, amp):
+                features = teacher.forward_features(x, exits=[last], float32_heads=True)[0]  # (B, p) float32
+            return teacher.heads[last].linear(features)  # (B, c) float32: outside autocast
+        return per_batch
+    views = (False, True) if augment == "flip" else (False,)
+    table = torch.stack([predict_split(teacher, train, mean, std, device, batch_size=512, exits=[last], amp=amp,
+                                       flip=flip)[0][0] for flip in views])  # (views, N, c)
+    return lambda x, index, flips: table[0 if flips is None else flips.long().to(device), index]  # (B, c)
 
 
 def seeded_generator(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:

@@ -685,6 +685,11 @@ def test_group_and_worst_group_accuracy():
     torch.testing.assert_close(accuracies[:4], torch.tensor([1.0, 1.0, 0.5, 0.5], dtype=f64))
     assert math.isnan(accuracies[4])  # an empty group has no accuracy
     assert K.worst_group_accuracy(pred, y, groups, 5) == 0.5
+    report = K.accuracy_report(pred, y, groups, 5, train_group_counts=torch.tensor([4, 3, 2, 1, 0]))
+    assert report["avg_acc"] == 4 / 6 and report["worst_group_acc"] == 0.5
+    assert report["group_acc"] == [1.0, 1.0, 0.5, 0.5, None]
+    assert report["adjusted_avg_acc"] == pytest.approx((4 + 3 + 2 * 0.5 + 0.5) / 10, abs=1e-15)
+    assert "adjusted_avg_acc" not in K.accuracy_report(pred, y, groups, 5)
 
 
 def test_waterbirds_adjusted_average_uses_the_training_group_shares():
@@ -815,6 +820,7 @@ def unit_examples():
         "interval_metrics": lambda m: m.interval_metrics(torch.stack([targets - 1, targets + 1], -1)[None], targets),
         "group_accuracies": lambda m: m.group_accuracies(probs[0].argmax(-1), y[:8], groups, 4),
         "worst_group_accuracy": lambda m: m.worst_group_accuracy(probs[0].argmax(-1), y[:8], groups, 4),
+        "accuracy_report": lambda m: torch.tensor(m.accuracy_report(probs[0].argmax(-1), y[:8], groups, 4)["avg_acc"]),
         "adjusted_average_accuracy": lambda m: m.adjusted_average_accuracy(torch.tensor([0.9, 0.5, 0.7, 1.0]),
                                                                            torch.tensor([10, 2, 1, 5])),
         "group_means": lambda m: torch.tensor(m.group_means(probs[0, :, 0], groups, 4), dtype=f64),
@@ -1436,15 +1442,15 @@ def test_softmax_teacher_targets_are_the_last_exit_logits_of_each_view():
     cfg, data, splits = tiny_setup()
     torch.manual_seed(6)
     teacher = train.new_model(cfg, "teacher", data, torch.device("cpu")).eval()
-    targets = train.teacher_targets(cfg, teacher, splits, data, torch.device("cpu"))
+    targets = K.teacher_targets(teacher, splits["train"], data.mean, data.std, data.augment, torch.device("cpu"))
     flips = K.random_flips(len(data.train), seeded(4))
     index = torch.randperm(len(data.train), generator=seeded(5))[:40]  # any order, any subset
     x = K.prepare_batch(data.train.images[index], data.mean, data.std, "flip", flips=flips[index])
     with torch.no_grad():
         expected = teacher(x)[-1]  # (40, c)
     torch.testing.assert_close(targets(x, index, flips[index]), expected, rtol=1e-4, atol=1e-5)
-    data.augment = "pad"  # random crops: computed per batch, never looked up
-    per_batch = train.teacher_targets(cfg, teacher, splits, data, torch.device("cpu"))
+    # random crops: computed per batch, never looked up
+    per_batch = K.teacher_targets(teacher, splits["train"], data.mean, data.std, "pad", torch.device("cpu"))
     torch.testing.assert_close(per_batch(x, None, None), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -1515,12 +1521,15 @@ def test_train_rejects_bad_runs_without_a_traceback(tiny_runs, tmp_path, capsys)
     root, _ = tiny_runs
     cases = [(["--resume", "--out", str(tmp_path / "empty")], "no " + str(tmp_path / "empty" / "last.pt")),
              (["--dataset", "waterbirds", "--data-root", str(tmp_path / "nowhere")], "no dataset found; looked for"),
-             (["--resume", "--arch", "resnet18-cifar", "--out", str(root / "none")], "is a run of dataset synth with arch cnn"),
+             (["--resume", "--arch", "resnet18-cifar", "--out", str(root / "none")],
+              "is a run of dataset synth, synth_classes 2, arch cnn, teacher_arch cnn, not dataset synth, synth_classes 2, "
+              "arch resnet18-cifar"),
              (["--readout-exit", "2", "--out", str(tmp_path / "r")], "--readout-exit 2")]
     saved = K.load_checkpoint(root / "none" / "teacher.pt")
-    saved["dataset"] = "cifar100"
+    saved["config"]["dataset"] = "cifar100"
     torch.save(saved, tmp_path / "cifar_teacher.pt")
-    cases.append((["--teacher", str(tmp_path / "cifar_teacher.pt"), "--out", str(tmp_path / "t")], "another dataset"))
+    cases.append((["--teacher", str(tmp_path / "cifar_teacher.pt"), "--out", str(tmp_path / "t")],
+                  "is a run of dataset cifar100, synth_classes 2, not dataset synth"))
     for flags, message in cases:
         with pytest.raises(SystemExit) as stopped:
             train.main(TINY + flags)

@@ -96,6 +96,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--alpha", "exponent on the readout margin (> 0)", type=float)
     add("--beta", "scale of the weights exp(beta * margin ** alpha) (>= 0)", type=float)
     add("--readout-exit", "which student exit is the readout (0 = the first)", type=int, default=0)
+    add("--joint-exits", "train the student's early exits jointly with its backbone (Meronen et al. 2024's early-exit "
+                         "loss), not as DEDIER's readouts on detached features", action="store_true")
     add("--reweight-every", "the readout pass and new sample weights only after epochs where (epoch - 1) %% K == 0 "
                             "(DEDIER's --reweigh_at)", type=int, default=1)
     add("--image-size", "input size of the JPEG datasets (default 224)", type=int)
@@ -146,7 +148,7 @@ def save(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data: K.Spur
 def model_config(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset) -> dict:
     arch = cfg.arch if role == "student" else cfg.teacher_arch
     return dict(arch=arch, n_classes=data.n_classes, width=cfg.width if role == "student" else cfg.teacher_width,
-                input_size=data.image_size, detach_exits=True)
+                input_size=data.image_size, detach_exits=role == "teacher" or not cfg.joint_exits)
 
 
 def new_model(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
@@ -159,38 +161,6 @@ def new_model(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset, devic
         offline = f"; offline, pass a local torchvision-format state dict: {flag} FILE" if isinstance(error, OSError) else ""
         raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}{offline}") from None
     return K.model_to_device(model, device, K.run_uses_bf16(vars(cfg), device))
-
-
-def targets_every_batch(data: K.SpuriousDataset) -> bool:
-    """Whether the teacher's targets are computed on every batch (random crops: every batch is new to the teacher)
-    or once for the run (no augmentation, or flips only: both views of every image are looked up)."""
-    return data.augment not in ("none", "flip")
-
-
-def teacher_targets(cfg: argparse.Namespace, teacher: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
-                    device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
-    """A function (batch x, sample indices, flips or None) -> KD target logits (B, c): the teacher's last-exit
-    logits. With no augmentation or flips only, the targets of both views of every training image are computed
-    once and looked up: the teacher's forward pass costs more than the student's whole step."""
-    teacher.eval()
-    last, amp = len(teacher.heads) - 1, K.run_uses_bf16(vars(cfg), device)
-
-    def compute(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), K.autocast(device, amp):
-            features = teacher.forward_features(x, exits=[last], float32_heads=True)[0]  # (B, p) float32
-            with torch.autocast(device.type, enabled=False):  # the backbone may run in bf16, the linear does not
-                return teacher.heads[last].linear(features)  # (B, c)
-
-    if targets_every_batch(data):
-        return lambda x, index, flips: compute(x)
-    train = splits["train"]
-    table = torch.empty(2, len(train), data.n_classes, device=device)  # (view, N, c): as is, mirrored
-    for index in torch.arange(len(train), device=device).split(512):
-        x = K.prepare_batch(K.batch_images(train, index, device), data.mean, data.std, channels_last=amp)
-        table[0, index] = compute(x)
-        if data.augment == "flip":  # a flip commutes with normalising; without augmentation view 1 is never read
-            table[1, index] = compute(x.flip(-1))
-    return lambda x, index, flips: table[0 if flips is None else flips.long().to(device), index]  # (B, c)
 
 
 # ── The readout: sample weights, their diagnostics, and its calibration ──────────────────────────────────
@@ -208,12 +178,10 @@ def readout_pass(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict,
 def readout_weights(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                     device: torch.device, epoch: int, val_logits: torch.Tensor,
                     val_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """DEDIER weights ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, from one eval-mode
-    pass of the readout over the training set; the margin's probabilities depend on --weighting (module
-    docstring) and are tuned on the readout's val logits (N_val, c) and features (N_val, p), which come from the
-    epoch's validation pass. Returns the weights (N,) and the epoch's diagnostics for log.jsonl. Under bf16
-    autocast the readout head's convolutions run in bf16 here, every epoch (the weights move by under 2% against
-    float32 heads'); the summary and eval.py read float32 heads."""
+    """DEDIER weights ``exp(beta * margin ** alpha)`` (N,) on the samples the readout gets wrong, from one pass of
+    the readout over the training set (its head in bf16 under autocast: the weights move by under 2%), with the
+    epoch's diagnostics for log.jsonl. The margin's probabilities depend on --weighting (module docstring), tuned
+    on the epoch's validation pass of the readout: logits (N_val, c), features (N_val, p)."""
     seed = cfg.seed * SEED_STRIDE + epoch
     train, val = splits["train"], splits["val"]
     train_logits, train_features = readout_pass(cfg, student, splits, data, device, "train", float32_heads=False)
@@ -278,22 +246,17 @@ def readout_calibration(cfg: argparse.Namespace, student: K.EarlyExitNet, splits
 
 
 def evaluate(cfg: argparse.Namespace, model: K.EarlyExitNet, split: K.Split, data: K.SpuriousDataset, device: torch.device) -> dict:
-    """Average, worst-group and per-group accuracy of the last exit on a split."""
+    """Accuracy of the last exit on a split (:func:`accuracy_metrics`)."""
     logits, _ = K.predict_split(model, split, data.mean, data.std, device, exits=[len(model.heads) - 1],
                                 amp=K.run_uses_bf16(vars(cfg), device))
     return accuracy_metrics(logits[0].argmax(-1), split, data)
 
 
 def accuracy_metrics(pred: torch.Tensor, split: K.Split, data: K.SpuriousDataset) -> dict:
-    """Average, worst-group and per-group accuracy of predictions ``pred`` (N,) on a split."""
-    groups = K.group_accuracies(pred, split.labels, split.groups, data.n_groups)
-    metrics = {"avg_acc": float((pred == split.labels).double().mean()),
-               "worst_group_acc": K.worst_group_accuracy(pred, split.labels, split.groups, data.n_groups),
-               "group_acc": [None if math.isnan(a) else a for a in groups.tolist()]}
-    if data.name == "waterbirds":  # per-group accuracy weighted by the training group shares (the literature's average)
-        train_counts = torch.bincount(data.train.groups, minlength=data.n_groups)
-        metrics["adjusted_avg_acc"] = K.adjusted_average_accuracy(groups, train_counts)
-    return metrics
+    """Average, worst-group and per-group accuracy of ``pred`` (N,), and on Waterbirds the literature's average
+    (per-group accuracy weighted by the training group shares)."""
+    counts = torch.bincount(data.train.groups, minlength=data.n_groups) if data.name == "waterbirds" else None
+    return K.accuracy_report(pred, split.labels, split.groups, data.n_groups, counts)
 
 
 # ── Training: one phase (teacher or student), one epoch top to bottom ─────────────────────────────────────
@@ -418,33 +381,23 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 # ── The pipeline ─────────────────────────────────────────────────────────────────────────────────────────
 
-def resume_state(cfg: argparse.Namespace, out: Path) -> dict:
-    """OUT/last.pt, checked to be a run of the same dataset and architectures."""
-    last = out / "last.pt"
-    if not last.is_file():
-        raise FileNotFoundError(f"--resume: no {last} to resume from (run without --resume first)")
-    state = K.load_checkpoint(last)
-    saved = state["config"]
-    if (saved["dataset"], saved["arch"], saved["teacher_arch"]) != (cfg.dataset, cfg.arch, cfg.teacher_arch):
-        raise ValueError(f"--resume: {last} is a run of dataset {saved['dataset']} with arch {saved['arch']} / "
-                         f"teacher {saved['teacher_arch']}, not {cfg.dataset} with {cfg.arch} / {cfg.teacher_arch}")
-    return state
-
-
-def load_teacher(cfg: argparse.Namespace, path: Path, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
-    """A trained teacher.pt; it must come from the same dataset (its architecture may be any)."""
+def checked_checkpoint(path: Path, flag: str, **expected) -> dict:
+    """A checkpoint of train.py whose run config matches ``expected`` (flag -> value), else one clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag}: no {path}" + (" to resume from (run without --resume first)"
+                                                         if flag == "--resume" else ""))
     saved = K.load_checkpoint(path)
-    if saved["dataset"] != data.name:
-        raise ValueError(f"{path} was trained on another dataset ({saved['dataset']}), not {data.name}")
-    if saved["model_config"]["n_classes"] != data.n_classes:
-        raise ValueError(f"{path} has {saved['model_config']['n_classes']} classes, {data.name} has {data.n_classes}")
-    return K.model_to_device(K.model_from_checkpoint(saved), device, K.run_uses_bf16(vars(cfg), device))
+    if any(saved["config"][key] != value for key, value in expected.items()):
+        raise ValueError(f"{flag}: {path} is a run of " + ", ".join(f"{key} {saved['config'][key]}" for key in expected)
+                         + ", not " + ", ".join(f"{key} {value}" for key, value in expected.items()))
+    return saved
 
 
 def run(cfg: argparse.Namespace) -> dict:
     started = time.perf_counter()
     out = Path(cfg.out)
-    state = resume_state(cfg, out) if cfg.resume else {}
+    state = checked_checkpoint(out / "last.pt", "--resume", dataset=cfg.dataset, synth_classes=cfg.synth_classes,
+                               arch=cfg.arch, teacher_arch=cfg.teacher_arch) if cfg.resume else {}
     torch.manual_seed(cfg.seed)
     K.use_allowed_cores()
     device = K.pick_device(cfg.device)
@@ -472,11 +425,14 @@ def run(cfg: argparse.Namespace) -> dict:
 
     # 1. Teacher: reused, or trained here (ERM or group DRO on the last exit), or resumed
     if cfg.teacher or state.get("phase") == "student":
-        teacher = load_teacher(cfg, Path(cfg.teacher) if cfg.teacher else out / "teacher.pt", data, device)
+        saved = checked_checkpoint(Path(cfg.teacher) if cfg.teacher else out / "teacher.pt", "--teacher",
+                                   dataset=cfg.dataset, synth_classes=cfg.synth_classes)  # any architecture
+        teacher = K.model_to_device(K.model_from_checkpoint(saved), device, K.run_uses_bf16(vars(cfg), device))
     else:
         teacher = train_phase(cfg, "teacher", new_model(cfg, "teacher", data, device), data, splits, device,
                               cfg.teacher_epochs, out, log, state)
-    targets = teacher_targets(cfg, teacher, splits, data, device)
+    targets = K.teacher_targets(teacher, splits["train"], data.mean, data.std, data.augment, device,
+                                K.run_uses_bf16(vars(cfg), device))
 
     # 2. Student: weighted KD on the last exit, readouts trained on the side, weights refreshed every epoch
     student = train_phase(cfg, "student", student, data, splits, device, cfg.epochs, out, log, state, targets)
