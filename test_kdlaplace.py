@@ -1508,6 +1508,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypat
     (["--alpha", "0"], "--alpha must be > 0"),
     (["--beta", "-1"], "--beta must be >= 0"),
     (["--temperature", "0"], "--temperature must be > 0"),
+    (["--teacher-epochs", "0"], "--epochs and --teacher-epochs must be >= 1"),
     (["--weighting", "softmax"], "invalid choice: 'softmax'"),
 ])
 def test_train_rejects_bad_flags_with_one_line(flags, message, capsys):

@@ -121,7 +121,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         cfg.teacher_pretrained = student_pretrained if same else defaults["pretrained"]
     checks = [(0.0 <= cfg.lam <= 1.0, "--lam must be in [0, 1]"), (cfg.temperature > 0, "--temperature must be > 0"),
               (cfg.alpha > 0, "--alpha must be > 0"), (cfg.beta >= 0, "--beta must be >= 0"),
-              (cfg.epochs >= 1 and cfg.teacher_epochs >= 0, "--epochs must be >= 1 and --teacher-epochs >= 0"),
+              (min(cfg.epochs, cfg.teacher_epochs) >= 1, "--epochs and --teacher-epochs must be >= 1"),
               (cfg.batch_size >= 1, "--batch-size must be >= 1"), (cfg.lr > 0, "--lr must be > 0"),
               (cfg.weight_decay >= 0, "--weight-decay must be >= 0"), (cfg.synth_n_train >= 16, "--synth-n-train must be >= 16"),
               (cfg.reweight_every >= 1, "--reweight-every must be >= 1"),
