@@ -1238,21 +1238,27 @@ def _shape_masks(rows: Tensor, cols: Tensor, centre_row: Tensor, centre_col: Ten
 
 
 def _render_synth(labels: Tensor, places: Tensor, size: int, generator: torch.Generator, n_classes: int = 2) -> Tensor:
-    """Draw the synthetic images: one of the first ``n_classes`` shapes of SYNTH_SHAPES (the class) on land
-    (place 0) or water (place 1).
+    """Draw the synthetic images: one of the first ``n_classes`` shapes of SYNTH_SHAPES (the class) on a
+    background ``places`` (N,): with two classes land (0) or water (1), with more one of ``n_classes`` colours.
 
-    Background: a brown-green textured "land" or a blue "water" with horizontal waves, each with colour jitter;
-    foreground: one shape of random size, position and colour (independent of the class); pixel noise on top.
-    Returns uint8 (N, 3, size, size)."""
+    Background: a brown-green textured "land" or a blue "water" with horizontal waves, or (more classes) a
+    textured colour of hue ``place / n_classes``, each with colour jitter; foreground: one shape of random size,
+    position and colour (independent of the class); pixel noise on top. Returns uint8 (N, 3, size, size)."""
     n = labels.shape[0]
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     rows, cols = coords[None, :, None], coords[None, None, :]  # (1, H, 1), (1, 1, W)
-    land = torch.tensor([0.50, 0.45, 0.22])[:, None, None] + 0.10 * _smooth_noise(n, size, 4, generator)
-    wave_phase = torch.rand(n, 1, 1, generator=generator) * 2 * math.pi
-    waves = 0.08 * torch.sin(2 * math.pi * 5 * rows + wave_phase)  # (N, H, 1)
-    water = torch.tensor([0.20, 0.38, 0.68])[:, None, None] + waves[:, None] + 0.04 * _smooth_noise(n, size, 4, generator)
-    jitter = 0.08 * (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1)  # per-image colour jitter
-    background = torch.where(places[:, None, None, None].bool(), water, land) + jitter  # (N, 3, H, W)
+    if n_classes == 2:
+        land = torch.tensor([0.50, 0.45, 0.22])[:, None, None] + 0.10 * _smooth_noise(n, size, 4, generator)
+        wave_phase = torch.rand(n, 1, 1, generator=generator) * 2 * math.pi
+        waves = 0.08 * torch.sin(2 * math.pi * 5 * rows + wave_phase)  # (N, H, 1)
+        water = torch.tensor([0.20, 0.38, 0.68])[:, None, None] + waves[:, None] + 0.04 * _smooth_noise(n, size, 4, generator)
+        jitter = 0.08 * (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1)  # per-image colour jitter
+        background = torch.where(places[:, None, None, None].bool(), water, land) + jitter  # (N, 3, H, W)
+    else:  # a colour wheel: the three channels are cosines of the hue, a third of a turn apart
+        hue = places.float()[:, None] / n_classes + torch.tensor([0.0, 1 / 3, 2 / 3])  # (N, 3)
+        colour = 0.45 + 0.25 * torch.cos(2 * math.pi * hue)  # (N, 3)
+        jitter = 0.04 * (torch.rand(n, 3, generator=generator) * 2 - 1)  # per-image colour jitter
+        background = (colour + jitter)[:, :, None, None] + 0.08 * _smooth_noise(n, size, 4, generator)  # (N, 3, H, W)
 
     half_width = 0.14 + 0.10 * torch.rand(n, 1, 1, generator=generator)  # r, as a fraction of the side
     centre_row = 0.25 + 0.5 * torch.rand(n, 1, 1, generator=generator)
@@ -1270,11 +1276,12 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
     """A Waterbirds-like spurious-correlation benchmark, generated in seconds, deterministic for ``seed``.
 
     ``n_classes`` (2 to 10) classes told apart by a foreground shape (SYNTH_SHAPES: disk, triangle, ...) on a
-    background (land or water) that agrees with the class's own background (class k: place k mod 2) in 95% of
-    the training images; groups ``g = 2 y + place``. Two classes take Waterbirds' group proportions
-    (3498 : 184 : 56 : 1057); more classes are balanced, each with 95% of its images on its background. In val and
-    test the backgrounds are balanced within each class (as in Waterbirds), so worst-group accuracy exposes a
-    background shortcut.
+    background. Two classes: land or water, groups ``g = 2 y + place`` in Waterbirds' proportions
+    (3498 : 184 : 56 : 1057), so 95% of the training images of a class show its own background (disk: land,
+    triangle: water). More classes: one background colour per class; the classes are balanced and 90% of a class's
+    training images show its own colour, the rest one of the others drawn uniformly; groups ``g = 2 y`` (own
+    background) and ``2 y + 1`` (another). In val and test the two groups of each class are balanced (as in
+    Waterbirds), so worst-group accuracy exposes a background shortcut.
 
     The shortcut is real: plain ERM first learns a pure background classifier (validation accuracy 0.50,
     worst-group 0, for several epochs); after 3 epochs a width-8 CNN has the majority groups above 90% and a
@@ -1288,9 +1295,8 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
     generator = torch.Generator().manual_seed(seed)
     if n_classes == 2:
         shares = torch.tensor(WATERBIRDS_TRAIN_GROUP_SHARES, dtype=torch.float64)
-    else:  # group 2k + (k mod 2) is class k on its own background
-        own = torch.arange(2 * n_classes) % 2 == torch.arange(2 * n_classes) // 2 % 2  # (2C,)
-        shares = torch.where(own, 0.95, 0.05).double()
+    else:  # group 2k: class k on its own background, 2k + 1: on another
+        shares = torch.tensor([0.9, 0.1], dtype=torch.float64).repeat(n_classes)  # (2C,)
     # val/test: the training class balance, backgrounds balanced within each class
     balanced_shares = shares.view(n_classes, 2).sum(1).repeat_interleave(2) / 2  # (2C,)
 
@@ -1300,12 +1306,15 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
         groups = torch.repeat_interleave(torch.arange(2 * n_classes), counts)
         groups = groups[torch.randperm(n, generator=generator)]
         labels, places = groups // 2, groups % 2
+        if n_classes > 2:  # the background's colour: the class's own, or one of the others drawn uniformly
+            offsets = torch.randint(1, n_classes, (n,), generator=generator)  # (N,)
+            places = torch.where(places.bool(), (labels + offsets) % n_classes, labels)
         return Split(_render_synth(labels, places, image_size, generator, n_classes), labels, groups)
 
     return SpuriousDataset("synth", split(n_train, shares), split(n_val, balanced_shares),
                            split(n_test, balanced_shares), n_classes=n_classes, n_groups=2 * n_classes,
-                           group_names=[f"{shape}/{place}" for shape in SYNTH_SHAPES[:n_classes]
-                                        for place in ("land", "water")],
+                           group_names=[f"{shape}/{place}" for shape in SYNTH_SHAPES[:n_classes] for place in
+                                        (("land", "water") if n_classes == 2 else ("own", "other"))],
                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), class_name="shape",
                            spurious_name="background", augment="flip")
 

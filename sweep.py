@@ -60,11 +60,9 @@ class Run:
 
 
 def run_flags(**flags) -> tuple[str, ...]:
-    """train.py flags from keywords: ``run_flags(weighting="none", seed=3, joint_exits=True)`` ->
-    ``("--weighting", "none", "--seed", "3", "--joint-exits")`` (True: a switch)."""
-    return tuple(part for name, value in flags.items() for part in
-                 ((f"--{name.replace('_', '-')}",) if value is True else
-                  (f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value))))
+    """train.py flags from keywords: ``run_flags(weighting="none", seed=3)`` -> ``("--weighting", "none", "--seed", "3")``."""
+    return tuple(part for name, value in flags.items() for part in (f"--{name.replace('_', '-')}", f"{value:g}"
+                                                                   if isinstance(value, float) else str(value)))
 
 
 WEIGHTINGS = ("none", "dedier", "dedier-ts", "laplace", "laplace-cv", "laplace-ml")

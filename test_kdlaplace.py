@@ -1049,16 +1049,23 @@ def test_two_class_synth_is_the_benchmark_of_the_tables_bit_for_bit():
 
 def test_multi_class_synth_classes_groups_and_proportions():
     data = K.make_synth(n_train=2000, n_val=400, n_test=800, seed=2, n_classes=10)
-    assert (data.n_classes, data.n_groups) == (10, 20) and data.group_names[:3] == ["disk/land", "disk/water",
-                                                                                   "triangle/land"]
+    assert (data.n_classes, data.n_groups) == (10, 20) and data.group_names[:3] == ["disk/own", "disk/other",
+                                                                                   "triangle/own"]
     for split in (data.train, data.val, data.test):
-        assert torch.equal(split.groups // 2, split.labels)  # g = 2 y + place
-    train_counts = torch.bincount(data.train.groups, minlength=20).view(10, 2)  # (class, place)
-    own = train_counts[torch.arange(10), torch.arange(10) % 2]  # class k on place k mod 2
-    assert torch.all((own.double() / train_counts.sum(1) - 0.95).abs() < 0.01)  # 95% on the class's background
+        assert torch.equal(split.groups // 2, split.labels)  # g = 2 y + [background is another class's]
+    train_counts = torch.bincount(data.train.groups, minlength=20).view(10, 2)  # (class, own / other)
+    assert torch.all((train_counts[:, 0].double() / train_counts.sum(1) - 0.9).abs() < 0.01)  # 90% on its own
     assert train_counts.sum(1).max() - train_counts.sum(1).min() <= 2  # classes balanced
     val_counts = torch.bincount(data.val.groups, minlength=20)
     assert val_counts.max() - val_counts.min() <= 1  # backgrounds balanced in val
+    # the background's colour (the median pixel: the shape covers under a quarter of the image) is nearest to the
+    # class's own colour of the wheel exactly in the "own" groups
+    hues = torch.arange(10)[:, None] / 10 + torch.tensor([0.0, 1 / 3, 2 / 3])  # (10, 3)
+    wheel = 0.45 + 0.25 * torch.cos(2 * math.pi * hues)  # (10, 3)
+    median = data.train.images.flatten(2).float().median(-1).values / 255  # (N, 3)
+    nearest = torch.cdist(median, wheel).argmin(-1)  # (N,)
+    own = data.train.groups % 2 == 0
+    assert torch.equal(nearest == data.train.labels, own)
     # the class is the shape: at one centre and size no two shapes (nor one and another's mirror image, which the
     # flip augmentation makes) agree on more than 90% of their union
     coords = (torch.arange(64, dtype=torch.float32) + 0.5) / 64

@@ -96,8 +96,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--alpha", "exponent on the readout margin (> 0)", type=float)
     add("--beta", "scale of the weights exp(beta * margin ** alpha) (>= 0)", type=float)
     add("--readout-exit", "which student exit is the readout (0 = the first)", type=int, default=0)
-    add("--joint-exits", "train the student's early exits jointly with its backbone (Meronen et al. 2024's early-exit "
-                         "loss), not as DEDIER's readouts on detached features", action="store_true")
     add("--reweight-every", "the readout pass and new sample weights only after epochs where (epoch - 1) %% K == 0 "
                             "(DEDIER's --reweigh_at)", type=int, default=1)
     add("--image-size", "input size of the JPEG datasets (default 224)", type=int)
@@ -148,7 +146,7 @@ def save(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data: K.Spur
 def model_config(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset) -> dict:
     arch = cfg.arch if role == "student" else cfg.teacher_arch
     return dict(arch=arch, n_classes=data.n_classes, width=cfg.width if role == "student" else cfg.teacher_width,
-                input_size=data.image_size, detach_exits=role == "teacher" or not cfg.joint_exits)
+                input_size=data.image_size, detach_exits=True)
 
 
 def new_model(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
