@@ -101,8 +101,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--image-size", "input size of the JPEG datasets (default 224)", type=int)
     add("--cache-dir", "where decoded images are cached")
     add("--synth-n-train", "synth training images (val = 1/4, test = 1/2 of it)", type=int, default=4800)
-    add("--synth-classes", "synth classes: shapes on land or water, 2 to 10 (2: the benchmark of the README's "
-                           "tables; 10: the multi-class benchmark of the exit-level methods)", type=int, default=2)
+    add("--synth-classes", "synth classes, 2 to 10: shapes on land or water (2, the benchmark of the README's tables) "
+                           "or on a colour per class (10: the benchmark of the exit-level methods)", type=int, default=2)
     add("--seed", "random seed", type=int, default=0)
     add("--device", "auto, cpu or cuda", default="auto", choices=["auto", "cpu", "cuda"])
     add("--float32", "no bf16 autocast, even where it is fast (CUDA, CPUs with AVX512-BF16 or AMX)", action="store_true")
