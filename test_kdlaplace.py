@@ -1568,6 +1568,13 @@ def test_resume_with_more_epochs_continues_the_run(tmp_path):
     assert K.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
 
 
+def test_more_synth_classes_default_to_the_longer_budget_and_flags_still_win():
+    assert (train.parse_args([]).teacher_epochs, train.parse_args([]).epochs) == (15, 20)
+    cfg = train.parse_args(["--synth-classes", "10"])
+    assert (cfg.teacher_epochs, cfg.epochs, cfg.lr) == (30, 40, 0.05)
+    assert train.parse_args(["--synth-classes", "3", "--epochs", "5"]).epochs == 5
+
+
 def test_bench_epoch_cases_give_the_timed_and_the_multiply_add_ratio_of_every_phase():
     flags = [flag for flag in TINY if flag not in ("--device", "cpu")]
     rows = {row["case"]: row for row in bench.epoch_cases(torch.device("cpu"), flags, None, 1, "_tiny")}
