@@ -427,8 +427,9 @@ def run(cfg: argparse.Namespace) -> dict:
 
     # 1. Teacher: reused, or trained here (ERM or group DRO on the last exit), or resumed
     if cfg.teacher or state.get("phase") == "student":
-        saved = checked_checkpoint(Path(cfg.teacher) if cfg.teacher else out / "teacher.pt", "--teacher",
-                                   dataset=cfg.dataset, synth_classes=cfg.synth_classes)  # any architecture
+        saved = checked_checkpoint(Path(cfg.teacher) if cfg.teacher else out / "teacher.pt",
+                                   "--teacher" if cfg.teacher else "--resume", dataset=cfg.dataset,
+                                   synth_classes=cfg.synth_classes)  # any architecture
         teacher = K.model_to_device(K.model_from_checkpoint(saved), device, K.run_uses_bf16(vars(cfg), device))
     else:
         teacher = train_phase(cfg, "teacher", new_model(cfg, "teacher", data, device), data, splits, device,
