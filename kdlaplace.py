@@ -518,6 +518,45 @@ def cross_fitted_laplace_predict(laplace: KFACLaplace, features: Tensor, n_folds
     return probs, logit_std
 
 
+def readout_predictive(weighting: str, weight: Tensor, bias: Optional[Tensor], train_logits: Tensor,
+                       train_features: Tensor, val_logits: Tensor, val_features: Tensor, y_val: Tensor,
+                       n_samples: int = 50, seed: int = 0,
+                       n_folds: int = 5) -> tuple[Tensor, Optional[KFACLaplace], Optional[Tensor]]:
+    """The readout's predictive on its N training samples, whose margin gives DEDIER's weights, per ``weighting``:
+
+        dedier      softmax(z)                                                    Tiwari et al. (2024)
+        dedier-ts   softmax(z / T), T minimising the validation NLL               Guo et al. (2017)
+        laplace     KFAC last-layer Laplace fit on the N samples, (T, sigma^2) by validation NLL
+        laplace-cv  the same, each sample predicted by a posterior fit without its fold (of ``n_folds``)
+        laplace-ml  the Laplace with sigma^2 by the evidence (MAP fixed) and T = 1: no validation labels
+
+    ``z = train_logits`` (N, c); ``train_features`` (N, p) the inputs of the readout's last layer, ``weight``
+    (c, p), ``bias`` (c,) or None; the validation pass ``val_logits`` (M, c), ``val_features`` (M, p), ``y_val``
+    (M,) tunes T and sigma^2. Tuning and prediction each draw their ``n_samples`` MC samples from a fresh
+    generator seeded with ``seed``. Returns the probabilities (N, c), the Laplace (None for the softmax
+    weightings) and :meth:`KFACLaplace.logit_std` per sample (N,) or None. Copy it with :class:`KFACLaplace`,
+    :func:`tune_temperature`, :func:`tune_laplace`, :func:`tune_laplace_marglik` and
+    :func:`cross_fitted_laplace_predict`.
+    """
+    if weighting == "dedier":
+        return torch.softmax(train_logits, -1), None, None
+    if weighting == "dedier-ts":
+        return torch.softmax(train_logits / tune_temperature(val_logits, y_val), -1), None, None
+    laplace = KFACLaplace.fit(train_features, weight, bias)
+    if weighting == "laplace-ml":
+        laplace = tune_laplace_marglik(laplace)
+    else:
+        laplace = tune_laplace(laplace, val_features, y_val, n_samples=n_samples,
+                               generator=torch.Generator(device=val_features.device).manual_seed(seed))
+    generator = torch.Generator(device=train_features.device).manual_seed(seed)
+    if weighting == "laplace-cv":
+        probs, logit_std = cross_fitted_laplace_predict(laplace, train_features, n_folds, n_samples, generator)
+    else:
+        probs = laplace.predict(train_features, n_samples, generator=generator)  # (N, c)
+        logit_std = laplace.logit_std(train_features)  # (N,)
+    return probs, laplace, logit_std
+
+
 # ══════════════════════════════════════════════════════════════════════════════
 #  3. Model-internal ensemble and budgeted early exit
 # ══════════════════════════════════════════════════════════════════════════════
@@ -1864,8 +1903,9 @@ def atomic_save(obj: object, path: Union[str, Path]) -> None:
             os.remove(temporary)
 
 
-def load_checkpoint(path: Union[str, Path]) -> dict:
-    """Load a checkpoint written by ``train.py`` (tensors and plain Python only: ``weights_only=True``)."""
+def load_checkpoint(path: Union[str, Path], **expected) -> dict:
+    """Load a checkpoint written by ``train.py`` (tensors and plain Python only: ``weights_only=True``) whose run
+    configuration matches ``expected`` (flag name -> value, e.g. ``dataset="synth"``), else one clear error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -1877,6 +1917,10 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
                          f"by train.py): {reason}") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
         raise ValueError(f"checkpoint {path} is not a kdlaplace checkpoint (no model / model_config)")
+    config = checkpoint.get("config", {})
+    if any(config.get(key) != value for key, value in expected.items()):
+        raise ValueError(f"checkpoint {path} is a run of " + ", ".join(f"{key} {config.get(key)}" for key in expected)
+                         + ", not " + ", ".join(f"{key} {value}" for key, value in expected.items()))
     return checkpoint
 
 
@@ -2009,7 +2053,8 @@ def build_model(arch: str, n_classes: int, pretrained: Union[bool, str, Path] = 
     ``"cnn"``: :class:`SmallCNN` of ``width`` (exits after its 3 stages); ResNets: exits after layer1..4,
     early heads are DEDIER readouts of width min(2 C, 128) (C for ``cnn``). ``pretrained``: ``True`` loads torchvision's
     ImageNet weights through ``torch.hub``; a path loads a local torchvision-format state dict.
-    ``input_size`` (for the FLOP count) defaults to 32 for ``cnn``/``resnet18-cifar`` and 224 otherwise."""
+    ``input_size`` (for the FLOP count) defaults to 32 for ``cnn``/``resnet18-cifar`` and 224 otherwise.
+    ``model.config`` keeps the arguments but the weights: a checkpoint's ``model_config`` (:func:`model_from_checkpoint`)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     if not (isinstance(n_classes, int) and n_classes >= 2):
@@ -2028,7 +2073,9 @@ def build_model(arch: str, n_classes: int, pretrained: Union[bool, str, Path] = 
     heads = [readout_head(c, c if arch == "cnn" else min(2 * c, 128), n_classes)
              for c in backbone.stage_channels[:-1]]
     size = input_size or (32 if arch in ("cnn", "resnet18-cifar") else 224)
-    return EarlyExitNet(backbone, heads, size, detach_exits)
+    model = EarlyExitNet(backbone, heads, size, detach_exits)
+    model.config = dict(arch=arch, n_classes=n_classes, width=width, input_size=size, detach_exits=detach_exits)
+    return model
 
 
 def model_from_checkpoint(checkpoint: dict) -> EarlyExitNet:

@@ -800,6 +800,9 @@ def unit_examples():
         "tune_laplace": lambda m: m.tune_laplace(laplace(m), features, y, n_samples=10, generator=seeded(46)).temperature,
         "tune_laplace_marglik": lambda m: m.tune_laplace_marglik(laplace(m)).prior_precision,
         "cross_fitted_laplace_predict": lambda m: m.cross_fitted_laplace_predict(laplace(m), features, 3, 10, seeded(47)),
+        "readout_predictive": lambda m: m.readout_predictive("laplace-cv", weight, bias, features @ weight.T + bias,
+                                                             features, features[:10] @ weight.T + bias, features[:10],
+                                                             y[:10], 10, 56, 3)[0],
         "mie_ensemble": lambda m: m.mie_ensemble(probs, torch.tensor([1.0, 2.0, 3.0], dtype=f64)),
         "tune_laplace_ensemble": lambda m: [t.prior_precision for t in m.tune_laplace_ensemble(
             [laplace(m)] * 2, [features] * 2, y, [1.0, 2.0], n_samples=10, generator=seeded(48))],

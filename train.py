@@ -136,33 +136,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return cfg
 
 
-# ── Checkpoints ─────────────────────────────────────────────────────────────────────────────
-
-def save(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data: K.SpuriousDataset, path: Path, **state) -> None:
-    """Write what eval.py needs to rebuild the model (weights, model and run config), plus ``state`` (the
-    optimiser, generator and per-sample weights that --resume needs, in last.pt), atomically."""
-    K.atomic_save({"model": model.state_dict(), "model_config": model_config(cfg, role, data), "role": role,
-                   "config": vars(cfg), "dataset": data.name, "n_classes": data.n_classes, **state}, path)
-
-
-# ── Networks and the teacher's targets ───────────────────────────────────────────────────────────────────
-
-def model_config(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset) -> dict:
-    arch = cfg.arch if role == "student" else cfg.teacher_arch
-    return dict(arch=arch, n_classes=data.n_classes, width=cfg.width if role == "student" else cfg.teacher_width,
-                input_size=data.image_size, detach_exits=True)
-
+# ── Networks and checkpoints ───────────────────────────────────────────────────────────────────────────
 
 def new_model(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
     """A fresh network for ``role`` with its own pretrained weights (--pretrained or --teacher-pretrained)."""
-    flag, value = ("--pretrained", cfg.pretrained) if role == "student" else ("--teacher-pretrained", cfg.teacher_pretrained)
-    config = model_config(cfg, role, data)
+    student = role == "student"
+    arch, width = (cfg.arch, cfg.width) if student else (cfg.teacher_arch, cfg.teacher_width)
+    flag, value = ("--pretrained", cfg.pretrained) if student else ("--teacher-pretrained", cfg.teacher_pretrained)
     try:
-        model = K.build_model(**config, pretrained={"none": False, "imagenet": True}.get(value, value))
+        model = K.build_model(arch, data.n_classes, {"none": False, "imagenet": True}.get(value, value), width,
+                              data.image_size)
     except (OSError, ValueError) as error:  # OSError: torch.hub cannot reach the download (an offline node)
         offline = f"; offline, pass a local torchvision-format state dict: {flag} FILE" if isinstance(error, OSError) else ""
-        raise ValueError(f"{flag} {value}: cannot initialise the {role} ({config['arch']}): {error}{offline}") from None
+        raise ValueError(f"{flag} {value}: cannot initialise the {role} ({arch}): {error}{offline}") from None
     return K.model_to_device(model, device, K.run_uses_bf16(vars(cfg), device))
+
+
+def save(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, path: Path, **state) -> None:
+    """Write what eval.py needs to rebuild the model (weights, model and run config), plus ``state`` (the
+    optimiser, generator and per-sample weights that --resume needs, in last.pt), atomically."""
+    K.atomic_save({"model": model.state_dict(), "model_config": model.config, "config": vars(cfg), **state}, path)
 
 
 # ── The readout: sample weights, their diagnostics, and its calibration ──────────────────────────────────
@@ -180,51 +173,37 @@ def readout_pass(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict,
 def readout_weights(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                     device: torch.device, epoch: int, val_logits: torch.Tensor,
                     val_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """DEDIER weights ``exp(beta * margin ** alpha)`` (N,) on the samples the readout gets wrong, from one pass of
-    the readout over the training set (its head in bf16 under autocast: the weights move by under 2%), with the
-    epoch's diagnostics for log.jsonl. The margin's probabilities depend on --weighting (module docstring), tuned
-    on the epoch's validation pass of the readout: logits (N_val, c), features (N_val, p)."""
+    """DEDIER weights ``exp(beta * margin ** alpha)`` (N,) on the samples the readout gets wrong, the margin of
+    :func:`kdlaplace.readout_predictive` under --weighting, from one pass of the readout over the training set (its
+    head in bf16 under autocast: the weights move by under 2%), tuned on the epoch's validation pass of the
+    readout (logits (N_val, c), features (N_val, p)); with the epoch's diagnostics for log.jsonl."""
     seed = cfg.seed * SEED_STRIDE + epoch
     train, val = splits["train"], splits["val"]
     train_logits, train_features = readout_pass(cfg, student, splits, data, device, "train", float32_heads=False)
+    linear = student.heads[cfg.readout_exit].linear
+    probs, laplace, logit_std = K.readout_predictive(
+        cfg.weighting, linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), train_logits,
+        train_features, val_logits, val_features, val.labels, N_SAMPLES, seed, CROSS_FIT_FOLDS)  # (N, c), -, (N,)
+    weights = K.dedier_weights(probs, train.labels, cfg.alpha, cfg.beta)  # (N,)
     # the temperature-only softmax: the ablation that every weighting is compared with, every epoch
     temperature = K.tune_temperature(val_logits, val.labels)
     temperature_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels,
                                            cfg.alpha, cfg.beta)  # (N,)
-    info = {"readout_temperature": None, "readout_prior_variance": None, "posterior_logit_std": None}
-    if cfg.weighting == "dedier":
-        weights = K.dedier_weights(torch.softmax(train_logits, -1), train.labels, cfg.alpha, cfg.beta)
-    elif cfg.weighting == "dedier-ts":
-        weights, info["readout_temperature"] = temperature_weights, temperature
-    else:  # a Laplace predictive of the readout, fit on this pass
-        linear = student.heads[cfg.readout_exit].linear
-        generator = K.seeded_generator(seed, device)
-        if cfg.weighting == "laplace-ml":  # prior precision by the marginal likelihood, T = 1: no val labels
-            bias = None if linear.bias is None else linear.bias.detach()
-            laplace = K.tune_laplace_marglik(K.KFACLaplace.fit(train_features, linear.weight.detach(), bias))
-        else:  # (T, sigma^2) tuned on val NLL
-            laplace = K.tuned_exit_laplace(linear, train_features, val_features, val.labels, N_SAMPLES, seed)
-        if cfg.weighting == "laplace-cv":  # every sample's posterior fit without it
-            probs, logit_std = K.cross_fitted_laplace_predict(laplace, train_features, CROSS_FIT_FOLDS, N_SAMPLES,
-                                                              generator)  # (N, c), (N,)
-        else:
-            probs = laplace.predict(train_features, N_SAMPLES, generator=generator)  # (N, c)
-            logit_std = laplace.logit_std(train_features)  # (N,)
-        weights = K.dedier_weights(probs, train.labels, cfg.alpha, cfg.beta)
+    group_means = lambda values: K.group_means(values, train.groups, data.n_groups)  # per group, None where empty
+    info = {"readout_temperature": temperature if cfg.weighting == "dedier-ts" else None,
+            "readout_prior_variance": None, "posterior_logit_std": None}
+    if laplace is not None:
         # the spread of the posterior variance phi~^T V phi~ across inputs: a variance equal for every input would
         # act as one more global temperature (exactly so for two classes and the probit link)
         variance = logit_std.double() ** 2  # (N,) proportional to phi~^T V phi~: a CV does not see the scale
-        group_variance = torch.tensor([v for v in K.group_means(variance, train.groups, data.n_groups)
-                                       if v is not None], dtype=torch.float64)  # (groups present,)
+        group_variance = torch.tensor([v for v in group_means(variance) if v is not None],
+                                      dtype=torch.float64)  # (groups present,)
         info.update(readout_temperature=laplace.temperature, readout_prior_variance=1.0 / laplace.prior_precision,
-                    posterior_logit_std=K.group_means(logit_std, train.groups, data.n_groups),
-                    posterior_logit_std_median=float(logit_std.median()),
+                    posterior_logit_std=group_means(logit_std), posterior_logit_std_median=float(logit_std.median()),
                     posterior_variance_cv=float(variance.std() / variance.mean()),
                     posterior_variance_group_cv=float(group_variance.std() / group_variance.mean()))
-    info.update(upweighted_share=K.group_means((weights > 1).double(), train.groups, data.n_groups),
-                upweighted_share_all=float((weights > 1).double().mean()),
-                mean_weight=K.group_means(weights, train.groups, data.n_groups),
-                weight_corr_temperature=K.pearson_correlation(weights, temperature_weights))
+    info.update(upweighted_share=group_means((weights > 1).double()), upweighted_share_all=float((weights > 1).double().mean()),
+                mean_weight=group_means(weights), weight_corr_temperature=K.pearson_correlation(weights, temperature_weights))
     return weights, info
 
 
@@ -247,13 +226,6 @@ def readout_calibration(cfg: argparse.Namespace, student: K.EarlyExitNet, splits
     return result
 
 
-def evaluate(cfg: argparse.Namespace, model: K.EarlyExitNet, split: K.Split, data: K.SpuriousDataset, device: torch.device) -> dict:
-    """Accuracy of the last exit on a split (:func:`accuracy_metrics`)."""
-    logits, _ = K.predict_split(model, split, data.mean, data.std, device, exits=[len(model.heads) - 1],
-                                amp=K.run_uses_bf16(vars(cfg), device))
-    return accuracy_metrics(logits[0].argmax(-1), split, data)
-
-
 def accuracy_metrics(pred: torch.Tensor, split: K.Split, data: K.SpuriousDataset) -> dict:
     """Average, worst-group and per-group accuracy of ``pred`` (N,), and on Waterbirds the literature's average
     (per-group accuracy weighted by the training group shares)."""
@@ -262,21 +234,6 @@ def accuracy_metrics(pred: torch.Tensor, split: K.Split, data: K.SpuriousDataset
 
 
 # ── Training: one phase (teacher or student), one epoch top to bottom ─────────────────────────────────────
-
-def phase_progress(role: str, model: K.EarlyExitNet, optimizer: torch.optim.Optimizer, generator: torch.Generator, state: dict, n_groups: int, device: torch.device) -> dict:
-    """Where a phase starts: the last finished epoch, the best validation score so far, group DRO's group weights
-    (n_groups,) and the readout's sample weights (N,) or None. Fresh, or, when ``state`` (last.pt) was written in
-    this phase, where it left off: the model, optimiser and generator are restored too."""
-    if state.get("phase") != role:
-        return {"epoch": 0, "best": {"worst_group_acc": -1.0, "avg_acc": -1.0, "epoch": 0},
-                "group_weights": torch.full((n_groups,), 1 / n_groups, device=device), "sample_weights": None}
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    sample_weights = state["sample_weights"]
-    return {"epoch": state["epoch"], "best": state["best"], "group_weights": state["group_weights"].to(device),
-            "sample_weights": None if sample_weights is None else sample_weights.to(device)}
-
 
 def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                           device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
@@ -307,7 +264,16 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
                                 weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
-    progress = phase_progress(role, model, optimizer, generator, state, data.n_groups, device)
+    # where the phase starts: the last finished epoch, the best validation score, group DRO's group weights
+    # (n_groups,) and the readout's sample weights (N,) or None; or where last.pt left off, when written in this phase
+    progress = {"epoch": 0, "best": {"worst_group_acc": -1.0, "avg_acc": -1.0, "epoch": 0},
+                "group_weights": torch.full((data.n_groups,), 1 / data.n_groups), "sample_weights": None}
+    if state.get("phase") == role:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        progress = {key: state[key] for key in progress}
+    progress = {key: value.to(device) if torch.is_tensor(value) else value for key, value in progress.items()}
     # one cycle (Smith 2018): over 15% of the steps the rate rises from lr/25 to lr while the momentum falls from
     # 0.95 to 0.85, then, on cosines, the rate falls to lr/25e4 while the momentum climbs back; a resumed run
     # continues at its step (a closed form), on the cycle of this run's --epochs
@@ -356,13 +322,13 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
         score = (val_metrics["worst_group_acc"], val_metrics["avg_acc"])
         if score > (progress["best"]["worst_group_acc"], progress["best"]["avg_acc"]):
             progress["best"] = {"worst_group_acc": score[0], "avg_acc": score[1], "epoch": epoch}
-            save(cfg, role, model, data, out / f"{role}.pt", best=progress["best"])
+            save(cfg, role, model, out / f"{role}.pt", best=progress["best"])
         log({"phase": role, "epoch": epoch, "seconds": round(seconds, 3), "train_loss": train_loss,
              "val_avg_acc": val_metrics["avg_acc"], "val_worst_group_acc": val_metrics["worst_group_acc"],
              "images_per_s": round(len(train) / seconds, 1), "lr": lr, "reweighted": sample_weights is not None,
              **info}, epochs)
         progress["epoch"] = epoch
-        save(cfg, role, model, data, out / "last.pt", phase=role, optimizer=optimizer.state_dict(),
+        save(cfg, role, model, out / "last.pt", phase=role, optimizer=optimizer.state_dict(),
              generator=generator.get_state(), **progress)
     model.load_state_dict(K.load_checkpoint(out / f"{role}.pt")["model"])
     print(f"{role}: best validation worst-group accuracy {progress['best']['worst_group_acc']:.3f} "
@@ -370,39 +336,19 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
     return model
 
 
-def epoch_line(record: dict, epochs: int) -> str:
-    """The printed line of an epoch's log record, with the readout's tuned T, sigma^2 and up-weighted shares."""
-    line = (f"{record['phase']} epoch {record['epoch']:3d}/{epochs}  loss {record['train_loss']:.4f}  val avg "
-            f"{record['val_avg_acc']:.3f}  worst-group {record['val_worst_group_acc']:.3f}  {record['seconds']:.1f}s")
-    if "mean_weight" in record:
-        line += "  | T {} s2 {}  up ".format(*(f"{record[k]:.3g}" if record[k] is not None else "-" for k in
-                                              ("readout_temperature", "readout_prior_variance")))
-        line += "/".join(f"{share:.2f}" if share is not None else "-" for share in record["upweighted_share"])
-    return line
-
-
 # ── The pipeline ─────────────────────────────────────────────────────────────────────────────────────────
-
-def checked_checkpoint(path: Path, flag: str, **expected) -> dict:
-    """A checkpoint of train.py whose run config matches ``expected`` (flag -> value), else one clear error."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag}: no {path}" + (" to resume from (run without --resume first)"
-                                                         if flag == "--resume" else ""))
-    saved = K.load_checkpoint(path)
-    if any(saved["config"][key] != value for key, value in expected.items()):
-        raise ValueError(f"{flag}: {path} is a run of " + ", ".join(f"{key} {saved['config'][key]}" for key in expected)
-                         + ", not " + ", ".join(f"{key} {value}" for key, value in expected.items()))
-    return saved
-
 
 def run(cfg: argparse.Namespace) -> dict:
     started = time.perf_counter()
     out = Path(cfg.out)
-    state = checked_checkpoint(out / "last.pt", "--resume", dataset=cfg.dataset, synth_classes=cfg.synth_classes,
-                               arch=cfg.arch, teacher_arch=cfg.teacher_arch) if cfg.resume else {}
+    if cfg.resume and not (out / "last.pt").is_file():
+        raise FileNotFoundError(f"--resume: no {out / 'last.pt'} to resume from (run without --resume first)")
+    state = K.load_checkpoint(out / "last.pt", dataset=cfg.dataset, synth_classes=cfg.synth_classes, arch=cfg.arch,
+                              teacher_arch=cfg.teacher_arch) if cfg.resume else {}
     torch.manual_seed(cfg.seed)
     K.use_allowed_cores()
     device = K.pick_device(cfg.device)
+    amp = K.run_uses_bf16(vars(cfg), device)  # bf16 autocast and channels_last
     data = K.load_run_data(vars(cfg))
     splits = K.splits_to_device(data, device)
     student = new_model(cfg, "student", data, device)
@@ -418,41 +364,49 @@ def run(cfg: argparse.Namespace) -> dict:
         (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     print(f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
           f"{data.n_classes} classes, {data.n_groups} groups; device {device}, {torch.get_num_threads()} threads"
-          f"{' (bf16 autocast)' if K.run_uses_bf16(vars(cfg), device) else ''}; out {out}")
+          f"{' (bf16 autocast)' if amp else ''}; out {out}")
 
-    def log(record: dict, epochs: int) -> None:  # one line of log.jsonl and one printed line per epoch
+    def log(record: dict, epochs: int) -> None:  # one line of log.jsonl; printed with the readout's T, s2, shares
         with open(out / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        print(epoch_line(record, epochs), flush=True)
+        line = (f"{record['phase']} epoch {record['epoch']:3d}/{epochs}  loss {record['train_loss']:.4f}  val avg "
+                f"{record['val_avg_acc']:.3f}  worst-group {record['val_worst_group_acc']:.3f}  {record['seconds']:.1f}s")
+        if "mean_weight" in record:
+            line += "  | T {} s2 {}  up ".format(*(f"{record[k]:.3g}" if record[k] is not None else "-"
+                                                  for k in ("readout_temperature", "readout_prior_variance")))
+            line += "/".join(f"{share:.2f}" if share is not None else "-" for share in record["upweighted_share"])
+        print(line, flush=True)
 
     # 1. Teacher: reused, or trained here (ERM or group DRO on the last exit), or resumed
     if cfg.teacher or state.get("phase") == "student":
-        saved = checked_checkpoint(Path(cfg.teacher) if cfg.teacher else out / "teacher.pt",
-                                   "--teacher" if cfg.teacher else "--resume", dataset=cfg.dataset,
-                                   synth_classes=cfg.synth_classes)  # any architecture
-        teacher = K.model_to_device(K.model_from_checkpoint(saved), device, K.run_uses_bf16(vars(cfg), device))
+        saved = K.load_checkpoint(cfg.teacher or out / "teacher.pt", dataset=cfg.dataset,
+                                  synth_classes=cfg.synth_classes)  # any architecture
+        teacher = K.model_to_device(K.model_from_checkpoint(saved), device, amp)
     else:
         teacher = train_phase(cfg, "teacher", new_model(cfg, "teacher", data, device), data, splits, device,
                               cfg.teacher_epochs, out, log, state)
-    targets = K.teacher_targets(teacher, splits["train"], data.mean, data.std, data.augment, device,
-                                K.run_uses_bf16(vars(cfg), device))
+    targets = K.teacher_targets(teacher, splits["train"], data.mean, data.std, data.augment, device, amp)
 
     # 2. Student: weighted KD on the last exit, readouts trained on the side, weights refreshed every epoch
     student = train_phase(cfg, "student", student, data, splits, device, cfg.epochs, out, log, state, targets)
 
-    # 3. Summary on the test split
+    # 3. Summary on the test split: the last exits' accuracies, the readout's calibration
+    def test_accuracy(model: K.EarlyExitNet) -> dict:
+        logits, _ = K.predict_split(model, splits["test"], data.mean, data.std, device, exits=[len(model.heads) - 1],
+                                    amp=amp)  # (1, N_test, c)
+        return accuracy_metrics(logits[0].argmax(-1), splits["test"], data)
+
     metrics = {"dataset": data.name, "weighting": cfg.weighting, "seed": cfg.seed,
-               "teacher": {"test": evaluate(cfg, teacher, splits["test"], data, device)},
-               "student": {"test": evaluate(cfg, student, splits["test"], data, device),
+               "teacher": {"test": test_accuracy(teacher)},
+               "student": {"test": test_accuracy(student),
                            "val": K.load_checkpoint(out / "student.pt")["best"],  # the selected epoch
                            "readout": readout_calibration(cfg, student, splits, data, device)}}
     # what produced the run, for the tables that read it (wall time: of this process, after --resume its part)
-    metrics.update(code_version=K.code_version(), hardware=K.hardware_name(device), bf16=K.run_uses_bf16(vars(cfg), device),
+    metrics.update(code_version=K.code_version(), hardware=K.hardware_name(device), bf16=amp,
                    threads=torch.get_num_threads(), wall_seconds=round(time.perf_counter() - started, 1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\n{'test':8s} {'avg acc':>8s} {'worst-group':>12s}  " + "  ".join(f"{g:>14s}" for g in data.group_names))
-    for role in ("teacher", "student"):
-        m = metrics[role]["test"]
+    for role, m in ((role, metrics[role]["test"]) for role in ("teacher", "student")):
         print(f"{role:8s} {m['avg_acc']:8.3f} {m['worst_group_acc']:12.3f}  "
               + "  ".join(f"{a:14.3f}" if a is not None else f"{'-':>14s}" for a in m["group_acc"]))
     readout = metrics["student"]["readout"]
