@@ -53,17 +53,6 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def classification_metrics(probs: torch.Tensor, split: K.Split, n_groups: int) -> dict:
-    pred = probs.argmax(-1)
-    metrics = {"top1": float((pred == split.labels).double().mean()),
-               "nlpd": K.nlpd(probs, split.labels),
-               "ece": K.expected_calibration_error(probs, split.labels),
-               "worst_group_acc": K.worst_group_accuracy(pred, split.labels, split.groups, n_groups)}
-    if probs.shape[1] >= 5:
-        metrics["top5"] = K.top_k_accuracy(probs, split.labels, 5)
-    return metrics
-
-
 def budget_curve(probs_val: torch.Tensor, probs_test: torch.Tensor, y_test: torch.Tensor, flops: list[int]) -> list[dict]:
     """Accuracy, NLPD and ECE against expected FLOPs for each budget level (thresholds from val)."""
     flops_t = torch.tensor(flops, dtype=torch.float64, device=probs_test.device)
@@ -139,7 +128,8 @@ def report(args: argparse.Namespace) -> dict:
         exits.append({
             "exit": k, "flops": flops[k],
             "laplace": {"temperature": tuned[k].temperature, "prior_precision": tuned[k].prior_precision},
-            **{m: classification_metrics(probs["test"][m][k], test, data.n_groups) for m in methods},
+            **{m: K.classification_metrics(probs["test"][m][k], test.labels, test.groups, data.n_groups)
+               for m in methods},
             **{key: {name: float(values[k]) for name, values in metrics.items()} for key, metrics in sets.items()},
             "reliability": {m: [t.tolist() for t in K.reliability_bins(probs["test"][m][k], test.labels)]
                             for m in ("MAP", "Laplace")}})  # per bin: count, confidence sum, correct count

@@ -1053,6 +1053,20 @@ def top_k_accuracy(probs: Tensor, y: Tensor, k: int = 5) -> float:
     return float((probs.topk(k, dim=-1).indices == y[:, None]).any(-1).double().mean())
 
 
+def classification_metrics(probs: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> dict[str, float]:
+    """The figures of one predictive as Meronen et al. (2024) report an exit: top-1 accuracy, top-5 accuracy
+    (with c >= 5 classes), NLPD and ECE, and the worst-group accuracy of the argmax.
+    Shapes: ``probs`` (N, c), ``y`` and ``groups`` (N,). Copy it with :func:`nlpd`,
+    :func:`expected_calibration_error`, :func:`worst_group_accuracy` and :func:`top_k_accuracy`."""
+    pred = probs.argmax(-1)  # (N,)
+    metrics = {"top1": float((pred == y).double().mean()), "nlpd": nlpd(probs, y),
+               "ece": expected_calibration_error(probs, y),
+               "worst_group_acc": worst_group_accuracy(pred, y, groups, n_groups)}
+    if probs.shape[1] >= 5:
+        metrics["top5"] = top_k_accuracy(probs, y, 5)
+    return metrics
+
+
 # ══════════════════════════════════════════════════════════════════════════════
 #  6. Networks: early-exit networks
 # ══════════════════════════════════════════════════════════════════════════════
@@ -1242,6 +1256,12 @@ class SpuriousDataset:
     @property
     def image_size(self) -> int:
         return self.train.images.shape[-1]
+
+    def accuracy(self, pred: Tensor, split: Split) -> dict:
+        """:func:`accuracy_report` of predictions ``pred`` (N,) on ``split``; on Waterbirds also the literature's
+        adjusted average (per-group accuracy weighted by the training group shares, as WILDS reports it)."""
+        counts = torch.bincount(self.train.groups, minlength=self.n_groups) if self.name == "waterbirds" else None
+        return accuracy_report(pred, split.labels, split.groups, self.n_groups, counts)
 
 
 def _smooth_noise(n: int, size: int, cells: int, generator: torch.Generator) -> Tensor:

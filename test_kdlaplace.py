@@ -832,6 +832,8 @@ def unit_examples():
         "expected_calibration_error": lambda m: m.expected_calibration_error(probs[0], y[:8]),
         "nlpd": lambda m: m.nlpd(probs[0], y[:8]),
         "top_k_accuracy": lambda m: m.top_k_accuracy(probs[0], y[:8], 2),
+        "classification_metrics": lambda m: torch.tensor(list(m.classification_metrics(
+            torch.softmax(torch.randn(8, 6, generator=seeded(57), dtype=f64), -1), y[:8], groups, 4).values())),
     }
 
 
@@ -1389,12 +1391,11 @@ def dense_log_evidence(features, weight, bias, prior_precision):
 
 
 @pytest.mark.parametrize("weighting", ["dedier", "dedier-ts", "laplace", "laplace-ml", "laplace-cv"])
-def test_readout_weights_of_train_py_match_a_hand_computation(weighting):
+def test_sample_weights_of_train_py_match_a_hand_computation(weighting):
     cfg, data, splits = tiny_setup("--weighting", weighting, "--alpha", "0.7", "--beta", "1.5")
     torch.manual_seed(4)
     student = train.new_model(cfg, "student", data, torch.device("cpu"))
-    pass_logits, pass_features = train.readout_pass(cfg, student, splits, data, torch.device("cpu"), "val")
-    weights, info = train.readout_weights(cfg, student, splits, data, torch.device("cpu"), 3, pass_logits, pass_features)
+    _, weights, info = train.validate_and_reweight(cfg, "student", student, splits, data, torch.device("cpu"), 3)
     features, linear = exit_features_float64(student, 0, data.train, data)
     logits = linear(features).detach()  # (N, 2)
     val_features, _ = exit_features_float64(student, 0, data.val, data)

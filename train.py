@@ -3,12 +3,11 @@
     python train.py                                             # synth benchmark, CPU, a few minutes
     python train.py --dataset waterbirds --data-root DIR --weighting laplace
 
-Weightings: ``none`` (plain KD), ``dedier`` (the readout's softmax margin, Tiwari et al. 2024), ``dedier-ts``
-(the margin of its softmax at a temperature tuned on val; the default: the best validation worst-group accuracy
-over the ten seeds of the README's table), ``laplace`` (the margin of its KFAC Laplace predictive, (T, sigma^2)
-tuned on val), ``laplace-cv`` (the same, every sample's posterior fit without its fold: an ablation) and
-``laplace-ml`` (the prior precision by the Laplace evidence with the MAP fixed, T = 1: no validation labels). Writes
-teacher.pt, student.pt, last.pt, log.jsonl and metrics.json to --out; ``--resume`` continues an interrupted run.
+Weightings: ``none`` (plain KD) or DEDIER's weights (Tiwari et al. 2024) from the readout's softmax (``dedier``), its
+softmax at a temperature tuned on val (``dedier-ts``, the default: the best validation worst-group accuracy over the
+ten seeds of the README's table) or its KFAC Laplace predictive (``laplace``; ``laplace-cv`` cross-fitted;
+``laplace-ml`` by the evidence): kdlaplace.readout_predictive. Writes teacher.pt, student.pt, last.pt, log.jsonl and
+metrics.json to --out; ``--resume`` continues an interrupted run.
 """
 from __future__ import annotations
 
@@ -30,15 +29,13 @@ N_SAMPLES = 50  # MC samples of every Laplace predictive in training and in its 
 SEED_STRIDE = 100003  # a prime: the readout pass of (seed, epoch) draws from seed * SEED_STRIDE + epoch
 CROSS_FIT_FOLDS = 5  # laplace-cv: each sample's posterior is fit on the other 4/5 of the training set
 GDRO_STEP = 0.01  # group DRO's step size eta on the group weights (Sagawa et al. 2020)
-# synth with more than two classes (a colour per class): at synth's 15 teacher epochs the group-DRO teacher leaves
-# the colour shortcut in one seed of five (README, "Results")
+# synth with more than two classes: at 15 teacher epochs the teacher keeps the colour shortcut in 4 seeds of 5
 MULTI_CLASS_EPOCHS = {"teacher_epochs": 30, "epochs": 40}
 
 # ── Defaults per dataset (``--help`` prints them) ───────────────────────────────────────────────────────
-# alpha/beta per weighting: on the real datasets DEDIER's published values (Tiwari et al. 2024) for Waterbirds
-# (0.05, 4) and CelebA (0.1, 3.5), alpha = 1, beta = 2 for the calibrated margins (untuned there); on synth the
-# values that `python sweep.py --study table` selected on validation worst-group accuracy (README, "Results").
-# Optimiser settings follow group DRO's recipes (Sagawa et al. 2020). lam = 1 and T = 3 are DEDIER's.
+# alpha/beta per weighting: DEDIER's published values (Tiwari et al. 2024) on Waterbirds (0.05, 4), CelebA (0.1, 3.5),
+# alpha = 1, beta = 2 for the calibrated margins (untuned there); on synth the selection of `sweep.py --study table`.
+# Optimisers: group DRO's recipes (Sagawa et al. 2020); lam = 1 and T = 3 are DEDIER's.
 CALIBRATED_MARGINS = ("dedier-ts", "laplace", "laplace-cv", "laplace-ml")
 SHARED = dict(width=32, teacher_width=64, lam=1.0, temperature=3.0,
               alpha={"dedier": 0.05, **dict.fromkeys(CALIBRATED_MARGINS, 1.0)},
@@ -85,8 +82,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--width", "student width (arch cnn only)", type=int)
     add("--teacher-width", "teacher width (arch cnn only)", type=int)
     add("--pretrained", "student weights: imagenet, none, or a torchvision-format state dict path")
-    add("--teacher-pretrained", "teacher weights, same values as --pretrained (default: as --pretrained when the "
-                                "architectures match, else the dataset's --pretrained)")
+    add("--teacher-pretrained", "teacher weights (default: --pretrained for the same arch, else the dataset's)")
     add("--teacher", "reuse this trained teacher.pt instead of training one")
     add("--teacher-objective", "erm, or gdro: group DRO with online group weights", choices=["erm", "gdro"])
     add("--epochs", "student epochs (in total, with --resume)", type=int)
@@ -99,14 +95,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--alpha", "exponent on the readout margin (> 0)", type=float)
     add("--beta", "scale of the weights exp(beta * margin ** alpha) (>= 0)", type=float)
     add("--readout-exit", "which student exit is the readout (0 = the first)", type=int, default=0)
-    add("--reweight-every", "the readout pass and new sample weights only after epochs where (epoch - 1) %% K == 0 "
-                            "(DEDIER's --reweigh_at)", type=int, default=1)
+    add("--reweight-every", "new sample weights only after epochs where (epoch - 1) %% K == 0", type=int, default=1)
     add("--image-size", "input size of the JPEG datasets (default 224)", type=int)
     add("--cache-dir", "where decoded images are cached")
     add("--synth-n-train", "synth training images (val = 1/4, test = 1/2 of it)", type=int, default=4800)
-    add("--synth-classes", "synth classes, 2 to 10: shapes on land or water (2, the benchmark of the README's tables) "
-                           "or on a colour per class (10: the benchmark of the exit-level methods; more than 2: 30 "
-                           "teacher and 40 student epochs unless given)", type=int, default=2)
+    add("--synth-classes", "synth classes, 2 to 10: shapes on land or water (2: the README's tables) or on a colour per "
+                           "class (10: the exits' benchmark; 30 teacher, 40 student epochs)", type=int, default=2)
     add("--seed", "random seed", type=int, default=0)
     add("--device", "auto, cpu or cuda", default="auto", choices=["auto", "cpu", "cuda"])
     add("--float32", "no bf16 autocast, even where it is fast (CUDA, CPUs with AVX512-BF16 or AMX)", action="store_true")
@@ -158,7 +152,7 @@ def save(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, path: Path, 
     K.atomic_save({"model": model.state_dict(), "model_config": model.config, "config": vars(cfg), **state}, path)
 
 
-# ── The readout: sample weights, their diagnostics, and its calibration ──────────────────────────────────
+# ── The readout's passes and calibration; accuracies ─────────────────────────────────────────────────────
 
 def readout_pass(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                  device: torch.device, split: str, float32_heads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,31 +164,55 @@ def readout_pass(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict,
     return logits[0], features
 
 
-def readout_weights(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
-                    device: torch.device, epoch: int, val_logits: torch.Tensor,
-                    val_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """DEDIER weights ``exp(beta * margin ** alpha)`` (N,) on the samples the readout gets wrong, the margin of
-    :func:`kdlaplace.readout_predictive` under --weighting, from one pass of the readout over the training set (its
-    head in bf16 under autocast: the weights move by under 2%), tuned on the epoch's validation pass of the
-    readout (logits (N_val, c), features (N_val, p)); with the epoch's diagnostics for log.jsonl."""
-    seed = cfg.seed * SEED_STRIDE + epoch
-    train, val = splits["train"], splits["val"]
-    train_logits, train_features = readout_pass(cfg, student, splits, data, device, "train", float32_heads=False)
-    linear = student.heads[cfg.readout_exit].linear
+def readout_calibration(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
+                        device: torch.device) -> dict:
+    """Test accuracy, NLPD and ECE of the readout exit with its softmax, its temperature-scaled softmax and its
+    Laplace predictive (T and (T, sigma^2) tuned on val). Same seeding rule as eval.py: the same figures."""
+    (_, train_features), (val_logits, val_features), (logits, features) = (
+        readout_pass(cfg, student, splits, data, device, split) for split in ("train", "val", "test"))
+    laplace = K.tuned_exit_laplace(student.heads[cfg.readout_exit].linear, train_features, val_features,
+                                   splits["val"].labels, N_SAMPLES, cfg.seed)
+    temperature, test = K.tune_temperature(val_logits, splits["val"].labels), splits["test"]
+    result = {"exit": cfg.readout_exit, "temperature_value": temperature}
+    for name, probs in (("map", torch.softmax(logits, -1)), ("temperature", torch.softmax(logits / temperature, -1)),
+                        ("laplace", laplace.predict(features, N_SAMPLES, generator=K.seeded_generator(cfg.seed, device)))):
+        result[name] = K.classification_metrics(probs, test.labels, test.groups, data.n_groups)
+    return result
+
+
+# ── Training: one phase (teacher or student), one epoch top to bottom ─────────────────────────────────────
+
+def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
+                          device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
+    """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student after
+    an epoch where (epoch - 1) % --reweight-every == 0, the next epochs' sample weights (N,) with their diagnostics
+    (else None and {}): DEDIER's ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, the margin of
+    kdlaplace.readout_predictive tuned on the same validation pass, from a pass of the readout over the training set
+    (its head in bf16 under autocast: the weights move by under 2%)."""
+    last_exit = len(model.heads) - 1
+    reweight = role == "student" and cfg.weighting != "none" and (epoch - 1) % cfg.reweight_every == 0
+    val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device,
+                                               exits=[last_exit, cfg.readout_exit] if reweight else [last_exit],
+                                               amp=K.run_uses_bf16(vars(cfg), device))  # (K', N_val, c), K' x (N_val, p)
+    metrics = data.accuracy(val_logits[0].argmax(-1), splits["val"])
+    if not reweight:
+        return metrics, None, {}
+    val_logits, val_features = val_logits[1], val_features[1]  # the readout's: (N_val, c), (N_val, p)
+    train, val, seed = splits["train"], splits["val"], cfg.seed * SEED_STRIDE + epoch
+    train_logits, train_features = readout_pass(cfg, model, splits, data, device, "train", float32_heads=False)
+    linear = model.heads[cfg.readout_exit].linear
     probs, laplace, logit_std = K.readout_predictive(
         cfg.weighting, linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), train_logits,
         train_features, val_logits, val_features, val.labels, N_SAMPLES, seed, CROSS_FIT_FOLDS)  # (N, c), -, (N,)
     weights = K.dedier_weights(probs, train.labels, cfg.alpha, cfg.beta)  # (N,)
     # the temperature-only softmax: the ablation that every weighting is compared with, every epoch
     temperature = K.tune_temperature(val_logits, val.labels)
-    temperature_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels,
-                                           cfg.alpha, cfg.beta)  # (N,)
+    temperature_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels, cfg.alpha, cfg.beta)
     group_means = lambda values: K.group_means(values, train.groups, data.n_groups)  # per group, None where empty
     info = {"readout_temperature": temperature if cfg.weighting == "dedier-ts" else None,
             "readout_prior_variance": None, "posterior_logit_std": None}
     if laplace is not None:
-        # the spread of the posterior variance phi~^T V phi~ across inputs: a variance equal for every input would
-        # act as one more global temperature (exactly so for two classes and the probit link)
+        # the spread of phi~^T V phi~ across inputs: one variance for all would act as one more global temperature
         variance = logit_std.double() ** 2  # (N,) proportional to phi~^T V phi~: a CV does not see the scale
         group_variance = torch.tensor([v for v in group_means(variance) if v is not None],
                                       dtype=torch.float64)  # (groups present,)
@@ -204,52 +222,6 @@ def readout_weights(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: di
                     posterior_variance_group_cv=float(group_variance.std() / group_variance.mean()))
     info.update(upweighted_share=group_means((weights > 1).double()), upweighted_share_all=float((weights > 1).double().mean()),
                 mean_weight=group_means(weights), weight_corr_temperature=K.pearson_correlation(weights, temperature_weights))
-    return weights, info
-
-
-def readout_calibration(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
-                        device: torch.device) -> dict:
-    """Test accuracy, ECE and NLPD of the readout exit with its softmax, its temperature-scaled softmax and its
-    Laplace predictive (T and (T, sigma^2) tuned on val). Same seeding rule as eval.py: the same figures."""
-    _, train_features = readout_pass(cfg, student, splits, data, device, "train")
-    val_logits, val_features = readout_pass(cfg, student, splits, data, device, "val")
-    logits, features = readout_pass(cfg, student, splits, data, device, "test")
-    laplace = K.tuned_exit_laplace(student.heads[cfg.readout_exit].linear, train_features, val_features,
-                                   splits["val"].labels, N_SAMPLES, cfg.seed)
-    temperature = K.tune_temperature(val_logits, splits["val"].labels)
-    test = splits["test"]
-    result = {"exit": cfg.readout_exit, "temperature_value": temperature}
-    for name, probs in (("map", torch.softmax(logits, -1)), ("temperature", torch.softmax(logits / temperature, -1)),
-                        ("laplace", laplace.predict(features, N_SAMPLES, generator=K.seeded_generator(cfg.seed, device)))):
-        result[name] = {"acc": float((probs.argmax(-1) == test.labels).double().mean()),
-                        "ece": K.expected_calibration_error(probs, test.labels), "nlpd": K.nlpd(probs, test.labels)}
-    return result
-
-
-def accuracy_metrics(pred: torch.Tensor, split: K.Split, data: K.SpuriousDataset) -> dict:
-    """Average, worst-group and per-group accuracy of ``pred`` (N,), and on Waterbirds the literature's average
-    (per-group accuracy weighted by the training group shares)."""
-    counts = torch.bincount(data.train.groups, minlength=data.n_groups) if data.name == "waterbirds" else None
-    return K.accuracy_report(pred, split.labels, split.groups, data.n_groups, counts)
-
-
-# ── Training: one phase (teacher or student), one epoch top to bottom ─────────────────────────────────────
-
-def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
-                          device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
-    """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student after
-    an epoch where (epoch - 1) % --reweight-every == 0, the readout's sample weights (N,) for the next epochs with
-    their diagnostics (else None and {}). One validation pass serves both (heads in float32): the stages they share run
-    once."""
-    last_exit = len(model.heads) - 1
-    reweight = role == "student" and cfg.weighting != "none" and (epoch - 1) % cfg.reweight_every == 0
-    val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device,
-                                               exits=[last_exit, cfg.readout_exit] if reweight else [last_exit],
-                                               amp=K.run_uses_bf16(vars(cfg), device))  # (K', N_val, c), K' x (N_val, p)
-    metrics = accuracy_metrics(val_logits[0].argmax(-1), splits["val"], data)
-    if not reweight:
-        return metrics, None, {}
-    weights, info = readout_weights(cfg, model, splits, data, device, epoch, val_logits[1], val_features[1])
     return metrics, weights, info
 
 
@@ -264,8 +236,7 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
                                 weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
-    # where the phase starts: the last finished epoch, the best validation score, group DRO's group weights
-    # (n_groups,) and the readout's sample weights (N,) or None; or where last.pt left off, when written in this phase
+    # the phase from its start (epoch, best val score, group DRO's weights, sample weights) or where last.pt left off
     progress = {"epoch": 0, "best": {"worst_group_acc": -1.0, "avg_acc": -1.0, "epoch": 0},
                 "group_weights": torch.full((data.n_groups,), 1 / data.n_groups), "sample_weights": None}
     if state.get("phase") == role:
@@ -274,9 +245,8 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
         generator.set_state(state["generator"])
         progress = {key: state[key] for key in progress}
     progress = {key: value.to(device) if torch.is_tensor(value) else value for key, value in progress.items()}
-    # one cycle (Smith 2018): over 15% of the steps the rate rises from lr/25 to lr while the momentum falls from
-    # 0.95 to 0.85, then, on cosines, the rate falls to lr/25e4 while the momentum climbs back; a resumed run
-    # continues at its step (a closed form), on the cycle of this run's --epochs
+    # one cycle (Smith 2018): over 15% of the steps the rate rises from lr/25 to lr and the momentum falls from 0.95
+    # to 0.85, then both return on cosines, the rate to lr/25e4; a resumed run continues at its step on this cycle
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch,
                                                    pct_start=0.15, div_factor=25, final_div_factor=1e4,
                                                    last_epoch=progress["epoch"] * steps_per_epoch - 1)
@@ -392,9 +362,8 @@ def run(cfg: argparse.Namespace) -> dict:
 
     # 3. Summary on the test split: the last exits' accuracies, the readout's calibration
     def test_accuracy(model: K.EarlyExitNet) -> dict:
-        logits, _ = K.predict_split(model, splits["test"], data.mean, data.std, device, exits=[len(model.heads) - 1],
-                                    amp=amp)  # (1, N_test, c)
-        return accuracy_metrics(logits[0].argmax(-1), splits["test"], data)
+        logits, _ = K.predict_split(model, splits["test"], data.mean, data.std, device, exits=[len(model.heads) - 1], amp=amp)
+        return data.accuracy(logits[0].argmax(-1), splits["test"])
 
     metrics = {"dataset": data.name, "weighting": cfg.weighting, "seed": cfg.seed,
                "teacher": {"test": test_accuracy(teacher)},
