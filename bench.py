@@ -200,7 +200,7 @@ def epoch_cases(device: torch.device, flags: list[str], data: Optional[K.Spuriou
     amp = K.run_uses_bf16(vars(cfg), device)
     torch.manual_seed(0)
     teacher = train.new_model(cfg, "teacher", data, device)
-    target_flops = teacher.pass_flops([-1]) if data.augment not in ("none", "flip") else 0  # else once for the run
+    target_flops = teacher.pass_flops([-1]) if data.augment not in K.LOOKUP_AUGMENTS else 0  # else once for the run
     n_train, n_val = len(data.train), len(data.val)
 
     def add(case: str, network: str, seconds: float, baseline: Optional[float], macs: tuple[int, int],

@@ -1840,6 +1840,9 @@ def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std:
     return torch.cat(logits, dim=1), [torch.cat(parts) for parts in zip(*features)]
 
 
+LOOKUP_AUGMENTS = ("none", "flip")  # augmentations with few enough views for teacher_targets to compute them once
+
+
 def teacher_targets(teacher: EarlyExitNet, train: Split, mean: Sequence[float], std: Sequence[float], augment: str,
                     device: torch.device, amp: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """A function (batch x, sample indices, flips or None) -> KD target logits (B, c): the teacher's last-exit
@@ -1848,7 +1851,7 @@ def teacher_targets(teacher: EarlyExitNet, train: Split, mean: Sequence[float], 
     forward pass costs more than the student's whole step. Random crops make every batch new: computed per batch."""
     last = len(teacher.heads) - 1
     teacher.eval()
-    if augment not in ("none", "flip"):
+    if augment not in LOOKUP_AUGMENTS:
         def per_batch(x: Tensor, index: Tensor, flips: Optional[Tensor]) -> Tensor:
             with torch.no_grad(), autocast(device, amp):
                 features = teacher.forward_features(x, exits=[last], float32_heads=True)[0]  # (B, p) float32

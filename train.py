@@ -32,7 +32,7 @@ GDRO_STEP = 0.01  # group DRO's step size eta on the group weights (Sagawa et al
 # synth with more than two classes: at 15 teacher epochs the teacher keeps the colour shortcut in 4 seeds of 5
 MULTI_CLASS_EPOCHS = {"teacher_epochs": 30, "epochs": 40}
 
-# ── Defaults per dataset (``--help`` prints them) ───────────────────────────────────────────────────────
+# ── Defaults per dataset (``--help`` prints them) ───────────────────────────────────────────────────────────
 # alpha/beta per weighting: DEDIER's published values (Tiwari et al. 2024) on Waterbirds (0.05, 4), CelebA (0.1, 3.5),
 # alpha = 1, beta = 2 for the calibrated margins (untuned there); on synth the selection of `sweep.py --study table`.
 # Optimisers: group DRO's recipes (Sagawa et al. 2020); lam = 1 and T = 3 are DEDIER's.
@@ -130,7 +130,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return cfg
 
 
-# ── Networks and checkpoints ───────────────────────────────────────────────────────────────────────────
+# ── Networks and checkpoints ────────────────────────────────────────────────────────────────────────────────
 
 def new_model(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
     """A fresh network for ``role`` with its own pretrained weights (--pretrained or --teacher-pretrained)."""
@@ -152,7 +152,7 @@ def save(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, path: Path, 
     K.atomic_save({"model": model.state_dict(), "model_config": model.config, "config": vars(cfg), **state}, path)
 
 
-# ── The readout's passes and calibration; accuracies ─────────────────────────────────────────────────────
+# ── The readout's passes and its calibration ────────────────────────────────────────────────────────────────
 
 def readout_pass(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                  device: torch.device, split: str, float32_heads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +180,7 @@ def readout_calibration(cfg: argparse.Namespace, student: K.EarlyExitNet, splits
     return result
 
 
-# ── Training: one phase (teacher or student), one epoch top to bottom ─────────────────────────────────────
+# ── Training: one phase (teacher or student), one epoch top to bottom ───────────────────────────────────────
 
 def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                           device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
@@ -306,7 +306,7 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
     return model
 
 
-# ── The pipeline ─────────────────────────────────────────────────────────────────────────────────────────
+# ── The pipeline ────────────────────────────────────────────────────────────────────────────────────────────
 
 def run(cfg: argparse.Namespace) -> dict:
     started = time.perf_counter()
