@@ -4,7 +4,7 @@
     python sweep.py --study table --jobs 8                  # 8 runs at a time, one per GPU (CUDA_VISIBLE_DEVICES)
     python sweep.py --study table --jobs 8 --runs-per-gpu 4 # 2 GPUs with 4 small runs each
     python sweep.py --study data-size --jobs 2              # on a 2-core CPU: 2 runs of one thread each
-    python sweep.py --study lr --print-commands teachers    # one command per line, for GNU parallel or Slurm
+    python sweep.py --study table --print-commands teachers # one command per line, for GNU parallel or Slurm
     python sweep.py --study budget -- --device cuda         # flags after -- go to every train.py command
 
 A sweep is a list of plain ``python train.py ...`` commands in two stages: the teacher runs (each trains its seed's
@@ -18,8 +18,9 @@ Studies (synth; every run through train.py's public flags):
   table      the (alpha, beta) selection of every weighting on seeds 0-4 (12 student epochs), its selected points on
              fresh seeds 5-9, and the ERM teacher that shows the shortcut
   budget     plain KD, DEDIER, dedier-ts and Laplace at their defaults (20 student epochs), seeds 0-9
-  lr         every weighting at its default (alpha, beta) with lr 0.05, 0.02 and 0.01 at 12 epochs; the rate selected
-             on seeds 0-4, tested on fresh seeds 5-9
+  lr         plain KD and every weighting at the table's selected (alpha, beta) with lr 0.05, 0.02 and 0.01 at 12
+             epochs, in the table's folder (at 0.05 its runs are the table's); the rate selected on seeds 0-4, tested
+             on fresh seeds 5-9. It needs the table's grid finished.
   data-size  --synth-n-train 600, 1200, 2400 and 4800 (val and test scale with it), the defaults otherwise: where
              could the readout's posterior matter?
   exits      the default pipeline on the 10-class synth benchmark (--synth-classes 10: 30 teacher and 40 student
@@ -82,6 +83,19 @@ def grid_name(weighting: str, alpha: float, beta: float) -> str:
     return f"{weighting}_a{alpha:g}_b{beta:g}"
 
 
+def point_flags(point: str) -> dict:
+    """train.py's weighting, alpha and beta of a grid point (a grid_name), or of plain KD ("none")."""
+    if point == "none":
+        return {"weighting": "none"}
+    weighting, alpha, beta = point.split("_")
+    return {"weighting": weighting, "alpha": float(alpha[1:]), "beta": float(beta[1:])}
+
+
+def grid_run(point: str, seed: int) -> Run:
+    """The table's run of grid point ``point`` at ``seed``, distilling the teacher of that seed's plain-KD run."""
+    return Run(f"{point}-seed{seed}", run_flags(**point_flags(point), epochs=TABLE_EPOCHS, seed=seed), f"none-seed{seed}")
+
+
 def table_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
     """Per seed, the teacher run "none" (plain KD) and the ERM teacher; per selection seed every grid point of
     every weighting; per fresh seed each weighting's selected point, once the selection seeds have finished."""
@@ -91,16 +105,9 @@ def table_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> 
         if seed in seeds:  # a 1-epoch student: its teacher, ERM-trained, is what the run is for
             runs.append(Run(f"erm-seed{seed}", run_flags(weighting="none", teacher_objective="erm", epochs=1, seed=seed)))
     for seed in seeds:
-        runs += [Run(f"{grid_name(w, a, b)}-seed{seed}", run_flags(weighting=w, alpha=a, beta=b, epochs=TABLE_EPOCHS,
-                                                                   seed=seed), f"none-seed{seed}")
-                 for w in TUNED_WEIGHTINGS for a in GRID_ALPHAS for b in GRID_BETAS]
+        runs += [grid_run(grid_name(w, a, b), seed) for w in TUNED_WEIGHTINGS for a in GRID_ALPHAS for b in GRID_BETAS]
     selected = select_grid_points(seeds, root) if fresh_seeds else {}
-    for seed in fresh_seeds:
-        for weighting, name in selected.items():
-            _, alpha, beta = name.split("_")
-            runs.append(Run(f"{name}-seed{seed}", run_flags(weighting=weighting, alpha=float(alpha[1:]),
-                                                            beta=float(beta[1:]), epochs=TABLE_EPOCHS, seed=seed),
-                            f"none-seed{seed}"))
+    runs += [grid_run(point, seed) for seed in fresh_seeds for point in selected.values()]
     return runs
 
 
@@ -110,19 +117,22 @@ def budget_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
             for seed in seeds for w in BUDGET_WEIGHTINGS]
 
 
-def lr_name(weighting: str, lr: float) -> str:
-    return f"{weighting}-lr{lr:g}"
+def lr_name(point: str, lr: float) -> str:
+    """The lr study's run name (without its seed) of a grid point (or "none") at rate ``lr``: at the first rate
+    (train.py's) the table's own run of that point."""
+    return point if lr == LEARNING_RATES[0] else f"{point}-lr{lr:g}"
 
 
 def lr_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
-    """Per seed (selection and fresh alike) every weighting at its default (alpha, beta) with every rate at 12
-    epochs, all distilling the teacher of plain KD at 0.05 (the table's)."""
-    runs = []
-    for seed in [*seeds, *fresh_seeds]:
-        teacher = f"{lr_name('none', LEARNING_RATES[0])}-seed{seed}"
-        runs += [Run(f"{lr_name(w, lr)}-seed{seed}", run_flags(weighting=w, epochs=TABLE_EPOCHS, lr=lr, seed=seed),
-                     None if f"{lr_name(w, lr)}-seed{seed}" == teacher else teacher)
-                 for w in WEIGHTINGS for lr in LEARNING_RATES]
+    """In the table's folder: its plain-KD runs (the teachers) and, once its selection exists, plain KD and every
+    weighting at its selected point at every rate, distilling the same teachers (at the first rate: the table's)."""
+    runs = [Run(f"none-seed{seed}", run_flags(weighting="none", epochs=TABLE_EPOCHS, seed=seed))
+            for seed in [*seeds, *fresh_seeds]]
+    selected = select_grid_points(seeds, root)
+    for seed in [*seeds, *fresh_seeds] if selected else []:
+        runs += [Run(f"{lr_name(point, lr)}-seed{seed}", run_flags(**point_flags(point), epochs=TABLE_EPOCHS, lr=lr,
+                                                                  seed=seed), f"none-seed{seed}")
+                 for point in ["none", *selected.values()] for lr in LEARNING_RATES if lr_name(point, lr) != "none"]
     return runs
 
 
@@ -317,8 +327,12 @@ def budget_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -
 
 def lr_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
     """Every weighting's rate selected on the selection seeds' validation worst-group; its test figures there and
-    on the fresh seeds, with the paired difference from plain KD at plain KD's own selected rate."""
-    runs = lambda w, lr, seed_list: finished(root, [f"{lr_name(w, lr)}-seed{s}" for s in seed_list])
+    on the fresh seeds, with the paired difference from plain KD at plain KD's own selected rate. Each weighting
+    runs at the table's selected (alpha, beta)."""
+    points = {"none": "none", **select_grid_points(seeds, root)}
+    if len(points) == 1:
+        return ["The table's selection does not exist yet: `python sweep.py --study table` first."]
+    runs = lambda w, lr, seed_list: finished(root, [f"{lr_name(points[w], lr)}-seed{s}" for s in seed_list])
     selected = {w: max((lr for lr in LEARNING_RATES if runs(w, lr, seeds)), key=lambda lr: val_score(runs(w, lr, seeds)),
                        default=None) for w in WEIGHTINGS}
     lines = [f"Rate selected on seeds {seed_text(seeds)}' validation worst-group accuracy; test worst-group (%) at "
@@ -328,15 +342,16 @@ def lr_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> li
              "fresh minus plain KD | median |", "|---|---|---|---|---|---|---|---|"]
     plain = {r["seed"]: r for r in runs("none", selected["none"], fresh_seeds)} if selected["none"] else {}
     for w in WEIGHTINGS:
-        lr = selected[w]
+        lr, flags = selected[w], point_flags(points[w])
+        label = w if w == "none" else f"{w} ({flags['alpha']:g}, {flags['beta']:g})"
         per_rate = ", ".join(f"{rate:g}: {100 * val_score(runs(w, rate, seeds))[0]:.1f}"
                              for rate in LEARNING_RATES if runs(w, rate, seeds))
         if lr is None:
-            lines.append(f"| {w} | – | – | – | – | – | – | – |")
+            lines.append(f"| {label} | – | – | – | – | – | – | – |")
             continue
         fresh = runs(w, lr, fresh_seeds)
         paired = [100 * (worst_group_on_test(r) - worst_group_on_test(plain[r["seed"]])) for r in fresh if r["seed"] in plain]
-        lines.append(f"| {w} | {per_rate} | {lr:g} | {cell(list(map(worst_group_on_test, runs(w, lr, seeds))))} | "
+        lines.append(f"| {label} | {per_rate} | {lr:g} | {cell(list(map(worst_group_on_test, runs(w, lr, seeds))))} | "
                      f"{cell(list(map(worst_group_on_test, fresh)))} | {per_seed(list(map(worst_group_on_test, fresh)))} | "
                      + ("– | –" if w == "none" or not paired else f"{cell(paired, 1.0)} | {statistics.median(paired):+.1f}")
                      + " |")
@@ -592,6 +607,7 @@ class Study:
     title: str
     seeds: tuple[int, ...]
     fresh_seeds: tuple[int, ...] = ()
+    folder: Optional[str] = None  # the default --out under runs/ (default: the study's name)
 
 
 STUDIES = {
@@ -600,7 +616,7 @@ STUDIES = {
     "budget": Study(budget_runs, budget_lines, "Every weighting at its synth defaults (20 student epochs)",
                     tuple(range(10))),
     "lr": Study(lr_runs, lr_lines, "The learning rate of every weighting at 12 student epochs",
-                (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)),
+                (0, 1, 2, 3, 4), (5, 6, 7, 8, 9), folder="table"),  # it shares the table's runs at lr 0.05
     "data-size": Study(data_size_runs, data_size_lines, "The readout's posterior against a tuned temperature as the "
                        "training set shrinks", tuple(range(10))),
     "exits": Study(exits_runs, exits_lines, f"The exit-level methods on the {EXIT_CLASSES}-class synth benchmark",
@@ -744,7 +760,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     study = STUDIES[args.study]
     args.seeds = args.seeds if args.seeds is not None else list(study.seeds)
     args.fresh_seeds = args.fresh_seeds if args.fresh_seeds is not None else list(study.fresh_seeds)
-    args.out = Path(args.out or f"runs/{args.study}")
+    args.out = Path(args.out or f"runs/{study.folder or args.study}")
     if args.fresh_seeds and not study.fresh_seeds:
         parser.error(f"--fresh-seeds: the {args.study} study has no selection to test")
     if set(args.fresh_seeds) & set(args.seeds):
@@ -774,9 +790,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for run in stage:
             if not (root / run.name / "metrics.json").is_file():
                 print(shlex.join(command(run, root, extra)))
-        if args.study == "table" and args.fresh_seeds and not select_grid_points(args.seeds, root):
-            print("sweep.py: the fresh seeds' students wait for the selection: print the students again once the "
-                  "grid's runs have finished", file=sys.stderr)
+        if args.study in ("table", "lr") and args.fresh_seeds and not select_grid_points(args.seeds, root):
+            print(f"sweep.py: the {'fresh seeds' if args.study == 'table' else 'lr study'}'s students wait for the "
+                  "table's selection: print them again once its grid's runs have finished", file=sys.stderr)
         return
     started, failures = time.perf_counter(), []
     if not args.tables:

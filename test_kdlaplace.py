@@ -1665,13 +1665,41 @@ def test_sweep_prints_the_two_stages_of_every_study(tmp_path):
         (w, str(n)) for w in ("dedier", "dedier-ts", "laplace", "laplace-ml") for n in (600, 1200, 2400, 4800))
     assert all(flag_value(c, "--teacher") == f"{out}/none-n{flag_value(c, '--synth-n-train')}-seed0/teacher.pt"
                for c in sizes)
-    rates = commands("--study", "lr", "--seeds", "0", "--fresh-seeds", "5", "--out", out, "--print-commands", "students")
-    assert len(rates) == 2 * (6 * 3 - 1) and {flag_value(c, "--epochs") for c in rates} == {"12"}
     table = {stage: commands("--study", "table", "--seeds", "0", "1", "--fresh-seeds", "5", "--out", out,
                              "--print-commands", stage) for stage in ("teachers", "students")}
     assert sorted(flag_value(c, "--out").split("/")[-1] for c in table["teachers"]) == [
         "erm-seed0", "erm-seed1", "none-seed0", "none-seed1", "none-seed5"]
     assert len(table["students"]) == 2 * 5 * 9  # the grid; seed 5's runs wait for the selection
+
+
+def fake_finished_run(folder: Path, seed: int, val_worst_group: float) -> None:
+    """A run folder as sweep.py reads a finished one: metrics.json (validation and test scores) and log.jsonl."""
+    folder.mkdir(parents=True)
+    scores = {"worst_group_acc": val_worst_group, "avg_acc": 0.9}
+    (folder / "metrics.json").write_text(json.dumps({"seed": seed, "student": {"val": scores, "test": scores}}))
+    (folder / "log.jsonl").write_text(json.dumps({"phase": "student", "epoch": 1}) + "\n")
+
+
+def test_sweep_lr_study_reuses_the_tables_runs_at_its_selected_points(tmp_path):
+    out = str(tmp_path / "table")
+    waiting = run_script("sweep.py", "--study", "lr", "--seeds", "0", "--fresh-seeds", "5", "--out", out,
+                         "--print-commands", "students")
+    assert waiting.stdout == "" and "wait for the table's selection" in waiting.stderr
+    for w in sweep.TUNED_WEIGHTINGS:  # seed 0's grid, finished: (0.5, 2) scores best on validation
+        for a in sweep.GRID_ALPHAS:
+            for b in sweep.GRID_BETAS:
+                fake_finished_run(tmp_path / "table" / f"{sweep.grid_name(w, a, b)}-seed0", 0, 0.9 if (a, b) == (0.5, 2) else 0.5)
+    rates = commands("--study", "lr", "--seeds", "0", "--fresh-seeds", "5", "--out", out, "--print-commands", "students")
+    runs = sorted((flag_value(c, "--weighting"), flag_value(c, "--lr"), flag_value(c, "--seed")) for c in rates)
+    # every weighting at 0.02 and 0.01 on both seeds; at 0.05 only seed 5's selected points (seed 0's are the table's)
+    assert runs == sorted([(w, lr, s) for w in sweep.WEIGHTINGS for lr in ("0.02", "0.01") for s in ("0", "5")]
+                          + [(w, "0.05", "5") for w in sweep.TUNED_WEIGHTINGS])
+    assert all((flag_value(c, "--alpha"), flag_value(c, "--beta")) == ("0.5", "2") for c in rates if "--alpha" in c)
+    assert all(flag_value(c, "--teacher") == f"{out}/none-seed{flag_value(c, '--seed')}/teacher.pt" and
+               flag_value(c, "--epochs") == "12" for c in rates)
+    assert f"{out}/dedier_a0.5_b2-seed5" in [flag_value(c, "--out") for c in rates]  # the table's fresh run
+    assert any(line.startswith("| dedier (0.5, 2) | 0.05: 90.0 | 0.05 | 90.0 |")
+               for line in sweep.lr_lines([0], [5], tmp_path / "table"))  # the table's run at the first rate
 
 
 @pytest.mark.parametrize("study", ["table", "budget", "lr", "data-size"])
