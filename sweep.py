@@ -98,7 +98,7 @@ def grid_run(point: str, seed: int) -> Run:
 
 def table_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
     """Per seed, the teacher run "none" (plain KD) and the ERM teacher; per selection seed every grid point of
-    every weighting; per fresh seed each weighting's selected point, once the selection seeds have finished."""
+    every weighting; per fresh seed each weighting's selected point, once its grid has finished on the selection seeds."""
     runs = []
     for seed in [*seeds, *fresh_seeds]:
         runs.append(Run(f"none-seed{seed}", run_flags(weighting="none", epochs=TABLE_EPOCHS, seed=seed)))
@@ -128,7 +128,7 @@ def lr_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> lis
     weighting at its selected point at every rate, distilling the same teachers (at the first rate: the table's)."""
     runs = [Run(f"none-seed{seed}", run_flags(weighting="none", epochs=TABLE_EPOCHS, seed=seed))
             for seed in [*seeds, *fresh_seeds]]
-    selected = select_grid_points(seeds, root)
+    selected = complete_selection(seeds, root)
     for seed in [*seeds, *fresh_seeds] if selected else []:
         runs += [Run(f"{lr_name(point, lr)}-seed{seed}", run_flags(**point_flags(point), epochs=TABLE_EPOCHS, lr=lr,
                                                                   seed=seed), f"none-seed{seed}")
@@ -176,13 +176,21 @@ def val_score(runs: list[dict]) -> tuple[float, float]:
 
 
 def select_grid_points(seeds: Sequence[int], root: Path) -> dict:
-    """weighting -> the grid point (run name without seed) with the best ``val_score`` over ``seeds``; {} until
-    every grid run of those seeds has finished."""
-    names = {w: [grid_name(w, a, b) for a in GRID_ALPHAS for b in GRID_BETAS] for w in TUNED_WEIGHTINGS}
-    runs = {point: finished(root, [f"{point}-seed{s}" for s in seeds]) for points in names.values() for point in points}
-    if any(len(r) < len(seeds) for r in runs.values()):
-        return {}
-    return {w: max(points, key=lambda point: val_score(runs[point])) for w, points in names.items()}
+    """weighting -> the grid point (run name without seed) with the best ``val_score`` over ``seeds``, for every
+    weighting whose grid runs of those seeds have all finished (its fresh-seed runs need not wait for the others)."""
+    selected = {}
+    for w in TUNED_WEIGHTINGS:
+        points = [grid_name(w, a, b) for a in GRID_ALPHAS for b in GRID_BETAS]
+        runs = {point: finished(root, [f"{point}-seed{s}" for s in seeds]) for point in points}
+        if all(len(r) == len(seeds) for r in runs.values()):
+            selected[w] = max(points, key=lambda point: val_score(runs[point]))
+    return selected
+
+
+def complete_selection(seeds: Sequence[int], root: Path) -> dict:
+    """``select_grid_points`` once every weighting has its selection (what the lr study runs at), else {}."""
+    selected = select_grid_points(seeds, root)
+    return selected if len(selected) == len(TUNED_WEIGHTINGS) else {}
 
 
 def cell(values: Sequence[Optional[float]], scale: float = 100.0, digits: int = 1) -> str:
@@ -238,11 +246,12 @@ def table_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
     the ERM teacher, and when the students leave the shortcut."""
     selected = select_grid_points(seeds, root)
     if not selected:
-        return ["The grid has not finished on every selection seed: no selection yet."]
+        return ["No weighting's grid has finished on every selection seed: no selection yet."]
     runs = lambda point, seed_list: finished(root, [f"{point}-seed{s}" for s in seed_list])
     rows = [("none", "none"), (f"dedier, paper (α={PAPER_ALPHA_BETA[0]:g}, β={PAPER_ALPHA_BETA[1]:g})",
                                grid_name("dedier", *PAPER_ALPHA_BETA))]
     rows += [(f"{w}, tuned (α={name.split('_')[1][1:]}, β={name.split('_')[2][1:]})", name) for w, name in selected.items()]
+    unfinished = [w for w in TUNED_WEIGHTINGS if w not in selected]
     lines = [f"Seeds {seed_text(seeds)}, the selection's seeds. Test-set %, mean ± sd over seeds; posterior logit std: "
              "median over the training inputs, averaged over the reweighted epochs.", "",
              "| weighting | val worst-group | student avg | student worst-group | readout ECE softmax | "
@@ -258,21 +267,24 @@ def table_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
             *(cell([r["student"]["readout"][kind]["ece"] for r in rs]) for kind in ("map", "temperature", "laplace")),
             cell(epoch_mean("posterior_logit_std_median"), 1.0, 3), cell(epoch_mean("weight_corr_temperature"), 1.0, 3),
             per_seed([worst_group_on_test(r) for r in rs])]) + " |")
-    lines += ["", "Selection grid: validation / test worst-group accuracy (%), mean over the seeds; the selected point "
-                  "in bold.", "", "| α | β | " + " | ".join(TUNED_WEIGHTINGS) + " |",
-              "|---|---|" + "---|" * len(TUNED_WEIGHTINGS)]
+    if unfinished:
+        lines += ["", f"Not selected yet (grid unfinished on the selection seeds): {', '.join(unfinished)}."]
+    lines += ["", "Selection grid: validation / test worst-group accuracy (%), mean over the seeds (– until every "
+                  "seed's run of the point has finished); the selected point in bold.", "",
+              "| α | β | " + " | ".join(TUNED_WEIGHTINGS) + " |", "|---|---|" + "---|" * len(TUNED_WEIGHTINGS)]
     for a in GRID_ALPHAS:
         for b in GRID_BETAS:
             entries = []
             for w in TUNED_WEIGHTINGS:
                 rs = runs(grid_name(w, a, b), seeds)
-                entry = f"{100 * val_score(rs)[0]:.1f} / {100 * statistics.mean(map(worst_group_on_test, rs)):.1f}"
-                entries.append(f"**{entry}**" if grid_name(w, a, b) == selected[w] else entry)
+                entry = f"{100 * val_score(rs)[0]:.1f} / {100 * statistics.mean(map(worst_group_on_test, rs)):.1f}" \
+                    if len(rs) == len(seeds) else "–"
+                entries.append(f"**{entry}**" if grid_name(w, a, b) == selected.get(w) else entry)
             lines.append(f"| {a:g} | {b:g} | " + " | ".join(entries) + " |")
     lines += ["", "The readout's posterior on the training inputs, selected runs (mean over the reweighted epochs, "
                   "then over seeds): tuned T and σ², and the posterior std of the temperature-scaled logits per group.",
               "", "| weighting | T | σ² | logit std g0 | g1 | g2 | g3 |", "|---|---|---|---|---|---|---|"]
-    for w in [w for w in TUNED_WEIGHTINGS if w.startswith("laplace")]:
+    for w in [w for w in selected if w.startswith("laplace")]:
         epochs = [e for r in runs(selected[w], seeds) for e in r["epochs"]]
         stds = [mean_of([e["posterior_logit_std"][g] for e in epochs]) for g in range(4)]
         lines.append(f"| {w} | {mean_of([e['readout_temperature'] for e in epochs], 2)} | "
@@ -329,7 +341,7 @@ def lr_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> li
     """Every weighting's rate selected on the selection seeds' validation worst-group; its test figures there and
     on the fresh seeds, with the paired difference from plain KD at plain KD's own selected rate. Each weighting
     runs at the table's selected (alpha, beta)."""
-    points = {"none": "none", **select_grid_points(seeds, root)}
+    points = {"none": "none", **complete_selection(seeds, root)}
     if len(points) == 1:
         return ["The table's selection does not exist yet: `python sweep.py --study table` first."]
     runs = lambda w, lr, seed_list: finished(root, [f"{lr_name(points[w], lr)}-seed{s}" for s in seed_list])
@@ -790,9 +802,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for run in stage:
             if not (root / run.name / "metrics.json").is_file():
                 print(shlex.join(command(run, root, extra)))
-        if args.study in ("table", "lr") and args.fresh_seeds and not select_grid_points(args.seeds, root):
-            print(f"sweep.py: the {'fresh seeds' if args.study == 'table' else 'lr study'}'s students wait for the "
-                  "table's selection: print them again once its grid's runs have finished", file=sys.stderr)
+        if args.study in ("table", "lr") and args.fresh_seeds and not complete_selection(args.seeds, root):
+            waiting = "a weighting's fresh-seed students wait for its" if args.study == "table" else \
+                "the lr study's students wait for the table's"
+            print(f"sweep.py: {waiting} selection: print them again once the grid's runs have finished", file=sys.stderr)
         return
     started, failures = time.perf_counter(), []
     if not args.tables:

@@ -1676,8 +1676,30 @@ def fake_finished_run(folder: Path, seed: int, val_worst_group: float) -> None:
     """A run folder as sweep.py reads a finished one: metrics.json (validation and test scores) and log.jsonl."""
     folder.mkdir(parents=True)
     scores = {"worst_group_acc": val_worst_group, "avg_acc": 0.9}
-    (folder / "metrics.json").write_text(json.dumps({"seed": seed, "student": {"val": scores, "test": scores}}))
-    (folder / "log.jsonl").write_text(json.dumps({"phase": "student", "epoch": 1}) + "\n")
+    readout = {kind: {"ece": 0.1} for kind in ("map", "temperature", "laplace")}
+    (folder / "metrics.json").write_text(json.dumps({"seed": seed, "teacher": {"test": scores},
+                                                     "student": {"val": scores, "test": scores, "readout": readout}}))
+    (folder / "log.jsonl").write_text(json.dumps({"phase": "student", "epoch": 1, "val_worst_group_acc": 0.5}) + "\n")
+
+
+def test_sweep_table_selects_each_weighting_once_its_own_grid_has_finished(tmp_path):
+    out = tmp_path / "table"
+    for a in sweep.GRID_ALPHAS:  # laplace's grid on seed 0 finished, (1, 4) best on validation; dedier's one run
+        for b in sweep.GRID_BETAS:
+            fake_finished_run(out / f"{sweep.grid_name('laplace', a, b)}-seed0", 0, 0.8 if (a, b) == (1, 4) else 0.6)
+    fake_finished_run(out / f"{sweep.grid_name('dedier', 1, 1)}-seed0", 0, 0.9)
+    fake_finished_run(out / "none-seed0", 0, 0.4)
+    assert sweep.select_grid_points([0], out) == {"laplace": "laplace_a1_b4"}
+    assert sweep.complete_selection([0], out) == {}  # what the lr study waits for
+    fresh = [c for c in commands("--study", "table", "--seeds", "0", "--fresh-seeds", "5", "--out", str(out),
+                                 "--print-commands", "students") if flag_value(c, "--seed") == "5"]
+    assert [(flag_value(c, "--weighting"), flag_value(c, "--alpha"), flag_value(c, "--beta")) for c in fresh] == [
+        ("laplace", "1", "4")]
+    lines = sweep.table_lines([0], [5], out)
+    assert any(line.startswith("| laplace, tuned (α=1, β=4) | 80.0 |") for line in lines)
+    assert any(line.startswith("Not selected yet") and "dedier, dedier-ts, laplace-cv, laplace-ml" in line
+               for line in lines)
+    assert "| 1 | 4 | – | – | **80.0 / 80.0** | – | – |" in lines
 
 
 def test_sweep_lr_study_reuses_the_tables_runs_at_its_selected_points(tmp_path):
