@@ -169,6 +169,16 @@ def worst_group_on_test(run: dict) -> float:
     return run["student"]["test"]["worst_group_acc"]
 
 
+def weighting_label(weighting: str, runs: list[dict]) -> str:
+    """The weighting with the (alpha, beta) its runs used, as their metrics.json records it (the dataset's defaults
+    unless a flag set them), e.g. "dedier-ts (0.5, 1)"; the bare name for plain KD or when runs disagree."""
+    points = {(r["alpha"], r["beta"]) for r in runs if "alpha" in r}
+    if weighting == "none" or len(points) != 1:
+        return weighting
+    (alpha, beta), = points
+    return f"{weighting} ({alpha:g}, {beta:g})"
+
+
 def val_score(runs: list[dict]) -> tuple[float, float]:
     """Mean validation worst-group accuracy of the selected checkpoints, ties by mean validation accuracy."""
     return (statistics.mean(r["student"]["val"]["worst_group_acc"] for r in runs),
@@ -331,7 +341,7 @@ def budget_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -
         paired = [worst_group_on_test(runs[w][s]) - worst_group_on_test(runs["none"][s]) for s in seeds
                   if runs[w][s] is not None and runs["none"][s] is not None]
         worst = list(map(worst_group_on_test, rs))
-        lines.append(f"| {w} | {cell([r['student']['test']['avg_acc'] for r in rs])} | {cell(worst)} | "
+        lines.append(f"| {weighting_label(w, rs)} | {cell([r['student']['test']['avg_acc'] for r in rs])} | {cell(worst)} | "
                      f"{100 * statistics.median(worst):.1f} | {per_seed(worst)} | "
                      + " | ".join(["–"] * 4 if w == "none" else paired_cells(paired)) + " |")
     return lines
@@ -416,7 +426,7 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
             if not rs:
                 continue
             ece = " / ".join(cell([r["student"]["readout"][kind]["ece"] for r in rs]) for kind in ("map", "temperature", "laplace"))
-            lines.append(f"| {n} | {w} | {cell([r['student']['test']['avg_acc'] for r in rs])} | "
+            lines.append(f"| {n} | {weighting_label(w, rs)} | {cell([r['student']['test']['avg_acc'] for r in rs])} | "
                          f"{cell(list(map(worst_group_on_test, rs)))} | {100 * statistics.median(map(worst_group_on_test, rs)):.1f} | "
                          f"{per_seed(list(map(worst_group_on_test, rs)))} | {ece} |")
     lines += ["", "The readout on the training inputs, where the weights are computed (per run the median over its "

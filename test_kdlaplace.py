@@ -1765,7 +1765,8 @@ def test_sweep_jobs_2_runs_a_tiny_study_to_the_end_without_oversubscribing(tmp_p
     cores = len(os.sched_getaffinity(0))
     assert all(m["threads"] * 2 <= cores for m in metrics)  # two at a time, each on its half of the cores
     table = (tmp_path / "budget.md").read_text()
-    assert "- runs finished: 8 of 8" in table and "- code version: `" in table and "| dedier-ts |" in table
+    alpha, beta = train.SYNTH_SELECTED["dedier-ts"]  # the row names the point its runs used
+    assert "- runs finished: 8 of 8" in table and "- code version: `" in table and f"| dedier-ts ({alpha:g}, {beta:g}) |" in table
 
 
 def test_a_killed_sweep_resumes_its_interrupted_run(tmp_path):

@@ -365,7 +365,7 @@ def run(cfg: argparse.Namespace) -> dict:
         logits, _ = K.predict_split(model, splits["test"], data.mean, data.std, device, exits=[len(model.heads) - 1], amp=amp)
         return data.accuracy(logits[0].argmax(-1), splits["test"])
 
-    metrics = {"dataset": data.name, "weighting": cfg.weighting, "seed": cfg.seed,
+    metrics = {"dataset": data.name, "weighting": cfg.weighting, "alpha": cfg.alpha, "beta": cfg.beta, "seed": cfg.seed,
                "teacher": {"test": test_accuracy(teacher)},
                "student": {"test": test_accuracy(student),
                            "val": K.load_checkpoint(out / "student.pt")["best"],  # the selected epoch
