@@ -1,7 +1,7 @@
 """Evaluate every exit of a trained network: calibration with and without Laplace and MIE, anytime-valid
 prediction sets, and the budgeted early-exit curve.
 
-    python eval.py runs/synth/dedier-ts-seed0                      # the run's student.pt
+    python eval.py runs/synth/laplace-seed0                         # the run's student.pt
     python eval.py runs/waterbirds/laplace-seed0/teacher.pt --data-root DIR --json report.json --plot figures/
 
 Per exit (Meronen et al. 2024's table): MAP, +Laplace, +MIE, +MIE+Laplace, each with top-1, top-5 (c >= 5),
