@@ -123,17 +123,33 @@ def lr_name(point: str, lr: float) -> str:
     return point if lr == LEARNING_RATES[0] else f"{point}-lr{lr:g}"
 
 
+def select_rates(seeds: Sequence[int], root: Path, points: dict) -> dict:
+    """weighting -> the rate with the best ``val_score`` over ``seeds`` of its runs at ``points[weighting]``, for
+    every weighting whose runs at every rate have finished on those seeds."""
+    rates = {}
+    for w, point in points.items():
+        runs = {lr: finished(root, [f"{lr_name(point, lr)}-seed{s}" for s in seeds]) for lr in LEARNING_RATES}
+        if all(len(r) == len(seeds) for r in runs.values()):
+            rates[w] = max(LEARNING_RATES, key=lambda lr: val_score(runs[lr]))
+    return rates
+
+
 def lr_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
     """In the table's folder: its plain-KD runs (the teachers) and, once its selection exists, plain KD and every
-    weighting at its selected point at every rate, distilling the same teachers (at the first rate: the table's)."""
+    weighting at its selected point at every rate on the selection seeds, then on the fresh seeds at the rate
+    selected there, distilling the same teachers (at the first rate the runs are the table's)."""
     runs = [Run(f"none-seed{seed}", run_flags(weighting="none", epochs=TABLE_EPOCHS, seed=seed))
             for seed in [*seeds, *fresh_seeds]]
-    selected = complete_selection(seeds, root)
-    for seed in [*seeds, *fresh_seeds] if selected else []:
-        runs += [Run(f"{lr_name(point, lr)}-seed{seed}", run_flags(**point_flags(point), epochs=TABLE_EPOCHS, lr=lr,
-                                                                  seed=seed), f"none-seed{seed}")
-                 for point in ["none", *selected.values()] for lr in LEARNING_RATES if lr_name(point, lr) != "none"]
-    return runs
+    points = {"none": "none", **complete_selection(seeds, root)}
+    if len(points) == 1:
+        return runs
+    run = lambda point, lr, seed: Run(f"{lr_name(point, lr)}-seed{seed}", run_flags(
+        **point_flags(point), epochs=TABLE_EPOCHS, lr=lr, seed=seed), f"none-seed{seed}")
+    runs += [run(point, lr, seed) for seed in seeds for point in points.values() for lr in LEARNING_RATES
+             if lr_name(point, lr) != "none"]
+    rates = select_rates(seeds, root, points)
+    return runs + [run(points[w], lr, seed) for seed in fresh_seeds for w, lr in rates.items()
+                   if lr_name(points[w], lr) != "none"]
 
 
 def data_size_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path,
@@ -355,16 +371,15 @@ def lr_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> li
     if len(points) == 1:
         return ["The table's selection does not exist yet: `python sweep.py --study table` first."]
     runs = lambda w, lr, seed_list: finished(root, [f"{lr_name(points[w], lr)}-seed{s}" for s in seed_list])
-    selected = {w: max((lr for lr in LEARNING_RATES if runs(w, lr, seeds)), key=lambda lr: val_score(runs(w, lr, seeds)),
-                       default=None) for w in WEIGHTINGS}
+    selected = select_rates(seeds, root, points)
     lines = [f"Rate selected on seeds {seed_text(seeds)}' validation worst-group accuracy; test worst-group (%) at "
              f"that rate on those seeds and on fresh seeds {seed_text(fresh_seeds)}; paired: minus plain KD at its "
              "selected rate, same seed and teacher.", "",
              "| weighting | val worst-group per rate | lr selected | selection seeds | fresh seeds | fresh, per seed | "
              "fresh minus plain KD | median |", "|---|---|---|---|---|---|---|---|"]
-    plain = {r["seed"]: r for r in runs("none", selected["none"], fresh_seeds)} if selected["none"] else {}
+    plain = {r["seed"]: r for r in runs("none", selected["none"], fresh_seeds)} if "none" in selected else {}
     for w in WEIGHTINGS:
-        lr, flags = selected[w], point_flags(points[w])
+        lr, flags = selected.get(w), point_flags(points[w])
         label = w if w == "none" else f"{w} ({flags['alpha']:g}, {flags['beta']:g})"
         per_rate = ", ".join(f"{rate:g}: {100 * val_score(runs(w, rate, seeds))[0]:.1f}"
                              for rate in LEARNING_RATES if runs(w, rate, seeds))

@@ -1713,15 +1713,19 @@ def test_sweep_lr_study_reuses_the_tables_runs_at_its_selected_points(tmp_path):
                 fake_finished_run(tmp_path / "table" / f"{sweep.grid_name(w, a, b)}-seed0", 0, 0.9 if (a, b) == (0.5, 2) else 0.5)
     rates = commands("--study", "lr", "--seeds", "0", "--fresh-seeds", "5", "--out", out, "--print-commands", "students")
     runs = sorted((flag_value(c, "--weighting"), flag_value(c, "--lr"), flag_value(c, "--seed")) for c in rates)
-    # every weighting at 0.02 and 0.01 on both seeds; at 0.05 only seed 5's selected points (seed 0's are the table's)
-    assert runs == sorted([(w, lr, s) for w in sweep.WEIGHTINGS for lr in ("0.02", "0.01") for s in ("0", "5")]
-                          + [(w, "0.05", "5") for w in sweep.TUNED_WEIGHTINGS])
+    # every weighting at 0.02 and 0.01 on the selection seed (its 0.05 runs are the table's); seed 5 waits for the rates
+    assert runs == sorted((w, lr, "0") for w in sweep.WEIGHTINGS for lr in ("0.02", "0.01"))
     assert all((flag_value(c, "--alpha"), flag_value(c, "--beta")) == ("0.5", "2") for c in rates if "--alpha" in c)
-    assert all(flag_value(c, "--teacher") == f"{out}/none-seed{flag_value(c, '--seed')}/teacher.pt" and
-               flag_value(c, "--epochs") == "12" for c in rates)
-    assert f"{out}/dedier_a0.5_b2-seed5" in [flag_value(c, "--out") for c in rates]  # the table's fresh run
-    assert any(line.startswith("| dedier (0.5, 2) | 0.05: 90.0 | 0.05 | 90.0 |")
-               for line in sweep.lr_lines([0], [5], tmp_path / "table"))  # the table's run at the first rate
+    assert all(flag_value(c, "--teacher") == f"{out}/none-seed0/teacher.pt" and flag_value(c, "--epochs") == "12"
+               for c in rates)
+    fake_finished_run(tmp_path / "table" / "none-seed0", 0, 0.5)  # plain KD at 0.05: the table's teacher run
+    for c in rates:  # 0.02 scores best on validation for every weighting
+        fake_finished_run(Path(flag_value(c, "--out")), 0, 0.95 if flag_value(c, "--lr") == "0.02" else 0.5)
+    fresh = commands("--study", "lr", "--seeds", "0", "--fresh-seeds", "5", "--out", out, "--print-commands", "students")
+    assert sorted((flag_value(c, "--weighting"), flag_value(c, "--lr"), flag_value(c, "--seed")) for c in fresh) == sorted(
+        (w, "0.02", "5") for w in sweep.WEIGHTINGS)  # the fresh seed at each weighting's selected rate only
+    assert any(line.startswith("| dedier (0.5, 2) | 0.05: 90.0, 0.02: 95.0, 0.01: 50.0 | 0.02 | 95.0 |")
+               for line in sweep.lr_lines([0], [5], tmp_path / "table"))
 
 
 @pytest.mark.parametrize("study", ["table", "budget", "lr", "data-size"])
