@@ -123,17 +123,6 @@ def lr_name(point: str, lr: float) -> str:
     return point if lr == LEARNING_RATES[0] else f"{point}-lr{lr:g}"
 
 
-def select_rates(seeds: Sequence[int], root: Path, points: dict) -> dict:
-    """weighting -> the rate with the best ``val_score`` over ``seeds`` of its runs at ``points[weighting]``, for
-    every weighting whose runs at every rate have finished on those seeds."""
-    rates = {}
-    for w, point in points.items():
-        runs = {lr: finished(root, [f"{lr_name(point, lr)}-seed{s}" for s in seeds]) for lr in LEARNING_RATES}
-        if all(len(r) == len(seeds) for r in runs.values()):
-            rates[w] = max(LEARNING_RATES, key=lambda lr: val_score(runs[lr]))
-    return rates
-
-
 def lr_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
     """In the table's folder: its plain-KD runs (the teachers) and, once its selection exists, plain KD and every
     weighting at its selected point at every rate on the selection seeds, then on the fresh seeds at the rate
@@ -201,22 +190,38 @@ def val_score(runs: list[dict]) -> tuple[float, float]:
             statistics.mean(r["student"]["val"]["avg_acc"] for r in runs))
 
 
+def best_finished(names: Sequence[str], seeds: Sequence[int], root: Path) -> Optional[str]:
+    """The run name (without seed) among ``names`` with the best ``val_score`` over ``seeds``; None until every one
+    of their runs on those seeds has finished."""
+    runs = {name: finished(root, [f"{name}-seed{s}" for s in seeds]) for name in names}
+    if any(len(r) < len(seeds) for r in runs.values()):
+        return None
+    return max(names, key=lambda name: val_score(runs[name]))
+
+
 def select_grid_points(seeds: Sequence[int], root: Path) -> dict:
     """weighting -> the grid point (run name without seed) with the best ``val_score`` over ``seeds``, for every
     weighting whose grid runs of those seeds have all finished (its fresh-seed runs need not wait for the others)."""
-    selected = {}
-    for w in TUNED_WEIGHTINGS:
-        points = [grid_name(w, a, b) for a in GRID_ALPHAS for b in GRID_BETAS]
-        runs = {point: finished(root, [f"{point}-seed{s}" for s in seeds]) for point in points}
-        if all(len(r) == len(seeds) for r in runs.values()):
-            selected[w] = max(points, key=lambda point: val_score(runs[point]))
-    return selected
+    best = {w: best_finished([grid_name(w, a, b) for a in GRID_ALPHAS for b in GRID_BETAS], seeds, root)
+            for w in TUNED_WEIGHTINGS}
+    return {w: point for w, point in best.items() if point is not None}
 
 
 def complete_selection(seeds: Sequence[int], root: Path) -> dict:
     """``select_grid_points`` once every weighting has its selection (what the lr study runs at), else {}."""
     selected = select_grid_points(seeds, root)
     return selected if len(selected) == len(TUNED_WEIGHTINGS) else {}
+
+
+def select_rates(seeds: Sequence[int], root: Path, points: dict) -> dict:
+    """weighting -> the rate with the best ``val_score`` over ``seeds`` of its runs at ``points[weighting]``, for
+    every weighting whose runs at every rate have finished on those seeds."""
+    rates = {}
+    for w, point in points.items():
+        rate_of = {lr_name(point, lr): lr for lr in LEARNING_RATES}
+        if (best := best_finished(list(rate_of), seeds, root)) is not None:
+            rates[w] = rate_of[best]
+    return rates
 
 
 def cell(values: Sequence[Optional[float]], scale: float = 100.0, digits: int = 1) -> str:
