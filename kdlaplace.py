@@ -6,7 +6,7 @@ One module, read top to bottom like a lecture: the mathematics first, then the m
   2. Laplace       closed-form KFAC last-layer Laplace: fit, predict (MC / probit), tune (T, sigma^2) on
                    validation NLL (NLPD) or the prior by the marginal likelihood, cross-fitted predictions.
   3. Ensembles     model-internal ensemble (MIE) and budgeted early exit.
-  4. Sets          anytime-valid nested prediction sets (AVCS): Dirichlet, Laplace and regression.
+  4. Sets          nested prediction sets of early exits: AVCS (Dirichlet and Laplace) and split conformal.
   5. Metrics       group accuracies, worst-group accuracy, ECE, top-k accuracy.
   6. Networks      early-exit networks: exit heads, a small CNN, the DEDIER readout.
   7. Data          a synthetic spurious-correlation benchmark; Waterbirds, CelebA and CIFAR-100 read in
@@ -166,8 +166,9 @@ class KFACLaplace:
         U = (sqrt(N) G + sqrt(tau) I_c)^-1,  V = (sqrt(N) A + sqrt(tau) I_{p+1})^-1,  Cov(vec W~) = U (x) V
 
     ``tau`` is the prior precision (``1 / sigma^2``). The damping keeps the posterior a Kronecker product, so
-    the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. (laplace-torch adds the prior exactly in
-    the eigenbasis, ``(N G (x) A + tau I)^-1``, which is not Kronecker; we keep Meronen's form.)
+    the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. (laplace-torch's default adds ``tau`` to the
+    eigenvalues of the Kronecker product, ``(N G (x) A + tau I)^-1``, which is not Kronecker; its
+    ``KronDecomposed(..., dampen=True)`` damps each factor, the form used here and by Meronen et al.)
     ``temperature`` divides the logits before the softmax (Meronen's logit temperature, not a likelihood
     temperature). The products ``F^T F`` and ``P^T P`` are formed in the features' dtype and stored as float64
     factors (pass float64 features for float64 arithmetic throughout: with float32 ones, G's rows sum to about
@@ -509,8 +510,8 @@ def cross_fitted_laplace_predict(laplace: KFACLaplace, features: Tensor, n_folds
 
     Fold ``k`` holds the inputs ``n`` with ``n mod K = k``; its predictive comes from the factors ``A``, ``G``
     refit on the other folds' features, with ``laplace``'s MAP weights ``W~``, prior precision and temperature.
-    An input then never sits in its own curvature, so its posterior spread is what an unseen input of its kind
-    would get. Returns the MC predictive (N, c) and :meth:`KFACLaplace.logit_std` (N,) of every input.
+    An input then never sits in its own curvature. Only the curvature is refit: the MAP head was trained on every
+    input, the fold included, so this is not the predictive an unseen input would get. Returns the MC predictive (N, c) and :meth:`KFACLaplace.logit_std` (N,) of every input.
     Shapes: ``features`` (N, p) with ``N >= 2 K`` ; ``laplace.weight`` (c, p+1) or (c, p) without a bias.
     Copy it with :class:`KFACLaplace`.
     """
@@ -667,10 +668,14 @@ def early_exit(probs: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
 # ══════════════════════════════════════════════════════════════════════════════
 #  4. Anytime-valid nested prediction sets (AVCS)
 # ══════════════════════════════════════════════════════════════════════════════
-# Jazbec et al. (UAI 2024), *Early-Exit Neural Networks with Nested Prediction Sets*. The predictive-likelihood
-# ratio R_t(y) = prod_{l<=t} p_l(y) / p(y | W_l), W_l a posterior draw, is a martingale under the model, so by
-# Ville's inequality {y : R_t(y) <= 1/alpha} covers y at every exit simultaneously with prob >= 1 - alpha
-# (when the model is right; on real data coverage is an empirical property, hence the threshold tuning).
+# Jazbec et al. (UAI 2024), *Early-Exit Neural Networks with Nested Prediction Sets*: the sets
+# C_t = {y : R_t(y) <= 1/alpha}, R_t(y) = prod_{l<=t} p_l(y) / p(y | W_l), p_l exit l's predictive and W_l one
+# posterior draw. Ville's inequality would give coverage >= 1 - alpha at every exit at once if R_t(y) were a
+# martingale. It is not, even when the model is right: with the draw independent of the label (the authors' code
+# and ours) each factor has mean E[p_l(y) / pi_l(y)] = p_l(y) E[1 / pi_l(y)] >= p_l(y) / E[pi_l(y)] = 1 (Jensen,
+# E[pi_l(y)] = p_l(y)), so R_t drifts upwards and the sets under-cover. What the construction guarantees is
+# nestedness (with the running intersection); coverage is an empirical property, hence the settings tuned on a
+# validation split and the coverage measured on test. Split conformal sets (below) are the guaranteed baseline.
 
 
 def log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -735,7 +740,8 @@ def avcs_sets(logits: Tensor, thresholds: Tensor, alpha: float = 0.05, intersect
     Per exit ``t``: ``a_t,k = z_t,k`` if ``z_t,k >= tau_t`` and ``z_t,k > 0`` else 0, support ``S_t = {a > 0}``,
     ``p_t(k) = a_t,k / sum_j a_t,j``, one draw ``pi_t ~ Dir(a_t on S_t)``, ratio ``r_t(k) = p_t(k) / pi_t(k)``
     (``+inf`` off ``S_t``), ``R_t = prod_{l<=t} r_l`` and ``C_t = {k : R_t(k) <= 1/alpha}``; empty support gives an
-    empty set. ``intersect=True`` returns the running intersection, nested by construction.
+    empty set. ``intersect=True`` returns the running intersection, nested by construction. No coverage guarantee:
+    ``E[r_t(k)] >= 1`` (see the section's header); tune on validation, measure on test.
     Jazbec et al. (UAI 2024), section 4.2, eq. (9)-(10). Shapes: ``logits`` (K, N, c), ``thresholds`` (K,)
     -> bool (K, N, c). Copy it with :func:`dirichlet_log_ratios`, :func:`log_gamma_variates`, :func:`nested_sets`.
     """
@@ -779,17 +785,66 @@ def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: f
     return thresholds
 
 
+def tune_avcs_offsets(logits: Tensor, y: Tensor, alpha: float = 0.05, generator: Optional[torch.Generator] = None,
+                      intersect: bool = True, largest: float = 64.0, tolerance: float = 0.05) -> Tensor:
+    """Per-exit logit offsets ``b`` (K,) for ``avcs_sets(logits + b[:, None, None], ones)``: at each exit the smallest
+    found that gives coverage ``>= 1 - alpha`` on a calibration split.
+
+    The Dirichlet AVCS concentrations are raw logits, so a constant added to an exit's logits changes none of its
+    predictions but widens its support ``{z + b >= 1}``; as ``b`` grows every label enters it, the Dirichlet draw
+    concentrates at its mean and every ratio nears 1, so the set approaches every label. Exit by exit (earlier
+    exits fixed), ``b_t`` doubles from 0.5 until exits ``<= t`` reach the target, then bisects between the last
+    offset that missed and the first that reached, to ``tolerance``; an exit that misses even at ``largest`` gets
+    ``largest``. Every evaluation replays the same random stream (as :func:`tune_avcs_thresholds`).
+    Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,) float64. Copy it with :func:`avcs_sets`.
+    """
+    if logits.dim() != 3 or y.shape != logits.shape[1:2]:
+        raise ValueError(f"logits (K, N, c) and y (N,) expected, got {tuple(logits.shape)} and {tuple(y.shape)}")
+    if generator is None:
+        generator = torch.Generator(device=logits.device).manual_seed(int(torch.randint(2 ** 62, (1,))))
+    start_state = generator.get_state()
+    labels = y[None, :, None].expand(logits.shape[0], -1, 1)  # (K, N, 1)
+    thresholds = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)  # (K,): the authors' tau = 1
+    offsets = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)  # (K,)
+
+    def covers(t: int, offset: float) -> bool:
+        trial = offsets.clone()
+        trial[t] = offset
+        generator.set_state(start_state)
+        sets = avcs_sets(logits.double() + trial[:, None, None], thresholds, alpha, intersect, generator)  # (K, N, c)
+        coverage = sets.gather(-1, labels).squeeze(-1).double().mean(-1)  # (K,)
+        return bool((coverage[:t + 1] >= 1.0 - alpha).all())
+
+    for t in range(logits.shape[0]):
+        if covers(t, 0.0):
+            continue
+        missed, reached = 0.0, 0.5
+        while reached < largest and not covers(t, reached):
+            missed, reached = reached, 2.0 * reached
+        reached = min(reached, largest)
+        while reached - missed > tolerance:
+            middle = (missed + reached) / 2.0
+            missed, reached = (missed, middle) if covers(t, middle) else (middle, reached)
+        offsets[t] = reached
+    generator.set_state(start_state)
+    return offsets
+
+
 def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor], alpha: float = 0.05,
                       n_samples: int = 50, intersect: bool = True,
                       generator: Optional[torch.Generator] = None) -> Tensor:
-    """Anytime-valid sets from the Laplace posterior of every exit (the general form of the AVCS ratio).
+    """AVCS sets from the Laplace posterior of every exit (the general form of the AVCS ratio).
 
     ``R_t(y) = prod_{l<=t} p_l(y | x, D) / p(y | x, W_l)``, ``W_l ~ p(W_l | D)``: numerator the Laplace MC
-    predictive of exit ``l``, denominator ``softmax(z_l / T)`` of one posterior logit draw (marginally exact
-    per input); ``C_t = {y : R_t(y) <= 1/alpha}``. Both terms are computed as float64 log-probabilities
-    (``logsumexp`` over the MC samples), so a label far below the top class can still be excluded.
-    Jazbec et al. (UAI 2024), eq. (5); posterior of :class:`KFACLaplace`. ``features[k]`` is (N, p_k)
-    -> bool (K, N, c). Copy it with :class:`KFACLaplace` and :func:`nested_sets`.
+    predictive of exit ``l``, denominator ``softmax(z_l / T)`` of one posterior logit draw per input and exit,
+    ``z_l = mean + sqrt(phi~^T V phi~) L g``, ``L = cholesky(U)``, ``g ~ N(0, I_c)`` (independent across inputs,
+    so coverage indicators of different inputs are independent given the posterior); ``C_t = {y : R_t(y) <=
+    1/alpha}``. When the posterior is tight against the logit gaps, the draw sits near the mean, ``p(y | x, W_l)
+    ~= p_l(y | x, D)`` for every label and ``R_t ~= 1 <= 1/alpha``: the set keeps every label. Both terms are
+    float64 log-probabilities (``logsumexp`` over the MC samples), so a label far below the top can be excluded.
+    No coverage guarantee (see the section's header). Jazbec et al. (UAI 2024), eq. (5); posterior of
+    :class:`KFACLaplace`. ``features[k]`` is (N, p_k) -> bool (K, N, c).
+    Copy it with :class:`KFACLaplace` and :func:`nested_sets`.
     """
     if len(laplaces) != len(features) or not laplaces:
         raise ValueError(f"laplaces and features must be non-empty lists of the same length, got "
@@ -800,7 +855,10 @@ def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor
         # below that would share one log-ratio, so none could be excluded
         features64 = exit_features.double()  # (N, p)
         log_predictive = laplace.log_predict(features64, n_samples, "mc", generator)  # (N, c)
-        draw = laplace.sample_logits(features64, 1, generator)[0]  # (N, c)
+        mean, scale = laplace.logit_distribution(features64)  # (N, c), (N,)
+        cholesky = torch.linalg.cholesky(laplace.factors()[0])  # (c, c)
+        normal = torch.randn(mean.shape, generator=generator, dtype=torch.float64, device=mean.device)  # (N, c)
+        draw = mean + scale.sqrt()[:, None] * (normal @ cholesky.T)  # (N, c): one posterior draw per input
         log_likelihood = torch.log_softmax(draw / laplace.temperature, dim=-1)  # (N, c)
         log_ratios.append(log_predictive - log_likelihood)
     if len({ratio.shape for ratio in log_ratios}) != 1:
@@ -808,111 +866,28 @@ def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor
     return nested_sets(torch.stack(log_ratios), alpha, intersect)
 
 
-class BayesianLinearRegression:
-    """Gaussian posterior ``w~ ~ N(mean, covariance)`` of ``y = h~^T w~ + eps`` with ``h~ = [h, 1]``: the last
-    entry of ``mean`` is the intercept."""
+def conformal_sets(probs_val: Tensor, y_val: Tensor, probs: Tensor, alpha: float = 0.05,
+                   intersect: bool = False) -> Tensor:
+    """Split conformal prediction sets of every exit with the LAC score ``s(x, y) = 1 - p(y | x)``.
 
-    def __init__(self, mean: Tensor, covariance: Tensor, noise_variance: float, prior_precision: float) -> None:
-        self.mean = mean  # (p+1,)
-        self.covariance = covariance  # (p+1, p+1)
-        self.noise_variance = noise_variance  # sigma^2 = 1 / beta
-        self.prior_precision = prior_precision  # alpha of the prior N(0, alpha^-1 I), intercept included
-
-    @staticmethod
-    def design(features: Tensor) -> Tensor:
-        """``h~ = [h, 1]``: the features (N, p) with the intercept's column of ones, float64 (N, p+1)."""
-        return torch.cat([features.double(), features.new_ones(features.shape[0], 1, dtype=torch.float64)], 1)
-
-
-def fit_bayesian_linear_regression(features: Tensor, y: Tensor, max_iter: int = 200,
-                                   tol: float = 1e-10) -> BayesianLinearRegression:
-    """Bayesian linear regression with an intercept and evidence-maximised prior precision ``alpha`` and
-    noise precision ``beta``.
-
-    The design is ``H~ = [H, 1]`` (a column of ones, as in the AVCS authors' regressor, so data with an
-    offset are not forced through 0); the isotropic prior ``N(0, alpha^-1 I)`` covers the intercept too.
-    MacKay's fixed point (Bishop, *PRML*, section 3.5.2, eq. 3.91-3.95), with ``lambda_i`` the eigenvalues
-    of ``H~^T H~``: ``S^-1 = alpha I + beta H~^T H~``, ``m = beta S H~^T y``, ``gamma = sum_i beta lambda_i /
-    (alpha + beta lambda_i)``, ``alpha = gamma / m^T m``, ``beta = (N - gamma) / ||y - H~ m||^2``.
-    Shapes: ``features`` (N, p), ``y`` (N,) -> mean (p+1,), covariance (p+1, p+1). Everything in float64.
-    Copy it with :class:`BayesianLinearRegression`.
+    Exit ``t``: ``q_t`` = the ``ceil((n + 1)(1 - alpha))``-th smallest of the ``n`` calibration scores
+    ``1 - p_t(y_i | x_i)`` (``+inf`` when that rank exceeds ``n``), ``C_t(x) = {y : 1 - p_t(y | x) <= q_t}``. If
+    calibration and test pairs are exchangeable, the test score is equally likely to take any rank among the
+    ``n + 1``, so ``P(y in C_t) >= 1 - alpha`` at each exit. ``intersect=True`` returns the running intersection,
+    nested by construction; it misses ``y`` when any exit ``<= t`` does, so it covers ``>= 1 - (t + 1) alpha`` (the
+    union bound). Vovk, Gammerman & Shafer (2005); Sadinle, Lei & Wasserman (JASA 2019), LAC.
+    Shapes: ``probs_val`` (K, n, c), ``y_val`` (n,), ``probs`` (K, N, c) -> bool (K, N, c).
     """
-    if features.dim() != 2 or y.shape != features.shape[:1]:
-        raise ValueError(f"features (N, p) and y (N,) expected, got {tuple(features.shape)} and {tuple(y.shape)}")
-    design = BayesianLinearRegression.design(features)  # (N, p+1)
-    targets = y.double()  # (N,)
-    eigenvalues, eigenvectors = torch.linalg.eigh(design.T @ design)  # (p+1,), (p+1, p+1)
-    eigenvalues = eigenvalues.clamp(min=0)
-    projected_targets = eigenvectors.T @ (design.T @ targets)  # (p+1,)
-    n = design.shape[0]
-    alpha, beta = 1.0, 1.0 / max(float(targets.var()), 1e-12)
-    for _ in range(max_iter):
-        mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p+1,)
-        gamma = float((beta * eigenvalues / (alpha + beta * eigenvalues)).sum())
-        new_alpha = gamma / max(float(mean @ mean), 1e-300)
-        new_beta = (n - gamma) / max(float((targets - design @ mean).square().sum()), 1e-300)
-        done = abs(new_alpha - alpha) <= tol * alpha and abs(new_beta - beta) <= tol * beta
-        alpha, beta = new_alpha, new_beta
-        if done:
-            break
-    mean = eigenvectors @ (beta * projected_targets / (alpha + beta * eigenvalues))  # (p+1,)
-    covariance = (eigenvectors / (alpha + beta * eigenvalues)) @ eigenvectors.T  # (p+1, p+1)
-    return BayesianLinearRegression(mean, covariance, 1.0 / beta, alpha)
-
-
-def avcs_regression_intervals(models: Sequence[BayesianLinearRegression], features: Sequence[Tensor],
-                              alpha: float = 0.05, intersect: bool = True,
-                              generator: Optional[torch.Generator] = None) -> Tensor:
-    """Anytime-valid intervals of an early-exit regressor with a Bayesian last layer per exit.
-
-    Exit ``l``, with ``h = [features, 1]`` (the models carry an intercept, see
-    :func:`fit_bayesian_linear_regression`): numerator ``N(y; m_l, v_l)``, ``m_l = h^T mu_l``,
-    ``v_l = h^T Sigma_l h + sigma_l^2``; denominator ``N(y; d_l, sigma_l^2)``, ``d_l = h^T w_l``, one draw
-    ``w_l ~ N(mu_l, Sigma_l)`` per exit.
-    ``R_t(y) <= 1/alpha`` is ``A y^2 + B y + G <= 0`` with ``A = 1/2 sum(1/sigma^2 - 1/v)``,
-    ``B = sum(m/v - d/sigma^2)``, ``G = sum(d^2/(2 sigma^2) - m^2/(2v) + log sigma - 1/2 log v) + log alpha``:
-    the interval ``[(-B -+ sqrt(B^2 - 4AG)) / 2A]``, empty when ``B^2 < 4AG``; a half-line when rounding makes
-    ``A = 0``. Jazbec et al. (UAI 2024), section 4.1.
-    An empty interval is ``(+inf, -inf)`` (it stays empty under intersection). ``features[k]`` is
-    (N, p_k) -> (K, N, 2) float64.
-    Copy it with :class:`BayesianLinearRegression`.
-    """
-    if len(models) != len(features) or not models:
-        raise ValueError(f"models and features must be non-empty lists of the same length, got "
-                         f"{len(models)} and {len(features)}")
-    quadratic, linear, constant = [], [], []
-    for model, exit_features in zip(models, features):
-        if exit_features.dim() != 2 or exit_features.shape[1] != model.mean.shape[0] - 1:
-            raise ValueError(f"features must have shape (N, {model.mean.shape[0] - 1}), "
-                             f"got {tuple(exit_features.shape)}")
-        h = BayesianLinearRegression.design(exit_features)  # (N, p+1)
-        noise = model.noise_variance
-        mean = h @ model.mean  # (N,)
-        variance = ((h @ model.covariance) * h).sum(-1) + noise  # (N,)
-        cholesky = torch.linalg.cholesky(model.covariance)
-        draw = model.mean + cholesky @ torch.randn(h.shape[1], generator=generator, dtype=h.dtype,
-                                                   device=h.device)  # (p,)
-        sampled = h @ draw  # (N,)
-        quadratic.append(0.5 * (1.0 / noise - 1.0 / variance))
-        linear.append(mean / variance - sampled / noise)
-        constant.append(sampled ** 2 / (2 * noise) - mean ** 2 / (2 * variance) + 0.5 * math.log(noise)
-                        - 0.5 * torch.log(variance))
-    A = torch.cumsum(torch.stack(quadratic), 0)  # (K, N)
-    B = torch.cumsum(torch.stack(linear), 0)  # (K, N)
-    G = torch.cumsum(torch.stack(constant), 0) + math.log(alpha)  # (K, N)
-    discriminant = B * B - 4 * A * G
-    root = discriminant.clamp(min=0).sqrt()
-    # A > 0 mathematically (v > sigma^2), but a collapsed posterior (evidence maximisation sends the prior
-    # precision of uninformative features to infinity) rounds it to 0: then B y + G <= 0 is linear, a half-line
-    linear = A <= 0
-    safe_A, safe_B = torch.where(linear, 1.0, A), torch.where(B == 0, 1.0, B)
-    lower = torch.where(linear, torch.where(B < 0, -G / safe_B, -math.inf), (-B - root) / (2 * safe_A))
-    upper = torch.where(linear, torch.where(B > 0, -G / safe_B, math.inf), (-B + root) / (2 * safe_A))
-    empty = torch.where(linear, (B == 0) & (G > 0), discriminant < 0)
-    lower, upper = torch.where(empty, math.inf, lower), torch.where(empty, -math.inf, upper)
-    if intersect:
-        lower, upper = torch.cummax(lower, 0).values, torch.cummin(upper, 0).values
-    return torch.stack([lower, upper], dim=-1)
+    if probs_val.dim() != 3 or y_val.shape != probs_val.shape[1:2] or probs.shape[::2] != probs_val.shape[::2]:
+        raise ValueError(f"probs_val (K, n, c), y_val (n,) and probs (K, N, c) expected, got "
+                         f"{tuple(probs_val.shape)}, {tuple(y_val.shape)} and {tuple(probs.shape)}")
+    n = y_val.shape[0]
+    scores = 1.0 - probs_val.gather(-1, y_val[None, :, None].expand(probs_val.shape[0], -1, 1)).squeeze(-1)  # (K, n)
+    rank = math.ceil((n + 1) * (1.0 - alpha))
+    quantiles = torch.sort(scores, dim=-1).values[:, rank - 1] if rank <= n else \
+        torch.full(scores.shape[:1], math.inf, dtype=scores.dtype, device=scores.device)  # (K,)
+    sets = 1.0 - probs <= quantiles[:, None, None]  # (K, N, c)
+    return torch.cumprod(sets.to(torch.uint8), dim=0).bool() if intersect else sets
 
 
 def set_metrics(sets: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -929,36 +904,6 @@ def set_metrics(sets: Tensor, y: Tensor) -> dict[str, Tensor]:
     intersection_sizes = torch.cumprod(sets.to(torch.uint8), dim=0).sum(-1).double()  # (K, N)
     nested = torch.where(sizes > 0, intersection_sizes / sizes.clamp(min=1), torch.ones_like(sizes))  # (K, N)
     return {"size": sizes.mean(-1), "coverage": covered.mean(-1), "nestedness": nested.mean(-1)}
-
-
-def interval_metrics(intervals: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """Length, coverage and nestedness of intervals per exit: the regression twin of :func:`set_metrics`.
-
-    ``coverage(t) = mean_n [lo <= y_n <= hi]`` over every interval. An unbounded interval (a half-line or the
-    whole line: :func:`avcs_regression_intervals` returns one when a posterior collapses) is a legitimate
-    answer whose length is infinite, so it is counted apart: ``unbounded(t)`` = how many intervals at exit ``t``
-    are unbounded, and ``size(t) = mean |I_t|`` and ``nestedness(t) = mean |∩_{s<=t} I_s| / |I_t|`` average over
-    the bounded ones only (nestedness 1 when both are empty). Convention at an exit with no bounded interval:
-    ``size = inf``, ``nestedness = 1`` (no finite interval to compare). Never NaN.
-    Jazbec et al. (UAI 2024), section 5. Shapes: ``intervals`` (K, N, 2), ``y`` (N,) -> dict of (K,) tensors.
-    """
-    if intervals.dim() != 3 or intervals.shape[-1] != 2 or y.shape != intervals.shape[1:2]:
-        raise ValueError(f"interval_metrics: intervals (K, N, 2) and y (N,) expected, got "
-                         f"{tuple(intervals.shape)} and {tuple(y.shape)}")
-    lower, upper = intervals[..., 0].double(), intervals[..., 1].double()  # (K, N)
-    bounded = torch.isfinite(lower) & torch.isfinite(upper) | (lower > upper)  # (K, N): empty (inf, -inf) is bounded
-    lengths = torch.where(bounded, (upper - lower).clamp(min=0), torch.zeros_like(lower))  # (K, N)
-    covered = ((lower <= y) & (y <= upper)).double()  # (K, N)
-    common = (torch.cummin(upper, 0).values - torch.cummax(lower, 0).values).clamp(min=0)  # (K, N)
-    common = torch.where(bounded, common, torch.zeros_like(common))  # inside a bounded I_t: finite
-    nested = torch.where(lengths > 0, common / lengths.clamp(min=1e-300), torch.ones_like(lengths))  # (K, N)
-    n_bounded = bounded.sum(-1)  # (K,)
-    size = torch.where(n_bounded > 0, lengths.sum(-1) / n_bounded.clamp(min=1),
-                       torch.full_like(lengths[:, 0], math.inf))  # (K,)
-    nestedness = torch.where(n_bounded > 0, (nested * bounded).sum(-1) / n_bounded.clamp(min=1),
-                             torch.ones_like(lengths[:, 0]))
-    return {"size": size, "coverage": covered.mean(-1), "nestedness": nestedness,
-            "unbounded": (~bounded).sum(-1)}
 
 
 # ══════════════════════════════════════════════════════════════════════════════
@@ -1059,6 +1004,20 @@ def top_k_accuracy(probs: Tensor, y: Tensor, k: int = 5) -> float:
         raise ValueError(f"top_k_accuracy: probs (N, c), y (N,) and 1 <= k <= c expected, got "
                          f"{tuple(probs.shape)}, {tuple(y.shape)}, k={k}")
     return float((probs.topk(k, dim=-1).indices == y[:, None]).any(-1).double().mean())
+
+
+def auroc(scores_in: Tensor, scores_out: Tensor) -> float:
+    """Area under the ROC curve of telling in-distribution inputs (``scores_in``, higher = more in-distribution) from
+    others (``scores_out``): ``P(s_in > s_out) + P(s_in = s_out) / 2`` over all pairs, by the Mann-Whitney rank sum
+    ``(R_in - n_in (n_in + 1) / 2) / (n_in n_out)``, ``R_in`` the sum of the in-distribution scores' ranks in the
+    pooled sample (tied scores share their mean rank). Hendrycks & Gimpel (ICLR 2017), the max-probability baseline.
+    Shapes: ``scores_in`` (n_in,), ``scores_out`` (n_out,)."""
+    pooled = torch.cat([scores_in.double().flatten(), scores_out.double().flatten()])  # (n_in + n_out,)
+    _, inverse, counts = torch.unique(pooled, return_inverse=True, return_counts=True)  # sorted distinct values
+    mid_ranks = torch.cumsum(counts, 0).double() - (counts.double() - 1.0) / 2.0  # (U,): mean rank of each value
+    n_in, n_out = scores_in.numel(), scores_out.numel()
+    rank_sum = float(mid_ranks[inverse[:n_in]].sum())
+    return (rank_sum - n_in * (n_in + 1) / 2.0) / (n_in * n_out)
 
 
 def classification_metrics(probs: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> dict[str, float]:
@@ -1330,7 +1289,8 @@ def _render_synth(labels: Tensor, places: Tensor, size: int, generator: torch.Ge
     half_width = 0.14 + 0.10 * torch.rand(n, 1, 1, generator=generator)  # r, as a fraction of the side
     centre_row = 0.25 + 0.5 * torch.rand(n, 1, 1, generator=generator)
     centre_col = 0.25 + 0.5 * torch.rand(n, 1, 1, generator=generator)
-    masks = _shape_masks(rows, cols, centre_row, centre_col, half_width, n_classes)  # (C, N, H, W)
+    n_shapes = max(n_classes, int(labels.max()) + 1)  # more than n_classes: shapes the classes never had
+    masks = _shape_masks(rows, cols, centre_row, centre_col, half_width, n_shapes)  # (C', N, H, W)
     shape = masks[labels, torch.arange(n)]  # (N, H, W): each image's own class
     colour = 0.35 + 0.6 * torch.rand(n, 3, 1, 1, generator=generator)  # independent of class and place
     image = torch.where(shape[:, None], colour, background)
@@ -1367,8 +1327,18 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
     # val/test: the training class balance, backgrounds balanced within each class
     balanced_shares = shares.view(n_classes, 2).sum(1).repeat_interleave(2) / 2  # (2C,)
 
+    def group_counts(n: int, group_shares: Tensor) -> Tensor:  # (2C,): in proportion, at least one image a group
+        return torch.floor(n * group_shares / group_shares.sum()).long().clamp(min=1)
+
+    for name, n, group_shares in (("n_train", n_train, shares), ("n_val", n_val, balanced_shares),
+                                  ("n_test", n_test, balanced_shares)):
+        if int(group_counts(n, group_shares).sum()) > n:  # a group would be cut off: a class silently missing
+            least = next(m for m in range(n, 100 * n) if int(group_counts(m, group_shares).sum()) <= m)
+            raise ValueError(f"synth: {name}={n} cannot hold one image of each of the {2 * n_classes} groups "
+                             f"({n_classes} classes); use {name} >= {least}")
+
     def split(n: int, group_shares: Tensor) -> Split:
-        counts = torch.floor(n * group_shares / group_shares.sum()).long().clamp(min=1)
+        counts = group_counts(n, group_shares)  # (2C,)
         counts[:int(n - counts.sum())] += 1  # the rounding remainder, one each, keeps val/test balanced
         groups = torch.repeat_interleave(torch.arange(2 * n_classes), counts)
         groups = groups[torch.randperm(n, generator=generator)]
@@ -1384,6 +1354,29 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
                                         (("land", "water") if n_classes == 2 else ("own", "other"))],
                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), class_name="shape",
                            spurious_name="background", augment="flip")
+
+
+def make_synth_far_inputs(n: int, image_size: int = 32, n_classes: int = 2, seed: int = 0) -> dict[str, Tensor]:
+    """Inputs unlike any that :func:`make_synth` trains on, uint8 (n, 3, size, size) per kind:
+
+        unseen shapes    shapes ``n_classes ..`` of SYNTH_SHAPES on the training backgrounds (``n_classes < 10``)
+        unseen colours   the training shapes on background hues halfway between two classes' (``n_classes > 2``)
+        uniform noise    every pixel uniform in 0 .. 255
+
+    Deterministic for ``seed``; shapes and colours are drawn uniformly."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {}
+    if n_classes < len(SYNTH_SHAPES):
+        labels = torch.randint(n_classes, len(SYNTH_SHAPES), (n,), generator=generator)
+        places = torch.randint(0, n_classes, (n,), generator=generator)  # land / water, or a class's colour
+        inputs["unseen shapes"] = _render_synth(labels, places, image_size, generator, n_classes)
+    if n_classes > 2:
+        labels = torch.randint(0, n_classes, (n,), generator=generator)
+        places = torch.randint(0, n_classes, (n,), generator=generator) + 0.5  # hue (k + 1/2) / C
+        inputs["unseen colours"] = _render_synth(labels, places, image_size, generator, n_classes)
+    inputs["uniform noise"] = torch.randint(0, 256, (n, 3, image_size, image_size), generator=generator,
+                                            dtype=torch.uint8)
+    return inputs
 
 
 def default_cache_dir() -> Path:
@@ -1823,9 +1816,11 @@ def batch_images(split: Split, index: Union[Tensor, slice], device: torch.device
 @torch.no_grad()
 def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std: Sequence[float],
                   device: torch.device, batch_size: int = 256, exits: Optional[Sequence[int]] = None,
-                  amp: bool = False, float32_heads: bool = True, flip: bool = False) -> tuple[Tensor, list[Tensor]]:
+                  amp: bool = False, float32_heads: bool = True, flip: bool = False,
+                  input_scale: float = 1.0) -> tuple[Tensor, list[Tensor]]:
     """One eval-mode pass over ``split``: logits (K', N, c) float32 and features [(N, p_k)] float32 of the
-    exits in ``exits`` (default all), on ``device``, of the images as they are or, ``flip=True``, mirrored.
+    exits in ``exits`` (default all), on ``device``, of the images as they are or, ``flip=True``, mirrored;
+    ``input_scale`` multiplies the normalised images (``delta x``: Kristiadi et al.'s far-away inputs).
     BatchNorm uses running statistics (``model.eval()``).
     With ``amp`` the backbone runs under bf16 autocast in channels_last and every head in float32 (see
     ``forward_features``), or, with ``float32_heads=False``, the heads' convolutions in bf16 too (pooled features
@@ -1837,7 +1832,7 @@ def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std:
     for start in range(0, len(split), batch_size):
         batch = slice(start, min(start + batch_size, len(split)))
         x = prepare_batch(batch_images(split, batch, device), mean, std, channels_last=amp)
-        x = x.flip(-1) if flip else x  # a flip commutes with normalising
+        x = (x.flip(-1) if flip else x) * input_scale  # a flip commutes with normalising
         with autocast(device, amp):  # the backbone in bf16 when amp; the linears always in float32
             batch_features = [f.float() for f in model.forward_features(x, exits, float32_heads)]  # K' x (B, p_k)
             with torch.autocast(device.type, enabled=False):

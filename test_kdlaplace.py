@@ -555,115 +555,6 @@ def test_laplace_avcs_excludes_far_labels_with_float32_features():
     assert 1 - sets64[0, :, 1].double().mean() > 0.5  # label 1 is excluded (a float32 numerator kept it always)
 
 
-def test_bayesian_linear_regression_maximises_the_evidence():
-    g = seeded(29)
-    features = torch.randn(80, 4, generator=g, dtype=f64)
-    y = features @ torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=f64) + 2.0 + 0.3 * torch.randn(80, generator=g, dtype=f64)
-    model = K.fit_bayesian_linear_regression(features, y)
-    design = torch.cat([features, torch.ones(80, 1, dtype=f64)], 1)  # the intercept's column of ones
-
-    def log_evidence(log_alpha, log_beta):  # Bishop PRML eq. (3.86), dense, M = 5 weights
-        alpha, beta = math.exp(log_alpha), math.exp(log_beta)
-        covariance = alpha * torch.eye(5, dtype=f64) + beta * design.T @ design
-        mean = beta * torch.linalg.solve(covariance, design.T @ y)
-        energy = beta / 2 * ((y - design @ mean) ** 2).sum() + alpha / 2 * mean @ mean
-        return float(2.5 * math.log(alpha) + 40 * math.log(beta) - energy - 0.5 * torch.logdet(covariance))
-
-    point = (math.log(model.prior_precision), -math.log(model.noise_variance))
-    for axis in range(2):
-        step = [0.0, 0.0]
-        step[axis] = 1e-4
-        up = log_evidence(point[0] + step[0], point[1] + step[1])
-        down = log_evidence(point[0] - step[0], point[1] - step[1])
-        assert abs(up - down) / 2e-4 < 1e-4  # stationary
-        assert up < log_evidence(*point) and down < log_evidence(*point)  # a maximum
-    precision = model.prior_precision * torch.eye(5, dtype=f64) + design.T @ design / model.noise_variance
-    torch.testing.assert_close(model.covariance, torch.linalg.inv(precision))
-
-
-def test_bayesian_linear_regression_fits_the_intercept_like_the_avcs_authors():
-    rng = np.random.default_rng(45)
-    X = rng.normal(size=(300, 2))
-    y = X @ np.array([1.0, -1.0]) + 2.0 + np.sqrt(0.147) * rng.normal(size=300)
-    model = K.fit_bayesian_linear_regression(torch.from_numpy(X), torch.from_numpy(y))
-    # the AVCS authors' fixed point, written out: ones column, explicit inverse every step, from 1e-5
-    design = np.hstack([X, np.ones((300, 1))])
-    eigenvalues = np.linalg.eigvalsh(design.T @ design)
-    alpha = beta = 1e-5
-    for _ in range(1000):
-        S = np.linalg.inv(alpha * np.eye(3) + beta * design.T @ design)
-        m = beta * S @ design.T @ y
-        gamma = np.sum(beta * eigenvalues / (beta * eigenvalues + alpha))
-        new_alpha, new_beta = gamma / np.sum(m ** 2), (300 - gamma) / np.sum((y - design @ m) ** 2)
-        converged = np.isclose(alpha, new_alpha, rtol=1e-12) and np.isclose(beta, new_beta, rtol=1e-12)
-        alpha, beta = new_alpha, new_beta
-        if converged:
-            break
-    S = np.linalg.inv(alpha * np.eye(3) + beta * design.T @ design)
-    np.testing.assert_allclose(model.noise_variance, 1 / beta, rtol=1e-6)
-    np.testing.assert_allclose(model.prior_precision, alpha, rtol=1e-6)
-    np.testing.assert_allclose(model.mean.numpy(), beta * S @ design.T @ y, rtol=1e-6)
-    np.testing.assert_allclose(model.covariance.numpy(), S, rtol=1e-6)
-    assert abs(model.mean[-1] - 2.0) < 0.1 and 0.12 < model.noise_variance < 0.18  # without the bias: 4.26
-
-
-def test_regression_interval_equals_grid_search_of_the_ratio():
-    g = seeded(30)
-    latent = torch.randn(60, 3, generator=g, dtype=f64)
-    target = latent @ torch.tensor([1.0, 0.5, -1.0], dtype=f64) + 0.5 * torch.randn(60, generator=g, dtype=f64)
-    # exit 1 sees noise only: its posterior collapses on w = 0 (the half-line / whole-line case)
-    features = [latent + torch.randn(60, 3, generator=g, dtype=f64), torch.randn(60, 3, generator=g, dtype=f64),
-                latent + 0.1 * torch.randn(60, 3, generator=g, dtype=f64)]
-    models = [K.fit_bayesian_linear_regression(f, target) for f in features]
-    h = [f[:5] for f in features]
-    alpha = 0.05
-    intervals = K.avcs_regression_intervals(models, h, alpha, intersect=False, generator=seeded(31))
-    replay = seeded(31)
-    draws = [m.mean + torch.linalg.cholesky(m.covariance) @ torch.randn(4, generator=replay, dtype=f64) for m in models]
-    h_bias = [torch.cat([x, torch.ones(5, 1, dtype=f64)], 1) for x in h]  # the intercept's column
-    grid = torch.linspace(-15, 15, 300001, dtype=f64)
-    bounded = 0
-    for i in range(5):
-        log_R = torch.zeros_like(grid)
-        for t, model in enumerate(models):
-            mean = float(h_bias[t][i] @ model.mean)
-            variance = float(h_bias[t][i] @ model.covariance @ h_bias[t][i]) + model.noise_variance
-            log_R += (torch.distributions.Normal(mean, math.sqrt(variance)).log_prob(grid)
-                      - torch.distributions.Normal(float(h_bias[t][i] @ draws[t]), math.sqrt(model.noise_variance)).log_prob(grid))
-            inside = grid[log_R <= math.log(1 / alpha)]
-            lower, upper = intervals[t, i]
-            if inside.numel() == 0:
-                assert lower == math.inf and upper == -math.inf
-            else:
-                for found, edge, end in ((inside.min(), lower, -15.0), (inside.max(), upper, 15.0)):
-                    if float(found) == end:  # the set reaches the grid's end: the interval must reach past it
-                        assert abs(float(edge)) >= 15.0
-                    else:
-                        assert abs(float(found) - float(edge)) < 2e-4
-                bounded += int(float(inside.min()) > -15.0 and float(inside.max()) < 15.0)
-    assert bounded >= 8  # most intervals are bounded: the closed-form roots were really compared
-    nested = K.avcs_regression_intervals(models, h, alpha, generator=seeded(31))
-    for t in range(3):  # the running intersection, endpoint by endpoint
-        torch.testing.assert_close(nested[t, :, 0], intervals[:t + 1, :, 0].max(0).values)
-        torch.testing.assert_close(nested[t, :, 1], intervals[:t + 1, :, 1].min(0).values)
-    metrics = K.interval_metrics(intervals, target[:5])
-    assert all(torch.isfinite(value).all() for value in metrics.values())
-
-
-def test_interval_metrics_count_unbounded_intervals_apart():
-    inf = math.inf
-    intervals = torch.tensor([[[0.0, 2.0], [-inf, 1.0], [1.0, 3.0]],
-                              [[1.0, 2.0], [0.0, 4.0], [inf, -inf]],
-                              [[-inf, inf], [-inf, inf], [-inf, 5.0]]], dtype=f64)  # (K=3, N=3, 2)
-    metrics = K.interval_metrics(intervals, torch.tensor([1.5, 0.5, 2.0], dtype=f64))
-    assert metrics["unbounded"].tolist() == [1, 0, 3]
-    # exit 0: lengths 2 and 2 of the bounded; exit 1: 1, 4 and the empty one 0; exit 2: no bounded interval
-    torch.testing.assert_close(metrics["size"], torch.tensor([2.0, 5 / 3, inf], dtype=f64))
-    # exit 1: [1,2] inside [0,2] -> 1; [0,4] meets (-inf,1] in [0,1] -> 1/4; empty -> 1
-    torch.testing.assert_close(metrics["nestedness"], torch.tensor([1.0, (1 + 0.25 + 1) / 3, 1.0], dtype=f64))
-    torch.testing.assert_close(metrics["coverage"], torch.tensor([1.0, 2 / 3, 1.0], dtype=f64))
-
-
 # ──────────────────────────────────────────────────────────────────────────────
 # Metrics
 # ──────────────────────────────────────────────────────────────────────────────
@@ -769,13 +660,9 @@ def unit_examples():
     logits = torch.randn(3, 8, 3, generator=seeded(41), dtype=f64) * 3  # (K, N, c)
     probs = torch.softmax(logits, -1)  # (K, N, c)
     groups = torch.arange(8) % 4
-    targets = features @ torch.randn(4, dtype=f64, generator=seeded(42)) + 0.1 * torch.randn(30, dtype=f64, generator=seeded(43))
 
     def laplace(m):
         return m.KFACLaplace.fit(features, weight, bias, 2.0, 1.5)
-
-    def regression(m):
-        return [m.fit_bayesian_linear_regression(features, targets) for _ in range(2)]
 
     return {
         "kd_loss": lambda m: m.kd_loss(logits[0], logits[1], 2.0),
@@ -806,12 +693,7 @@ def unit_examples():
         "tune_avcs_thresholds": lambda m: m.tune_avcs_thresholds(logits, y[:8], 0.2, generator=seeded(53)),
         "laplace_avcs_sets": lambda m: m.laplace_avcs_sets([laplace(m)] * 2, [features] * 2, 0.1, 10,
                                                            generator=seeded(54)),
-        "BayesianLinearRegression": lambda m: m.BayesianLinearRegression(bias, weight, 1.0, 2.0).covariance,
-        "fit_bayesian_linear_regression": lambda m: regression(m)[0].mean,
-        "avcs_regression_intervals": lambda m: m.avcs_regression_intervals(regression(K), [features] * 2, 0.1,
-                                                                           generator=seeded(55)),
         "set_metrics": lambda m: m.set_metrics(logits > 0, y[:8]),
-        "interval_metrics": lambda m: m.interval_metrics(torch.stack([targets - 1, targets + 1], -1)[None], targets),
         "group_accuracies": lambda m: m.group_accuracies(probs[0].argmax(-1), y[:8], groups, 4),
         "worst_group_accuracy": lambda m: m.worst_group_accuracy(probs[0].argmax(-1), y[:8], groups, 4),
         "accuracy_report": lambda m: torch.tensor(m.accuracy_report(probs[0].argmax(-1), y[:8], groups, 4)["avg_acc"]),
