@@ -1361,7 +1361,6 @@ def make_synth_far_inputs(n: int, image_size: int = 32, n_classes: int = 2, seed
 
         unseen shapes    shapes ``n_classes ..`` of SYNTH_SHAPES on the training backgrounds (``n_classes < 10``)
         unseen colours   the training shapes on background hues halfway between two classes' (``n_classes > 2``)
-        uniform noise    every pixel uniform in 0 .. 255
 
     Deterministic for ``seed``; shapes and colours are drawn uniformly."""
     generator = torch.Generator().manual_seed(seed)
@@ -1374,8 +1373,6 @@ def make_synth_far_inputs(n: int, image_size: int = 32, n_classes: int = 2, seed
         labels = torch.randint(0, n_classes, (n,), generator=generator)
         places = torch.randint(0, n_classes, (n,), generator=generator) + 0.5  # hue (k + 1/2) / C
         inputs["unseen colours"] = _render_synth(labels, places, image_size, generator, n_classes)
-    inputs["uniform noise"] = torch.randint(0, 256, (n, 3, image_size, image_size), generator=generator,
-                                            dtype=torch.uint8)
     return inputs
 
 
@@ -1883,6 +1880,12 @@ def tuned_exit_laplace(linear: nn.Linear, train_features: Tensor, val_features: 
     laplace = KFACLaplace.fit(train_features, linear.weight.detach(), bias)
     return tune_laplace(laplace, val_features, y_val, n_samples=n_samples,
                         generator=seeded_generator(seed, val_features.device))
+
+
+def at_search_end(value: float, grid: Sequence[float]) -> bool:
+    """Whether a tuned value sits at an end of the grid it was searched on: there the search stopped at the range,
+    not at a minimum (``KFACLaplace.TEMPERATURE_GRID``, ``KFACLaplace.PRIOR_VARIANCE_GRID``)."""
+    return any(math.isclose(value, end, rel_tol=1e-6) for end in (grid[0], grid[-1]))
 
 
 def splits_to_device(data: SpuriousDataset, device: torch.device) -> dict[str, Split]:

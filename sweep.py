@@ -23,9 +23,9 @@ Studies (synth; every run through train.py's public flags):
              on fresh seeds 5-9. It needs the table's grid finished.
   data-size  --synth-n-train 600, 1200, 2400 and 4800 (val and test scale with it), the defaults otherwise: where
              could the readout's posterior matter?
-  exits      the default pipeline on the 10-class synth benchmark (--synth-classes 10: 30 teacher and 40 student
-             epochs), seeds 0-4, and eval.py's per-exit figures at alpha 0.05 and 0.1: Laplace, MIE, AVCS sets,
-             budgeted exits
+  exits      the default pipeline on the 8-class synth benchmark (--synth-classes 8: 30 teacher and 40 student
+             epochs), seeds 0-4, and eval.py's per-exit figures at alpha 0.05 and 0.1: TS, Laplace, MIE, AVCS and
+             conformal sets, inputs far from the data, budgeted exits
 """
 from __future__ import annotations
 
@@ -246,16 +246,54 @@ def bootstrap_interval(values: Sequence[float], level: float = 0.95, resamples: 
     return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
 
 
+def t_quantile(probability: float, degrees: int) -> float:
+    """The ``probability`` quantile of Student's t with ``degrees`` degrees of freedom (probability > 1/2): the CDF
+    ``1/2 + int_0^x f``, ``f(t) = Gamma((nu+1)/2) / (sqrt(nu pi) Gamma(nu/2)) (1 + t^2/nu)^(-(nu+1)/2)``, by Simpson's
+    rule on 4000 intervals, inverted by bisection."""
+    log_norm = math.lgamma((degrees + 1) / 2) - math.lgamma(degrees / 2) - 0.5 * math.log(degrees * math.pi)
+
+    def cdf(x: float) -> float:
+        t = np.linspace(0.0, x, 4001)
+        f = np.exp(log_norm - (degrees + 1) / 2 * np.log1p(t * t / degrees))
+        return 0.5 + (x / 12000) * (f[0] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum() + f[-1])
+
+    low, high = 0.0, 1000.0
+    for _ in range(60):
+        low, high = ((low + high) / 2, high) if cdf((low + high) / 2) < probability else (low, (low + high) / 2)
+    return (low + high) / 2
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean: ``mean -+ t_{(1+level)/2, n-1} sd / sqrt(n)`` (normal errors assumed)."""
+    half = t_quantile((1 + level) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.mean(values) - half, statistics.mean(values) + half
+
+
+def sign_flip_p(differences: Sequence[float]) -> float:
+    """Exact two-sided sign-flip (paired permutation) p-value of a mean difference of 0: the share of the 2^n sign
+    patterns whose |mean| is at least the observed one (the observed pattern counts). Exact under symmetry about 0."""
+    values = np.asarray(differences, dtype=np.float64)
+    signs = 1 - 2 * ((np.arange(2 ** len(values))[:, None] >> np.arange(len(values))) & 1)  # (2^n, n) of +-1
+    flipped = np.abs((signs * values).mean(1))  # (2^n,)
+    return float((flipped >= abs(values.mean()) - 1e-12).mean())
+
+
 def paired_cells(differences: Sequence[float]) -> list[str]:
-    """Paired differences in points: mean ± sd, median, won / tied (within 1 point) / lost, 95% bootstrap interval."""
+    """Paired differences in points: mean ± sd, median, won / lost (exact ties in neither), 95% percentile-bootstrap
+    and t intervals of the mean, exact sign-flip p."""
     points = [100 * d for d in differences]
-    if not points:
-        return ["–"] * 4
-    low, high = bootstrap_interval(points) if len(points) > 1 else (points[0], points[0])
-    spread = f" ± {statistics.stdev(points):.1f}" if len(points) > 1 else ""
-    return [f"{statistics.mean(points):+.1f}{spread}", f"{statistics.median(points):+.1f}",
-            f"{sum(p > 1 for p in points)} / {sum(abs(p) <= 1 for p in points)} / {sum(p < -1 for p in points)}",
-            f"[{low:+.1f}, {high:+.1f}]"]
+    if len(points) < 2:
+        return ["–"] * 6
+    low, high = bootstrap_interval(points)
+    t_low, t_high = t_interval(points)
+    return [f"{statistics.mean(points):+.1f} ± {statistics.stdev(points):.1f}", f"{statistics.median(points):+.1f}",
+            f"{sum(p > 0 for p in points)} / {sum(p < 0 for p in points)}", f"[{low:+.1f}, {high:+.1f}]",
+            f"[{t_low:+.1f}, {t_high:+.1f}]", f"{sign_flip_p(points):.3f}"]
+
+
+PAIRED_COLUMNS = "won / lost | 95% bootstrap | 95% t | sign-flip p"
+PAIRED_NOTE = ("won / lost by any margin; 95% percentile-bootstrap and t intervals of the mean; exact two-sided "
+               "sign-flip p")
 
 
 def epoch_median(run: dict, key: str, index: Optional[int] = None) -> Optional[float]:
@@ -352,9 +390,9 @@ def budget_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -
     from plain KD."""
     runs = {w: {s: load_run(root, f"{w}-seed{s}") for s in seeds} for w in BUDGET_WEIGHTINGS}
     lines = [f"Test worst-group accuracy (%), seeds {seed_text(seeds)}; paired: the weighting minus plain KD on "
-             "the same seed and teacher (points; won / tied within 1 point / lost; 95% bootstrap interval of the mean).",
-             "", "| weighting | student avg | worst-group | median | per seed | minus plain KD | median | won / tied / lost "
-                 "| 95% interval |", "|---|---|---|---|---|---|---|---|---|"]
+             f"the same seed and teacher (points; {PAIRED_NOTE}).",
+             "", f"| weighting | student avg | worst-group | median | per seed | minus plain KD | median | {PAIRED_COLUMNS} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in BUDGET_WEIGHTINGS:
         rs = [r for r in runs[w].values() if r is not None]
         if not rs:
@@ -364,7 +402,7 @@ def budget_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -
         worst = list(map(worst_group_on_test, rs))
         lines.append(f"| {weighting_label(w, rs)} | {cell([r['student']['test']['avg_acc'] for r in rs])} | {cell(worst)} | "
                      f"{100 * statistics.median(worst):.1f} | {per_seed(worst)} | "
-                     + " | ".join(["–"] * 4 if w == "none" else paired_cells(paired)) + " |")
+                     + " | ".join(["–"] * 6 if w == "none" else paired_cells(paired)) + " |")
     return lines
 
 
@@ -474,9 +512,8 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
             shares = [median_over_runs("upweighted_share_all")] + [median_over_runs("upweighted_share", g) for g in (1, 2)]
             lines.append(f"| {n} | {w} | " + " | ".join([*stds, *spread, correlation, " / ".join(shares)]) + " |")
     lines += ["", "Paired worst-group differences from dedier-ts (the temperature-scaled softmax, same seed and "
-                  "teacher), in points: mean ± sd, median, won / tied within 1 point / lost, 95% bootstrap interval "
-                  "of the mean.", "", "| N train | comparison | mean ± sd | median | won / tied / lost | 95% interval |",
-              "|---|---|---|---|---|---|"]
+                  f"teacher), in points: mean ± sd, median, {PAIRED_NOTE}.", "",
+              f"| N train | comparison | mean ± sd | median | {PAIRED_COLUMNS} |", "|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         base = {r["seed"]: r for r in runs["dedier-ts", n]}
         for w in ("laplace", "laplace-ml"):
@@ -514,9 +551,22 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
     return lines
 
 
-EXIT_CLASSES = 10  # the multi-class synth benchmark of the exit-level methods
+EXIT_CLASSES = 8  # the multi-class synth benchmark of the exit-level methods: shapes 8 and 9 stay unseen
 EXIT_ALPHAS = (0.05, 0.1)
-EXIT_METHODS = ("MAP", "Laplace", "MIE", "MIE+Laplace")
+EXIT_METHODS = ("MAP", "TS", "Laplace", "MIE", "MIE+TS", "MIE+Laplace")  # eval.py's
+SET_KINDS = (("Dirichlet AVCS", "avcs"), ("AVCS, offset b", "avcs_offset"), ("Laplace-AVCS", "laplace_avcs"),
+             ("split conformal", "conformal"), ("conformal, nested", "conformal_nested"))
+
+EXITS_PREDICTION = """\
+Prediction, written before the runs. In distribution, the exit Laplace lowers ECE by what a tuned temperature does:
+TS and Laplace agree within the seed spread at every exit (the Laplace picked σ² at its search's floor, where it is a
+temperature, at exit 0 of the median seed before). Split conformal sets cover ≥ 1 − α at every exit (their
+guarantee), the nested ones slightly less at later exits; the Dirichlet AVCS with a tuned logit offset reaches
+1 − α on val and close to it on test, with larger sets than conformal's; the Laplace-AVCS sets with per-input draws
+still keep most labels. Far from the data: on the test images scaled by δ ≥ 10, φ̃ᵀVφ̃ grows like δ² and the
+Laplace's max-probability falls below TS's, with a higher OOD AUROC (Kristiadi et al. 2020); on uniform noise,
+unseen shapes and unseen colours φ̃ᵀVφ̃ stays within a factor of 2 of the test images' and the Laplace's AUROC equals
+TS's within the seed spread."""
 
 
 def exits_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
@@ -532,8 +582,8 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     return centre - half, centre + half
 
 
-def exit_list(exits: Sequence[int]) -> str:
-    return "exits " + ", ".join(map(str, exits)) if exits else "no exit"
+def exit_list(exits: Sequence) -> str:
+    return ", ".join(map(str, exits)) if exits else "none"
 
 
 def exit_reports(root: Path, names: Sequence[str]) -> dict[float, list[dict]]:
@@ -553,86 +603,137 @@ def exit_reports(root: Path, names: Sequence[str]) -> dict[float, list[dict]]:
     return reports
 
 
+def paired_t(differences: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    """'mean [95% t interval]' of paired differences (times ``scale``)."""
+    values = [scale * d for d in differences]
+    low, high = t_interval(values)
+    return f"{statistics.mean(values):+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def resolved(differences: Sequence[float]) -> int:
+    """+1 when the 95% t interval of the mean difference lies above 0, -1 below, 0 when it holds 0."""
+    low, high = t_interval(differences)
+    return 1 if low > 0 else -1 if high < 0 else 0
+
+
+def spread(values: Sequence[float], digits: str = ".3g") -> str:
+    return f"{statistics.median(values):{digits}} [{min(values):{digits}}, {max(values):{digits}}]"
+
+
 def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
-    """eval.py's figures on the multi-class benchmark as the papers report them: per exit and method top-1, top-5,
-    NLPD and ECE; the sets' size, coverage (pooled over seeds, Wilson 95% interval) and nestedness at each alpha;
-    the budgeted-exit curve; and which of the papers' qualitative claims hold here."""
+    """eval.py's figures on the multi-class benchmark: per exit and method top-1, top-5, NLPD and ECE; the tuned
+    temperatures and priors; each kind of prediction set's size, coverage (pooled with a Wilson interval, per seed,
+    and a t interval over seeds) and nestedness at each alpha; inputs far from the data; the budgeted-exit curve;
+    and what holds, computed from these tables."""
     reports = exit_reports(root, [run.name for run in exits_runs(seeds, fresh_seeds, root)])
     runs = reports[EXIT_ALPHAS[0]]
+    lines = [EXITS_PREDICTION, ""]
     if not runs:
-        return ["No run has finished."]
-    n_exits = len(runs[0]["exits"])
-    mean = lambda values: statistics.mean(values)
-    lines = [f"Test %, mean ± sd over {len(runs)} seeds ({EXIT_CLASSES} classes). Laplace: each exit's KFAC "
-             "last-layer posterior, (T, σ²) tuned on val NLL; MIE: the FLOP-weighted mean of exits 0..k; "
-             "MIE+Laplace: the Laplace exits inside the ensemble, tuned greedily.", "",
-             "| exit | GFLOPs | method | top-1 | top-5 | NLPD | ECE |", "|---|---|---|---|---|---|---|"]
+        return lines + ["No run has finished."]
+    n_exits, mean = len(runs[0]["exits"]), statistics.mean
+    at = lambda k, method, key: [r["exits"][k][method][key] for r in runs]  # noqa: E731  per seed
+    lines += [f"Test %, mean ± sd over {len(runs)} seeds ({EXIT_CLASSES} classes). TS: each exit's softmax at a "
+              "temperature tuned on val NLL; Laplace: each exit's KFAC last-layer posterior, (T, σ²) tuned on val NLL; "
+              "MIE: the FLOP-weighted mean of exits 0..k; MIE+TS, MIE+Laplace: each exit's T or (T, σ²) tuned "
+              "greedily inside the ensemble.", "",
+              "| exit | GFLOPs | method | top-1 | top-5 | NLPD | ECE |", "|---|---|---|---|---|---|---|"]
     for k in range(n_exits):
         for method in EXIT_METHODS:
-            values = lambda key: [r["exits"][k][method][key] for r in runs]
-            lines.append(f"| {k} | {runs[0]['exits'][k]['flops'] / 1e9:.4f} | {method} | {cell(values('top1'))} | "
-                         f"{cell(values('top5'))} | {cell(values('nlpd'), 1.0, 3)} | {cell(values('ece'))} |")
+            lines.append(f"| {k} | {runs[0]['exits'][k]['flops'] / 1e9:.4f} | {method} | {cell(at(k, method, 'top1'))} | "
+                         f"{cell(at(k, method, 'top5'))} | {cell(at(k, method, 'nlpd'), 1.0, 3)} | "
+                         f"{cell(at(k, method, 'ece'))} |")
+
     def confidence_gap(k: int, method: str) -> list[float]:  # mean confidence - accuracy on test, per seed
         bins = [[sum(column) for column in r["exits"][k]["reliability"][method]] for r in runs]  # count, conf, correct
         return [(confidence - correct) / count for count, confidence, correct in bins]
 
-    lines += ["", "Over- or underconfidence and each exit's tuned Laplace: mean confidence − accuracy on test (points, "
-                  "mean ± sd over seeds; > 0 is overconfident), and the tuned (T, σ²), median [lowest, highest] over "
-                  "the seeds, with the number of seeds whose choice lies on or beyond the edges of Meronen et al.'s "
-                  "grids (T 0.3–3.0, σ² 0.5–4.0).", "",
-              "| exit | conf − acc MAP | conf − acc Laplace | T | σ² | beyond the grids |", "|---|---|---|---|---|---|"]
+    ends = lambda values, grid: sum(min(grid) * 1.000001 >= v or v >= max(grid) * 0.999999 for v in values)  # noqa
+    lines += ["", "Calibration in distribution: mean confidence − accuracy on test (points, mean ± sd; > 0 is "
+                  "overconfident); the tuned temperatures and the Laplace's σ², median [lowest, highest] over the seeds, "
+                  "with how many seeds' Laplace (T or σ²) sits at an end of its search range (T 0.01–100, σ² 1e-4–1e4); "
+                  "and ECE Laplace − TS paired by seed (points, mean [95% t interval]).", "",
+              "| exit | conf − acc MAP | TS | Laplace | TS's T | Laplace T | Laplace σ² | at a range end | "
+              "ECE Laplace − TS |", "|---|---|---|---|---|---|---|---|---|"]
     for k in range(n_exits):
         temperatures = [r["exits"][k]["laplace"]["temperature"] for r in runs]
         variances = [1.0 / r["exits"][k]["laplace"]["prior_precision"] for r in runs]
-        beyond = sum(beyond_grid(t, "T") or beyond_grid(v, "sigma2") for t, v in zip(temperatures, variances))
-        lines.append(f"| {k} | {cell(confidence_gap(k, 'MAP'))} | {cell(confidence_gap(k, 'Laplace'))} | "
-                     f"{statistics.median(temperatures):.2f} [{min(temperatures):.2f}, {max(temperatures):.2f}] | "
-                     f"{statistics.median(variances):.3g} [{min(variances):.3g}, {max(variances):.3g}] | "
-                     f"{beyond} of {len(runs)} |")
+        at_end = sum(ends([t], (0.01, 100.0)) or ends([v], (1e-4, 1e4)) for t, v in zip(temperatures, variances))
+        ece_gap = [a - b for a, b in zip(at(k, "Laplace", "ece"), at(k, "TS", "ece"))]
+        lines.append(f"| {k} | {cell(confidence_gap(k, 'MAP'))} | {cell(confidence_gap(k, 'TS'))} | "
+                     f"{cell(confidence_gap(k, 'Laplace'))} | {spread([r['exits'][k]['ts']['temperature'] for r in runs], '.2f')} | "
+                     f"{spread(temperatures, '.2f')} | {spread(variances)} | {at_end} of {len(runs)} | {paired_t(ece_gap)} |")
     claims = []
-    lowest = [k for k in range(n_exits) if min(EXIT_METHODS, key=lambda m: mean(r["exits"][k][m]["ece"] for r in runs))
-              == "MIE+Laplace"]
-    claims.append(f"MIE+Laplace has the lowest mean ECE of the four methods at {exit_list(lowest)} (of 0..{n_exits - 1}).")
-    worse = [k for k in range(n_exits) if mean(r["exits"][k]["MAP"]["ece"] for r in runs)
-             > mean(r["exits"][-1]["MAP"]["ece"] for r in runs)]
-    overconfident = [k for k in range(n_exits) if mean(confidence_gap(k, "MAP")) > 0]
-    underconfident = [k for k in range(n_exits) if k not in overconfident]
-    claims.append(f"MAP ECE is above the last exit's at {exit_list(worse)}; the MAP is overconfident (mean confidence "
-                  f"above accuracy) at {exit_list(overconfident)}, underconfident at {exit_list(underconfident)}.")
+    for first, second in (("Laplace", "TS"), ("MIE+Laplace", "MIE+TS"), ("MIE+Laplace", "Laplace")):
+        verdicts = [resolved([a - b for a, b in zip(at(k, first, "ece"), at(k, second, "ece"))]) for k in range(n_exits)]
+        claims.append(f"ECE, {first} against {second}: lower at exits {exit_list([k for k, v in enumerate(verdicts) if v < 0])}, "
+                      f"higher at {exit_list([k for k, v in enumerate(verdicts) if v > 0])}, no resolved difference at "
+                      f"{exit_list([k for k, v in enumerate(verdicts) if v == 0])} (95% t interval over seeds).")
     for alpha in EXIT_ALPHAS:
-        lines += ["", f"Prediction sets at α = {alpha:g} (thresholds tuned on val; coverage on test pooled over the "
-                      "seeds with its Wilson 95% interval; nestedness |∩_{s≤t} C_s| / |C_t|, * without the running "
-                      "intersection).", "",
-                  "| exit | AVCS τ | size | coverage | 95% interval | nestedness | nestedness* | Laplace-AVCS size | "
-                  "coverage | 95% interval | nestedness |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         alpha_runs = reports[alpha]
+        lines += ["", f"Prediction sets at α = {alpha:g}, tuned on val and measured on test. Setting: the Dirichlet "
+                      "AVCS threshold τ (from 1 upward, the authors' tuning) or logit offset b (τ = 1); coverage pooled "
+                      "over the seeds with its Wilson 95% interval (inputs independent), per seed, and the t 95% interval "
+                      "over the seeds; nestedness |∩_{s≤t} C_s| / |C_t|; ceiling: the share of test (val) inputs whose "
+                      "label is in the AVCS support, the most its sets can cover.", "",
+                  "| exit | sets | setting | size | coverage | Wilson 95% | per seed | t 95% over seeds | nestedness | "
+                  "ceiling test (val) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for k in range(n_exits):
-            row = [str(k), mean_of([r["exits"][k]["avcs"]["threshold"] for r in alpha_runs], 2)]
-            for kind in ("avcs", "laplace_avcs"):
-                covered = [r["exits"][k][kind]["coverage"] for r in alpha_runs]
-                trials = [r["n_test"] for r in alpha_runs]
+            for label, kind in SET_KINDS:
+                sets = [r["exits"][k][kind] for r in alpha_runs]
+                covered, trials = [s["coverage"] for s in sets], [r["n_test"] for r in alpha_runs]
                 successes = round(sum(c * n for c, n in zip(covered, trials)))
                 low, high = wilson_interval(successes, sum(trials))
-                row += [mean_of([r["exits"][k][kind]["size"] for r in alpha_runs], 2),
-                        f"{successes / sum(trials):.3f}", f"[{low:.3f}, {high:.3f}]",
-                        mean_of([r["exits"][k][kind]["nestedness"] for r in alpha_runs], 3)]
-                if kind == "avcs":
-                    row.append(mean_of([r["exits"][k]["avcs"]["nestedness_without_intersection"] for r in alpha_runs], 3))
-            lines.append("| " + " | ".join(row) + " |")
-        for kind, label in (("avcs", "Dirichlet AVCS"), ("laplace_avcs", "Laplace-AVCS")):
+                t_low, t_high = t_interval(covered) if len(covered) > 1 else (covered[0], covered[0])
+                setting = next((key for key in ("threshold", "offset") if key in sets[0]), None)
+                ceiling = (f"{mean(s['support_ceiling'] for s in sets):.3f} ({mean(s['val_support_ceiling'] for s in sets):.3f})"
+                           if "support_ceiling" in sets[0] else "–")
+                lines.append(f"| {k} | {label} | {mean_of([s[setting] for s in sets], 2) if setting else '–'} | "
+                             f"{mean_of([s['size'] for s in sets], 2)} | {successes / sum(trials):.3f} | "
+                             f"[{low:.3f}, {high:.3f}] | {' '.join(f'{c:.2f}' for c in covered)} | "
+                             f"[{t_low:.3f}, {t_high:.3f}] | {mean_of([s['nestedness'] for s in sets], 3)} | {ceiling} |")
+        for label, kind in SET_KINDS:
             reach = [k for k in range(n_exits) if sum(r["exits"][k][kind]["coverage"] * r["n_test"] for r in alpha_runs)
                      / sum(r["n_test"] for r in alpha_runs) >= 1 - alpha]
             sizes = [mean(r["exits"][k][kind]["size"] for r in alpha_runs) for k in range(n_exits)]
-            shrink = all(a >= b for a, b in zip(sizes, sizes[1:]))
-            claims.append(f"α = {alpha:g}, {label}: coverage ≥ 1 − α at {exit_list(reach)}; mean size "
-                          f"{'shrinks' if shrink else 'does not shrink'} with depth "
-                          f"({' → '.join(f'{v:.2f}' for v in sizes)}).")
+            claims.append(f"α = {alpha:g}, {label}: pooled coverage ≥ 1 − α at exits {exit_list(reach)}; mean size "
+                          f"{' → '.join(f'{v:.2f}' for v in sizes)}.")
+    far = {}  # (inputs, exit, method) -> per-seed rows
+    for r in runs:
+        for row in r["far_from_data"]:
+            far.setdefault((row["inputs"], row["exit"], row["method"]), []).append(row)
+    scale = {}  # (inputs, exit) -> per-seed median of phi~^T V phi~
+    for r in runs:
+        for row in r["posterior_scale"]:
+            scale.setdefault((row["inputs"], row["exit"]), []).append(row["median"])
+    kinds = list(dict.fromkeys(key[0] for key in far))
+    for quantity, title in (("mean_max_confidence", "Mean max-probability on inputs far from the data"),
+                            ("auroc", "OOD AUROC of the max-probability (in-distribution = test; 0.5 = chance)")):
+        lines += ["", f"{title}, mean over seeds; the Laplace − TS difference paired by seed, mean [95% t interval]"
+                      + ("; the posterior's φ̃ᵀVφ̃ on these inputs over the test images', median over the seeds of the "
+                         "ratio of medians." if quantity == "auroc" else "."), "",
+                  "| inputs | exit | " + " | ".join(EXIT_METHODS) + " | Laplace − TS |"
+                  + (" φ̃ᵀVφ̃ ratio |" if quantity == "auroc" else ""),
+                  "|---|---|" + "---|" * (len(EXIT_METHODS) + 1 + (quantity == "auroc"))]
+        for inputs in kinds:
+            for k in range(n_exits):
+                values = {m: [row[quantity] for row in far[inputs, k, m]] for m in EXIT_METHODS}
+                gap = [a - b for a, b in zip(values["Laplace"], values["TS"])]
+                row = f"| {inputs} | {k} | " + " | ".join(f"{mean(values[m]):.3f}" for m in EXIT_METHODS) + \
+                    f" | {paired_t(gap, 1.0, 3)} |"
+                if quantity == "auroc":
+                    ratios = [a / b for a, b in zip(scale[inputs, k], scale["test", k])]
+                    row += f" {statistics.median(ratios):.3g} |"
+                    verdict = resolved(gap)
+                    claims.append(f"{inputs}, exit {k}: the Laplace's AUROC is "
+                                  f"{('above', 'below', 'not resolved from')[(1, -1, 0).index(verdict)]} TS's "
+                                  f"({paired_t(gap, 1.0, 3)}); φ̃ᵀVφ̃ {statistics.median(ratios):.3g}× the test images'.")
+                lines.append(row)
     lines += ["", "Budgeted early exit (thresholds on val; test accuracy and ECE %, mean over seeds, against the "
-                  "expected GFLOPs per input); every third budget level.", "",
+                  "expected GFLOPs per input); every sixth budget level.", "",
               "| level q | MAP GFLOPs | MAP accuracy | MAP ECE | MIE+Laplace GFLOPs | accuracy | ECE |",
               "|---|---|---|---|---|---|---|"]
     curves = {m: [[p for p in r["budget_curve"] if p["method"] == m] for r in runs] for m in ("MAP", "MIE+Laplace")}
-    for index in range(0, len(curves["MAP"][0]), 3):
+    for index in range(0, len(curves["MAP"][0]), 6):
         row = [f"{curves['MAP'][0][index]['level']:.2f}"]
         for method in ("MAP", "MIE+Laplace"):
             points = [curve[index] for curve in curves[method]]

@@ -530,11 +530,11 @@ def test_laplace_avcs_matches_explicit_ratio_product():
         replay, log_R, running = seeded(28), torch.zeros(20, 4, dtype=f64), torch.ones(20, 4, dtype=torch.bool)
         for t, (s, temperature) in enumerate(zip(scales, temperatures)):
             weight_tilde, U, V = dense_posterior(features, s * weight, bias, 1.0)
-            normal = torch.randn(10, 4, generator=replay, dtype=f64)  # the predictive's draws, then one posterior draw
-            draw_normal = torch.randn(1, 4, generator=replay, dtype=f64)[0]
+            normal = torch.randn(10, 4, generator=replay, dtype=f64)  # the predictive's draws, then one per input
+            draw_normal = torch.randn(20, 4, generator=replay, dtype=f64)
             predictive = reference_predictive(x, weight_tilde, U, V, temperature, normal)  # (20, 4)
             for i, phi in enumerate(torch.cat([x, torch.ones(20, 1, dtype=f64)], 1)):
-                draw = weight_tilde @ phi + math.sqrt(float(phi @ V @ phi)) * torch.linalg.cholesky(U) @ draw_normal
+                draw = weight_tilde @ phi + math.sqrt(float(phi @ V @ phi)) * torch.linalg.cholesky(U) @ draw_normal[i]
                 log_R[i] += torch.log(predictive[i]) - torch.log_softmax(draw / temperature, -1)
             running &= log_R <= math.log(5.0)
             assert torch.equal(sets[t], running if intersect else log_R <= math.log(5.0)), (t, intersect)
@@ -693,6 +693,8 @@ def unit_examples():
         "tune_avcs_thresholds": lambda m: m.tune_avcs_thresholds(logits, y[:8], 0.2, generator=seeded(53)),
         "laplace_avcs_sets": lambda m: m.laplace_avcs_sets([laplace(m)] * 2, [features] * 2, 0.1, 10,
                                                            generator=seeded(54)),
+        "tune_avcs_offsets": lambda m: m.tune_avcs_offsets(logits, y[:8], 0.2, seeded(58)),
+        "conformal_sets": lambda m: m.conformal_sets(probs, y[:8], probs, 0.2, True),
         "set_metrics": lambda m: m.set_metrics(logits > 0, y[:8]),
         "group_accuracies": lambda m: m.group_accuracies(probs[0].argmax(-1), y[:8], groups, 4),
         "worst_group_accuracy": lambda m: m.worst_group_accuracy(probs[0].argmax(-1), y[:8], groups, 4),
@@ -704,6 +706,7 @@ def unit_examples():
         "reliability_bins": lambda m: m.reliability_bins(probs[0], y[:8], 5),
         "expected_calibration_error": lambda m: m.expected_calibration_error(probs[0], y[:8]),
         "nlpd": lambda m: m.nlpd(probs[0], y[:8]),
+        "auroc": lambda m: torch.tensor(m.auroc(probs[0, :, 0], probs[1, :, 0])),
         "top_k_accuracy": lambda m: m.top_k_accuracy(probs[0], y[:8], 2),
         "classification_metrics": lambda m: torch.tensor(list(m.classification_metrics(
             torch.softmax(torch.randn(8, 6, generator=seeded(57), dtype=f64), -1), y[:8], groups, 4).values())),
