@@ -63,7 +63,7 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float
 def per_input_covariance_predict(laplace: K.KFACLaplace, features: torch.Tensor, n_samples: int) -> torch.Tensor:
     """Baseline: what a generic library does per input: form ``v_n U`` (c x c), factor it, sample, average."""
     mean, scale = laplace.logit_distribution(features)
-    U = laplace.factors()[0].to(features.dtype)
+    U = laplace.factor("U").to(features.dtype)
     out = []
     for n in range(features.shape[0]):  # the per-input loop this project avoids
         cholesky = torch.linalg.cholesky(scale[n] * U)  # (c, c)

@@ -152,7 +152,7 @@ def early_exit_loss(logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor
 # ══════════════════════════════════════════════════════════════════════════════
 # For a linear softmax head z = W~ phi~ the Hessian of the cross-entropy w.r.t. z, diag(p) - p p^T, does not
 # depend on the label, so GGN = Fisher = Hessian and the KFAC factors are exact averages that two matrix
-# products give. The factors are eigendecomposed once: any prior precision is then a diagonal rescale.
+# products give.
 
 class KFACLaplace:
     """Kronecker-factored Laplace posterior over one exit's last linear layer, in closed form.
@@ -170,9 +170,8 @@ class KFACLaplace:
     eigenvalues of the Kronecker product, ``(N G (x) A + tau I)^-1``, which is not Kronecker; its
     ``KronDecomposed(..., dampen=True)`` damps each factor, the form used here and by Meronen et al.)
     ``temperature`` divides the logits before the softmax (Meronen's logit temperature, not a likelihood
-    temperature). The products ``F^T F`` and ``P^T P`` are formed in the features' dtype and stored as float64
-    factors (pass float64 features for float64 arithmetic throughout: with float32 ones, G's rows sum to about
-    1e-7 rather than 0); eigendecompositions and inverses are float64; predictions run in the features' dtype.
+    temperature). ``A`` and ``G`` are float64 (formed in the features' dtype: pass float64 features for float64
+    arithmetic throughout); predictions run in the features' dtype.
 
     Attributes: ``A`` (p+1, p+1), ``G`` (c, c), ``n``, ``prior_precision``, ``temperature``,
     ``weight`` (c, p+1) (``W~``; width p without a bias), ``has_bias``.
@@ -183,152 +182,80 @@ class KFACLaplace:
     TEMPERATURE_GRID = tuple(10.0 ** k for k in range(-2, 3))  # 0.01 .. 100
     PRIOR_VARIANCE_GRID = tuple(10.0 ** k for k in range(-4, 5))  # 1e-4 .. 1e4
 
-    def __init__(self, weight: Tensor, A: Tensor, G: Tensor, n: int, has_bias: bool,
-                 prior_precision: float = 1.0, temperature: float = 1.0) -> None:
+    def __init__(self, weight: Tensor, A: Tensor, G: Tensor, n: int, has_bias: bool, prior_precision: float = 1.0,
+                 temperature: float = 1.0, eigen: Optional[tuple[Tensor, ...]] = None) -> None:
         self.weight, self.A, self.G, self.n, self.has_bias = weight, A, G, n, has_bias
         self.prior_precision, self.temperature = float(prior_precision), float(temperature)
-        self._eigen: dict = {}  # filled on first use; one dict shared by every copy (with_hyperparameters)
-
-    def _eigendecomposition(self) -> dict:
-        """``A = Q_A diag(l_A) Q_A^T``, ``G = Q_G diag(l_G) Q_G^T``, computed once on first use (a fit that is only
-        inspected never pays for it); every prior precision afterwards costs a diagonal rescale, no refit."""
-        if not self._eigen:
-            eig_A, eigvec_A = torch.linalg.eigh(self.A)  # (p+1,), (p+1, p+1)
-            eig_G, eigvec_G = torch.linalg.eigh(self.G)  # (c,), (c, c)
-            # round-off can dip below 0; filled in place so that copies made before first use share it
-            self._eigen.update(eig_A=eig_A.clamp(min=0), Q_A=eigvec_A, eig_G=eig_G.clamp(min=0), Q_G=eigvec_G)
-        return self._eigen
+        # A = Q_A diag(a) Q_A^T and G = Q_G diag(g) Q_G^T once: every prior precision is then a diagonal rescale
+        self.eigen = eigen or (*torch.linalg.eigh(A), *torch.linalg.eigh(G))  # a (p+1,), Q_A, g (c,), Q_G
 
     @classmethod
     def fit(cls, features: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             prior_precision: float = 1.0, temperature: float = 1.0) -> "KFACLaplace":
         """Fit ``A`` and ``G`` from stacked last-layer inputs ``features`` (N, p) and the head's ``weight`` (c, p),
-        ``bias`` (c,) or None. Costs two matrix products, ``N (p^2 + c^2)`` multiply-adds, no loop."""
+        ``bias`` (c,) or None: two matrix products, no loop."""
         if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
             raise ValueError(f"KFACLaplace.fit: features (N, p) and weight (c, p) must share p, got "
                              f"{tuple(features.shape)} and {tuple(weight.shape)}")
-        if bias is not None and bias.shape != weight.shape[:1]:
-            raise ValueError(f"KFACLaplace.fit: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        n, dtype = features.shape[0], features.dtype
-        weight = weight.detach().to(dtype)
-        logits = features @ weight.T  # (N, c)
+        weight_tilde = weight.detach().to(features.dtype)  # (c, p)
+        phi = features
         if bias is not None:
-            logits = logits + bias.detach().to(dtype)
-        probs = torch.softmax(logits.to(torch.promote_types(dtype, torch.float32)), dim=-1)  # (N, c)
-        # A in blocks, so phi~ = [phi, 1] is never materialised: [[F^T F, F^T 1], [1^T F, N]] / N
-        gram = (features.T @ features).double()  # (p, p): the one big product
-        # a NaN or inf anywhere in a column makes that column's sum of squares non-finite: an O(p) check
-        # instead of a full scan, which would cost half of the product itself
-        if bias is not None:
-            column_sums = features.sum(0).double()  # (p,)
-            A = torch.empty(gram.shape[0] + 1, gram.shape[0] + 1, dtype=torch.float64, device=features.device)
-            A[:-1, :-1], A[:-1, -1], A[-1, :-1], A[-1, -1] = gram, column_sums, column_sums, n
-            weight_tilde = torch.cat([weight, bias.detach().to(dtype)[:, None]], dim=1)  # (c, p+1)
-        else:
-            A, weight_tilde = gram, weight  # (p, p), (c, p)
-        A = A / n
-        G = (torch.diag(probs.sum(0)) - probs.T @ probs).double() / n  # (c, c)
-        return cls(weight_tilde, A, G, n, bias is not None, prior_precision, temperature)
+            weight_tilde = torch.cat([weight_tilde, bias.detach().to(features.dtype)[:, None]], dim=1)  # (c, p+1)
+            phi = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)  # (N, p+1)
+        probs = torch.softmax((phi @ weight_tilde.T).to(torch.promote_types(phi.dtype, torch.float32)), -1)  # (N, c)
+        A = (phi.T @ phi).double() / phi.shape[0]  # (p+1, p+1)
+        G = (torch.diag(probs.sum(0)) - probs.T @ probs).double() / phi.shape[0]  # (c, c)
+        return cls(weight_tilde, A, G, phi.shape[0], bias is not None, prior_precision, temperature)
 
     def with_hyperparameters(self, prior_precision: Optional[float] = None,
                              temperature: Optional[float] = None) -> "KFACLaplace":
         """A copy with another prior precision and/or temperature; shares the fitted factors (no refit)."""
-        other = KFACLaplace(self.weight, self.A, self.G, self.n, self.has_bias,
-                            self.prior_precision if prior_precision is None else prior_precision,
-                            self.temperature if temperature is None else temperature)
-        other._eigen = self._eigen  # the same dict: an eigendecomposition done by any copy serves all
-        return other
+        return KFACLaplace(self.weight, self.A, self.G, self.n, self.has_bias,
+                           self.prior_precision if prior_precision is None else prior_precision,
+                           self.temperature if temperature is None else temperature, self.eigen)
 
-    def _damped_inverse_diagonals(self) -> tuple[Tensor, Tensor]:
-        """Eigenvalues of U and V: ``1 / (sqrt(N) lambda + sqrt(tau))``, float64."""
-        eigen, root_n, root_tau = self._eigendecomposition(), math.sqrt(self.n), math.sqrt(self.prior_precision)
-        return 1.0 / (root_n * eigen["eig_G"] + root_tau), 1.0 / (root_n * eigen["eig_A"] + root_tau)  # (c,), (p+1,)
+    def factor(self, name: str) -> Tensor:
+        """``U = Q_G diag(1 / (sqrt(N) g + sqrt(tau))) Q_G^T`` (c, c) for ``name="U"``, ``V`` (p+1, p+1) likewise from
+        ``A`` for ``"V"``: the posterior covariance is ``Cov(vec W~) = U (x) V`` (row-major vec), float64."""
+        eigenvalues, eigenvectors = self.eigen[2:] if name == "U" else self.eigen[:2]
+        damped = 1.0 / (math.sqrt(self.n) * eigenvalues.clamp(min=0) + math.sqrt(self.prior_precision))
+        return (eigenvectors * damped) @ eigenvectors.T
 
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """Posterior covariance factors ``(U (c, c), V (p+1, p+1))`` with ``Cov(vec W~) = U (x) V`` (row-major vec)."""
-        u_diag, v_diag = self._damped_inverse_diagonals()
-        eigen = self._eigendecomposition()
-        Q_G, Q_A = eigen["Q_G"], eigen["Q_A"]
-        return (Q_G * u_diag) @ Q_G.T, (Q_A * v_diag) @ Q_A.T  # U (c, c), V (p+1, p+1)
-
-    def _check_features(self, features: Tensor) -> None:
+    def logit_distribution(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Gaussian logit predictive ``f ~ N(mean, scale * U)``: ``mean = W~ phi~`` (N, c), ``scale = phi~^T V phi~``
+        (N,), the latter in V's eigenbasis, ``sum_j (phi~^T q_j)^2 / (sqrt(N) a_j + sqrt(tau))``, without forming V."""
         width = self.weight.shape[1] - int(self.has_bias)
         if features.dim() != 2 or features.shape[1] != width:
             raise ValueError(f"features must have shape (N, {width}) for this Laplace, got {tuple(features.shape)}")
-
-    def _projected_features(self, features: Tensor) -> Tensor:
-        """``phi~^T Q_A`` (N, p+1) without building ``phi~``: the feature part times Q plus Q's bias row."""
-        eigvec = self._eigendecomposition()["Q_A"].to(features.dtype)
-        if self.has_bias:
-            return features @ eigvec[:-1] + eigvec[-1]  # (N, p+1)
-        return features @ eigvec  # (N, p)
-
-    def logit_distribution(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Gaussian logit predictive ``f ~ N(mean, scale * U)``: ``mean = W~ phi~`` (N, c), ``scale = phi~^T V phi~`` (N,).
-
-        ``scale`` uses V's eigenbasis: ``sum_j (phi~^T q_j)^2 / (sqrt(N) lambda_j + sqrt(tau))``, about ``2 p^2`` flops."""
-        self._check_features(features)
-        weight = self.weight.to(features.dtype)
-        mean = features @ weight[:, :features.shape[1]].T  # (N, c)
-        if self.has_bias:
-            mean = mean + weight[:, -1]
-        _, v_diag = self._damped_inverse_diagonals()
-        scale = self._projected_features(features).square() @ v_diag.to(features.dtype)  # (N,)
-        return mean, scale
+        phi = torch.cat([features, torch.ones_like(features[:, :1])], 1) if self.has_bias else features  # (N, p+1)
+        eigenvalues, eigenvectors = self.eigen[:2]
+        damped = 1.0 / (math.sqrt(self.n) * eigenvalues.clamp(min=0) + math.sqrt(self.prior_precision))  # (p+1,)
+        scale = (phi @ eigenvectors.to(phi.dtype)).square() @ damped.to(phi.dtype)  # (N,)
+        return phi @ self.weight.to(phi.dtype).T, scale
 
     def logit_std(self, features: Tensor) -> Tensor:
         """How far the posterior can move the temperature-scaled logits of each input: the class-averaged standard
-        deviation ``sqrt(scale * mean_k U_kk) / T`` (N,), float64. ``scale = phi~^T V phi~`` as in
-        :meth:`logit_distribution`."""
-        _, scale = self.logit_distribution(features)  # (N,)
-        U, _ = self.factors()  # (c, c)
-        return (scale.double() * U.diagonal().mean()).sqrt() / self.temperature  # (N,)
-
-    def _posterior_directions(self, n_samples: int, generator: Optional[torch.Generator],
-                              dtype: torch.dtype) -> Tensor:
-        """``L g_s`` for ``s = 1..S`` with ``L = cholesky(U)``, ``g_s ~ N(0, I_c)``: (S, c), shared by every input."""
-        U, _ = self.factors()
-        cholesky = torch.linalg.cholesky(U)  # (c, c)
-        normal = torch.randn(n_samples, U.shape[0], generator=generator, dtype=torch.float64, device=U.device)
-        return (normal @ cholesky.T).to(dtype)  # (S, c)
-
-    def sample_logits(self, features: Tensor, n_samples: int,
-                      generator: Optional[torch.Generator] = None) -> Tensor:
-        """Posterior logit samples ``z_s = mean + sqrt(scale) * L g_s`` (S, N, c), one ``L g_s`` per sample index
-        shared across inputs (Meronen's ``2 c S + 2 p^2`` flops-per-input form). No temperature applied."""
-        mean, scale = self.logit_distribution(features)
-        directions = self._posterior_directions(n_samples, generator, features.dtype)  # (S, c)
-        return mean + scale.sqrt()[None, :, None] * directions[:, None, :]  # (S, N, c)
+        deviation ``sqrt(scale * mean_k U_kk) / T`` (N,), float64."""
+        scale = self.logit_distribution(features)[1]  # (N,)
+        return (scale.double() * self.factor("U").diagonal().mean()).sqrt() / self.temperature
 
     def predict(self, features: Tensor, n_samples: int = 50, link: str = "mc",
-                generator: Optional[torch.Generator] = None) -> Tensor:
-        """Predictive probabilities (N, c) with the logit temperature ``T`` applied.
+                generator: Optional[torch.Generator] = None, log: bool = False) -> Tensor:
+        """Predictive probabilities (N, c) with the logit temperature ``T`` applied, or their logarithm (``log``).
 
-        ``link="mc"``: ``(1/S) sum_s softmax(z_s / T)``.  ``link="probit"``:
+        ``link="mc"``: ``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)``, ``L = cholesky(U)``, ``g_s ~ N(0, I_c)``
+        one per sample index shared by every input (Meronen's ``2 c S + 2 p^2`` flops per input); with ``log`` a
+        ``logsumexp`` over ``s``, which never underflows. ``link="probit"``:
         ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))`` (MacKay 1992; Meronen et al. 2024).
-        Probabilities that underflow are 0: where their logarithm matters (KD targets, likelihood ratios)
-        use :meth:`log_predict`."""
-        return self._predictive(features, n_samples, link, generator, log=False)
-
-    def log_predict(self, features: Tensor, n_samples: int = 50, link: str = "mc",
-                    generator: Optional[torch.Generator] = None) -> Tensor:
-        """Log predictive probabilities (N, c), computed in log space so that they never underflow to -inf.
-
-        ``link="mc"``: ``logsumexp_s log_softmax(z_s / T) - log S``; ``link="probit"``: ``log_softmax`` of the
-        probit-scaled mean logits. Same draws as :meth:`predict` for the same generator state. Pass float64
-        features for log-probabilities below float32's range (about -87 below the top class)."""
-        return self._predictive(features, n_samples, link, generator, log=True)
-
-    def _predictive(self, features: Tensor, n_samples: int, link: str, generator: Optional[torch.Generator],
-                    log: bool) -> Tensor:
+        Pass float64 features for log-probabilities below float32's range (about -87 below the top class)."""
         if link not in ("mc", "probit"):
             raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
-        mean, scale = self.logit_distribution(features)
+        mean, scale = self.logit_distribution(features)  # (N, c), (N,)
+        U = self.factor("U")  # (c, c)
         if link == "probit":
-            U, _ = self.factors()
-            variance = scale[:, None] * torch.diagonal(U).to(features.dtype)  # (N, c)
-            return self.probit_softmax(mean, variance, self.temperature, log)
-        directions = self._posterior_directions(n_samples, generator, features.dtype)  # (S, c)
+            return self.probit_softmax(mean, scale[:, None] * U.diagonal().to(mean.dtype), self.temperature, log)
+        normal = torch.randn(n_samples, U.shape[0], generator=generator, dtype=torch.float64, device=U.device)  # (S, c)
+        directions = (normal @ torch.linalg.cholesky(U).T).to(mean.dtype)  # (S, c)
         return self.mc_softmax_mean(mean, scale, directions, self.temperature, log)
 
     @staticmethod
@@ -456,7 +383,7 @@ def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor, n_sa
         """The validation criterion at prior variance ``exp(log_variance)`` as a function of ``log T``."""
         candidate = laplace.with_hyperparameters(prior_precision=math.exp(-log_variance))
         scale = candidate.logit_distribution(features_val)[1]  # (N,)
-        U = candidate.factors()[0]  # (c, c)
+        U = candidate.factor("U")  # (c, c)
         variance = scale[:, None] * U.diagonal().to(mean.dtype)  # (N, c): the probit's
         directions = (normal @ torch.linalg.cholesky(U).T).to(mean.dtype)  # (S, c): the MC's
 
@@ -494,8 +421,7 @@ def tune_laplace_marglik(laplace: KFACLaplace, prior_precisions: Optional[Sequen
     """
     grid = torch.logspace(-4, 4, 81, dtype=torch.float64) if prior_precisions is None else \
         torch.tensor(list(prior_precisions), dtype=torch.float64)  # (G,)
-    eig_G = torch.linalg.eigvalsh(laplace.G).clamp(min=0).cpu()  # (c,)
-    eig_A = torch.linalg.eigvalsh(laplace.A).clamp(min=0).cpu()  # (p+1,)
+    eig_A, eig_G = laplace.eigen[0].clamp(min=0).cpu(), laplace.eigen[2].clamp(min=0).cpu()  # (p+1,), (c,)
     n_classes, width = eig_G.shape[0], eig_A.shape[0]
     root_n, root_tau = math.sqrt(laplace.n), grid.sqrt()[:, None]  # (G, 1)
     log_det = width * torch.log(root_n * eig_G + root_tau).sum(1) + n_classes * torch.log(root_n * eig_A + root_tau).sum(1)
@@ -854,9 +780,9 @@ def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor
         # float64 and log space throughout: a float32 probability underflows below ~1e-45, and every label
         # below that would share one log-ratio, so none could be excluded
         features64 = exit_features.double()  # (N, p)
-        log_predictive = laplace.log_predict(features64, n_samples, "mc", generator)  # (N, c)
+        log_predictive = laplace.predict(features64, n_samples, "mc", generator, log=True)  # (N, c)
         mean, scale = laplace.logit_distribution(features64)  # (N, c), (N,)
-        cholesky = torch.linalg.cholesky(laplace.factors()[0])  # (c, c)
+        cholesky = torch.linalg.cholesky(laplace.factor("U"))  # (c, c)
         normal = torch.randn(mean.shape, generator=generator, dtype=torch.float64, device=mean.device)  # (N, c)
         draw = mean + scale.sqrt()[:, None] * (normal @ cholesky.T)  # (N, c): one posterior draw per input
         log_likelihood = torch.log_softmax(draw / laplace.temperature, dim=-1)  # (N, c)
