@@ -280,7 +280,7 @@ def resnet_pipeline_cases(device: torch.device) -> list[dict]:
     Waterbirds' 1199 / 4795) on random images: the pipeline's overhead in the real datasets' regime. Names end
     with ``_waterbirds_shape``."""
     n_train = 1024 if device.type == "cuda" else 256
-    flags = ["--arch", "resnet18", "--teacher-arch", "resnet50", "--pretrained", "none", "--batch-size", "64"]
+    flags = ["--arch", "resnet18", "--teacher-arch", "resnet50", "--pretrained", "none"]
     data = random_images_dataset(n_train, n_train // 4, 224, "crop")
     return epoch_cases(device, flags, data, 2, "_waterbirds_shape")
 

@@ -62,9 +62,10 @@ class Run:
 
 
 def run_flags(**flags) -> tuple[str, ...]:
-    """train.py flags from keywords: ``run_flags(weighting="none", seed=3)`` -> ``("--weighting", "none", "--seed", "3")``."""
-    return tuple(part for name, value in flags.items() for part in (f"--{name.replace('_', '-')}", f"{value:g}"
-                                                                   if isinstance(value, float) else str(value)))
+    """train.py flags from keywords, after ``--diagnostics`` (the tables read the readout's diagnostics):
+    ``run_flags(seed=3)`` -> ``("--diagnostics", "--seed", "3")``."""
+    return ("--diagnostics",) + tuple(part for name, value in flags.items() for part in (
+        f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)))
 
 
 WEIGHTINGS = ("none", "dedier", "dedier-ts", "laplace", "laplace-cv", "laplace-ml")
@@ -161,7 +162,7 @@ def load_run(root: Path, name: str) -> Optional[dict]:
     metrics = json.loads((folder / "metrics.json").read_text())
     records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     metrics["student_epochs"] = [r for r in records if r["phase"] == "student"]
-    metrics["epochs"] = [r for r in metrics["student_epochs"] if "mean_weight" in r]
+    metrics["epochs"] = [r for r in metrics["student_epochs"] if "upweighted_share" in r]
     return metrics
 
 

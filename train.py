@@ -37,7 +37,7 @@ MULTI_CLASS_EPOCHS = {"teacher_epochs": 30, "epochs": 40}
 # alpha = 1, beta = 2 for the calibrated margins (untuned there); on synth the selection of `sweep.py --study table`.
 # Optimisers: group DRO's recipes (Sagawa et al. 2020); lam = 1 and T = 3 are DEDIER's.
 CALIBRATED_MARGINS = ("dedier-ts", "laplace", "laplace-cv", "laplace-ml")
-SHARED = dict(width=32, teacher_width=64, lam=1.0, temperature=3.0,
+SHARED = dict(width=32, lam=1.0, temperature=3.0,
               alpha={"dedier": 0.05, **dict.fromkeys(CALIBRATED_MARGINS, 1.0)},
               beta={"dedier": 4.0, **dict.fromkeys(CALIBRATED_MARGINS, 2.0)})
 SYNTH_SELECTED = {"dedier": (1.0, 1.0), "dedier-ts": (1.0, 2.0), "laplace": (0.5, 2.0), "laplace-cv": (0.5, 2.0),
@@ -79,25 +79,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--weighting", "sample weights from the readout (module docstring)", default="laplace", choices=WEIGHTINGS)
     add("--arch", "student architecture", choices=K.ARCHITECTURES)
     add("--teacher-arch", "teacher architecture", choices=K.ARCHITECTURES)
-    add("--width", "student width (arch cnn only)", type=int)
-    add("--teacher-width", "teacher width (arch cnn only)", type=int)
+    add("--width", "student width (arch cnn only; the teacher's is twice it)", type=int)
     add("--pretrained", "student weights: imagenet, none, or a torchvision-format state dict path")
     add("--teacher-pretrained", "teacher weights (default: --pretrained for the same arch, else the dataset's)")
     add("--teacher", "reuse this trained teacher.pt instead of training one")
     add("--teacher-objective", "erm, or gdro: group DRO with online group weights", choices=["erm", "gdro"])
     add("--epochs", "student epochs (in total, with --resume)", type=int)
     add("--teacher-epochs", "teacher epochs", type=int)
-    add("--batch-size", "batch size", type=int)
     add("--lr", "peak learning rate of the one-cycle schedule", type=float)
-    add("--weight-decay", "weight decay", type=float)
-    add("--lam", "KD share in [0, 1]: (1 - lam) CE + lam KD", type=float)
-    add("--temperature", "KD temperature T > 0", type=float)
     add("--alpha", "exponent on the readout margin (> 0)", type=float)
     add("--beta", "scale of the weights exp(beta * margin ** alpha) (>= 0)", type=float)
     add("--readout-exit", "which student exit is the readout (0 = the first)", type=int, default=0)
-    add("--reweight-every", "new sample weights only after epochs where (epoch - 1) %% K == 0", type=int, default=1)
-    add("--image-size", "input size of the JPEG datasets (default 224)", type=int)
-    add("--cache-dir", "where decoded images are cached")
     add("--synth-n-train", "synth training images (val = 1/4, test = 1/2 of it)", type=int, default=4800)
     add("--synth-classes", "synth classes, 2 to 10: shapes on land or water (2: the README's tables) or on a colour per "
                            "class (10: the exits' benchmark; 30 teacher, 40 student epochs)", type=int, default=2)
@@ -106,21 +98,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--float32", "no bf16 autocast, even where it is fast (CUDA, CPUs with AVX512-BF16 or AMX)", action="store_true")
     add("--out", "output folder (default runs/<dataset>/<weighting>-seed<seed>)")
     add("--resume", "continue from OUT/last.pt", action="store_true")
+    add("--diagnostics", "log the readout's study diagnostics every epoch (sweep.py's studies): the weights' correlation "
+                         "with a temperature-only softmax's, the posterior's spread per group", action="store_true")
     cfg = parser.parse_args(argv)
     defaults = {**DATASET_DEFAULTS[cfg.dataset], **(MULTI_CLASS_EPOCHS if cfg.synth_classes > 2 else {})}
     student_pretrained = cfg.pretrained  # as given, before the dataset's defaults fill it
     for name, value in defaults.items():  # fill what the user left to the dataset (alpha, beta: per weighting)
-        if getattr(cfg, name) is None:
+        if getattr(cfg, name, None) is None:
             setattr(cfg, name, value.get(cfg.weighting, 1.0) if isinstance(value, dict) else value)
     if cfg.teacher_pretrained is None:  # a weight file holds one architecture: shared only when they match
         same = student_pretrained is not None and cfg.arch == cfg.teacher_arch
         cfg.teacher_pretrained = student_pretrained if same else defaults["pretrained"]
-    checks = [(0.0 <= cfg.lam <= 1.0, "--lam must be in [0, 1]"), (cfg.temperature > 0, "--temperature must be > 0"),
-              (cfg.alpha > 0, "--alpha must be > 0"), (cfg.beta >= 0, "--beta must be >= 0"),
+    cfg.teacher_width = 2 * cfg.width
+    checks = [(cfg.alpha > 0, "--alpha must be > 0"), (cfg.beta >= 0, "--beta must be >= 0"),
               (min(cfg.epochs, cfg.teacher_epochs) >= 1, "--epochs and --teacher-epochs must be >= 1"),
-              (cfg.batch_size >= 1, "--batch-size must be >= 1"), (cfg.lr > 0, "--lr must be > 0"),
-              (cfg.weight_decay >= 0, "--weight-decay must be >= 0"), (cfg.synth_n_train >= 16, "--synth-n-train must be >= 16"),
-              (cfg.reweight_every >= 1, "--reweight-every must be >= 1"),
+              (cfg.lr > 0, "--lr must be > 0"), (cfg.synth_n_train >= 16, "--synth-n-train must be >= 16"),
               (2 <= cfg.synth_classes <= len(K.SYNTH_SHAPES), f"--synth-classes must be in 2..{len(K.SYNTH_SHAPES)}"),
               (cfg.synth_classes == 2 or cfg.dataset == "synth", "--synth-classes is a flag of --dataset synth")]
     for ok, message in checks:
@@ -184,13 +176,13 @@ def readout_calibration(cfg: argparse.Namespace, student: K.EarlyExitNet, splits
 
 def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                           device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
-    """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student after
-    an epoch where (epoch - 1) % --reweight-every == 0, the next epochs' sample weights (N,) with their diagnostics
-    (else None and {}): DEDIER's ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, the margin of
-    kdlaplace.readout_predictive tuned on the same validation pass, from a pass of the readout over the training set
-    (its head in bf16 under autocast: the weights move by under 2%)."""
+    """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student, the
+    next epoch's sample weights (N,) with what the log shows of them (else None and {}): DEDIER's
+    ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, the margin of kdlaplace.readout_predictive
+    tuned on the same validation pass, from a pass of the readout over the training set (its head in bf16 under
+    autocast: the weights move by under 2%). With --diagnostics also the studies' figures (see below)."""
     last_exit = len(model.heads) - 1
-    reweight = role == "student" and cfg.weighting != "none" and (epoch - 1) % cfg.reweight_every == 0
+    reweight = role == "student" and cfg.weighting != "none"
     val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device,
                                                exits=[last_exit, cfg.readout_exit] if reweight else [last_exit],
                                                amp=K.run_uses_bf16(vars(cfg), device))  # (K', N_val, c), K' x (N_val, p)
@@ -205,23 +197,26 @@ def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExit
         cfg.weighting, linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), train_logits,
         train_features, val_logits, val_features, val.labels, N_SAMPLES, seed, CROSS_FIT_FOLDS)  # (N, c), -, (N,)
     weights = K.dedier_weights(probs, train.labels, cfg.alpha, cfg.beta)  # (N,)
-    # the temperature-only softmax: the ablation that every weighting is compared with, every epoch
-    temperature = K.tune_temperature(val_logits, val.labels)
-    temperature_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels, cfg.alpha, cfg.beta)
     group_means = lambda values: K.group_means(values, train.groups, data.n_groups)  # per group, None where empty
-    info = {"readout_temperature": temperature if cfg.weighting == "dedier-ts" else None,
-            "readout_prior_variance": None, "posterior_logit_std": None}
-    if laplace is not None:
-        # the spread of phi~^T V phi~ across inputs: one variance for all would act as one more global temperature
-        variance = logit_std.double() ** 2  # (N,) proportional to phi~^T V phi~: a CV does not see the scale
-        group_variance = torch.tensor([v for v in group_means(variance) if v is not None],
-                                      dtype=torch.float64)  # (groups present,)
-        info.update(readout_temperature=laplace.temperature, readout_prior_variance=1.0 / laplace.prior_precision,
-                    posterior_logit_std=group_means(logit_std), posterior_logit_std_median=float(logit_std.median()),
-                    posterior_variance_cv=float(variance.std() / variance.mean()),
-                    posterior_variance_group_cv=float(group_variance.std() / group_variance.mean()))
-    info.update(upweighted_share=group_means((weights > 1).double()), upweighted_share_all=float((weights > 1).double().mean()),
-                mean_weight=group_means(weights), weight_corr_temperature=K.pearson_correlation(weights, temperature_weights))
+    info = {"readout_temperature": None if laplace is None else laplace.temperature,
+            "readout_prior_variance": None if laplace is None else 1.0 / laplace.prior_precision,
+            "upweighted_share": group_means((weights > 1).double())}
+    if cfg.weighting == "dedier-ts" or cfg.diagnostics:  # the temperature-only softmax, every weighting's ablation
+        temperature = K.tune_temperature(val_logits, val.labels)
+        info["readout_temperature"] = temperature if cfg.weighting == "dedier-ts" else info["readout_temperature"]
+    if cfg.diagnostics:  # do the weights differ from a tuned temperature's, and does phi~^T V phi~ differ by group?
+        temperature_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels, cfg.alpha,
+                                               cfg.beta)  # (N,)
+        info.update(upweighted_share_all=float((weights > 1).double().mean()), mean_weight=group_means(weights),
+                    weight_corr_temperature=K.pearson_correlation(weights, temperature_weights),
+                    posterior_logit_std=None)
+        if laplace is not None:  # one variance for every input would act as one more global temperature
+            variance = logit_std.double() ** 2  # (N,) proportional to phi~^T V phi~: a CV does not see the scale
+            group_variance = torch.tensor([v for v in group_means(variance) if v is not None],
+                                          dtype=torch.float64)  # (groups present,)
+            info.update(posterior_logit_std=group_means(logit_std), posterior_logit_std_median=float(logit_std.median()),
+                        posterior_variance_cv=float(variance.std() / variance.mean()),
+                        posterior_variance_group_cv=float(group_variance.std() / group_variance.mean()))
     return metrics, weights, info
 
 
@@ -341,10 +336,13 @@ def run(cfg: argparse.Namespace) -> dict:
             handle.write(json.dumps(record) + "\n")
         line = (f"{record['phase']} epoch {record['epoch']:3d}/{epochs}  loss {record['train_loss']:.4f}  val avg "
                 f"{record['val_avg_acc']:.3f}  worst-group {record['val_worst_group_acc']:.3f}  {record['seconds']:.1f}s")
-        if "mean_weight" in record:
+        if "upweighted_share" in record:
             line += "  | T {} s2 {}  up ".format(*(f"{record[k]:.3g}" if record[k] is not None else "-"
                                                   for k in ("readout_temperature", "readout_prior_variance")))
             line += "/".join(f"{share:.2f}" if share is not None else "-" for share in record["upweighted_share"])
+            if record["readout_temperature"] and K.at_search_end(record["readout_temperature"],
+                                                                 K.KFACLaplace.TEMPERATURE_GRID):
+                line += "  (T at its search range's end: on separable val data T -> 0, every wrong sample exp(beta))"
         print(line, flush=True)
 
     # 1. Teacher: reused, or trained here (ERM or group DRO on the last exit), or resumed
