@@ -356,17 +356,19 @@ def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor, n_sa
                  criterion: Optional[Callable[[Tensor], float]] = None) -> KFACLaplace:
     """Copy of ``laplace`` with the ``(T, sigma^2)`` that minimise the validation NLL; no refit (shared factors).
 
-    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (:func:`nlpd`): the best pair of the log grid
-    ``KFACLaplace.TEMPERATURE_GRID x PRIOR_VARIANCE_GRID`` (T 0.01 .. 100 and sigma^2 1e-4 .. 1e4, at
-    decades), refined by :func:`minimise_bracketed` between the grid neighbours, first along ``log T`` (to 1%), then
-    along ``log sigma^2`` at that ``T`` (to 5%). Unlike the softmax's, this NLL is not known to be unimodal: the
-    grid finds the basin, the refinement assumes one minimum within a grid cell, and the result is never worse than
-    the best grid pair. A choice at an end of either range is that range's end, not a minimum.
+    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (:func:`nlpd`), along the profile ``min_T NLL(T, sigma^2)``:
+    for every ``sigma^2`` of the grid ``KFACLaplace.PRIOR_VARIANCE_GRID`` (1e-4 .. 1e4 at decades, increasing), ``T``
+    by :func:`minimise_bracketed` (to 3%) within half a decade of the previous ``sigma^2``'s ``T`` (the first starts at
+    the softmax's tuned ``T``, :func:`tune_temperature`: the limit ``sigma^2 -> 0``), inside 0.01 .. 100; then the
+    best ``sigma^2`` is refined between its grid neighbours at its ``T`` (to 5%). The NLL in ``T`` and ``sigma^2`` is
+    not known to be unimodal: a coupled valley (a wider posterior wants a lower ``T``) traps a search along one axis at
+    a time, which the profile follows; unimodality is assumed within each bracket only. A choice at an end of a range
+    is that range's end, not a minimum.
     One set of normal draws serves every candidate (common random numbers make the comparison fair and the MC
     objective smooth in ``T``). ``criterion(probs (N, c)) -> float`` replaces the NLL (an ensemble's NLL).
     Meronen et al. (2024), section 4 and appendix (their grid: T 0.3 .. 3, sigma^2 0.5 .. 4).
     Shapes: ``features_val`` (N, p), ``y_val`` (N,).
-    Copy it with :class:`KFACLaplace`, :func:`nlpd` and :func:`minimise_bracketed`.
+    Copy it with :class:`KFACLaplace`, :func:`nlpd`, :func:`minimise_bracketed` and :func:`tune_temperature`.
     """
     if y_val.shape != features_val.shape[:1]:
         raise ValueError(f"y_val must have shape ({features_val.shape[0]},), got {tuple(y_val.shape)}")
@@ -395,11 +397,17 @@ def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor, n_sa
             return math.inf if math.isnan(value) else value
         return objective
 
-    log_temperatures = [math.log(t) for t in KFACLaplace.TEMPERATURE_GRID]
+    low, high = (math.log(t) for t in KFACLaplace.TEMPERATURE_GRID[::len(KFACLaplace.TEMPERATURE_GRID) - 1])
+    half_decade = math.log(10.0) / 2  # the step in log T from one prior variance to the next
     log_variances = [math.log(v) for v in KFACLaplace.PRIOR_VARIANCE_GRID]
-    grid = torch.tensor([[objective(t) for t in log_temperatures] for objective in map(objective_at, log_variances)])
-    i, j = divmod(int(grid.argmin()), len(log_temperatures))  # the first of tied minima
-    log_temperature = minimise_bracketed(objective_at(log_variances[i]), log_temperatures[max(j - 1, 0):j + 2], 0.01)[0]
+    log_temperature = math.log(tune_temperature(mean, y_val, criterion))  # the limit sigma^2 -> 0
+    profile = []  # (criterion, log sigma^2, log T) at every prior of the grid
+    for log_variance in log_variances:  # increasing: each prior starts from the previous prior's T
+        bracket = sorted({max(log_temperature - half_decade, low), log_temperature, min(log_temperature + half_decade, high)})
+        log_temperature, value = minimise_bracketed(objective_at(log_variance), bracket, 0.03)
+        profile.append((value, log_variance, log_temperature))
+    _, log_variance, log_temperature = min(profile)  # the first of tied minima
+    i = log_variances.index(log_variance)
     log_variance = minimise_bracketed(lambda v: objective_at(v)(log_temperature), log_variances[max(i - 1, 0):i + 2],
                                       0.05)[0]
     return laplace.with_hyperparameters(prior_precision=math.exp(-log_variance), temperature=math.exp(log_temperature))
