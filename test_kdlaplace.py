@@ -478,6 +478,48 @@ def test_tune_avcs_thresholds_reaches_coverage_on_its_data():
         assert (coverage < 1 - alpha).any() or raised[t] >= logits.max()
 
 
+def test_tune_avcs_offsets_reaches_coverage_on_its_data_where_thresholds_cannot():
+    g = seeded(60)
+    y = torch.randint(0, 6, (300,), generator=g)
+    logits = torch.randn(2, 300, 6, generator=g, dtype=f64)  # labels often below 0: outside the tau >= 1 support
+    logits[torch.arange(2)[:, None], torch.arange(300)[None], y[None]] += torch.tensor([0.5, 1.5], dtype=f64)[:, None]
+    alpha = 0.1
+    label_logits = logits.gather(-1, y[None, :, None].expand(2, -1, 1)).squeeze(-1)  # (K, N)
+    assert ((label_logits >= 1).double().mean(-1) < 1 - alpha).all()  # no tau >= 1 can reach the target
+    offsets = K.tune_avcs_offsets(logits, y, alpha, seeded(61))
+    sets = K.avcs_sets(logits + offsets[:, None, None], torch.ones(2, dtype=f64), alpha, generator=seeded(61))
+    assert (K.set_metrics(sets, y)["coverage"] >= 1 - alpha).all() and (offsets > 0).all()
+
+
+def test_conformal_sets_apply_the_quantile_rule_and_cover_exchangeable_data():
+    # hand case: calibration scores 1 - p(y) = 0.1, 0.2, ..., 0.9 (n = 9); alpha = 0.2 -> rank ceil(10 * 0.8) = 8: 0.8
+    p_label = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], dtype=f64)
+    probs_val = torch.stack([p_label, 1 - p_label], -1)[None]  # (1, 9, 2), label 0
+    test = torch.tensor([[[0.25, 0.75], [0.15, 0.85], [0.5, 0.5]]], dtype=f64)  # 1 - p: 0.75/0.25, 0.85/0.15, 0.5
+    sets = K.conformal_sets(probs_val, torch.zeros(9, dtype=torch.long), test, alpha=0.2)
+    assert sets[0].tolist() == [[True, True], [False, True], [True, True]]
+    assert K.conformal_sets(probs_val, torch.zeros(9, dtype=torch.long), test, alpha=0.05).all()  # rank 10 > n: all
+    # exchangeable data: calibration and test drawn alike; coverage >= 1 - alpha within binomial noise per exit
+    g, alpha, n = seeded(62), 0.1, 4000
+    logits = torch.randn(2, 2 * n, 5, generator=g, dtype=f64) * torch.tensor([1.0, 3.0], dtype=f64)[:, None, None]
+    probs = torch.softmax(logits, -1)  # (K, 2n, c): the model's predictive
+    y = torch.multinomial(torch.softmax(0.5 * logits[1], -1), 1, generator=g)[:, 0]  # labels from another model
+    sets = K.conformal_sets(probs[:, :n], y[:n], probs[:, n:], alpha)
+    coverage = K.set_metrics(sets, y[n:])["coverage"]
+    assert (coverage >= 1 - alpha - 3 * math.sqrt(alpha * (1 - alpha) / n)).all()
+    nested = K.conformal_sets(probs[:, :n], y[:n], probs[:, n:], alpha, intersect=True)
+    assert torch.equal(nested[0], sets[0]) and torch.equal(nested[1], sets[0] & sets[1])
+
+
+def test_auroc_equals_a_pairwise_count_with_ties_counted_half():
+    g = seeded(63)
+    scores_in = torch.randint(0, 6, (40,), generator=g).double()  # few values: many ties
+    scores_out = torch.randint(0, 4, (30,), generator=g).double()
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a in scores_in.tolist() for b in scores_out.tolist()]
+    assert K.auroc(scores_in, scores_out) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+    assert K.auroc(torch.ones(3), torch.ones(4)) == 0.5 and K.auroc(torch.ones(2), torch.zeros(2)) == 1.0
+
+
 def test_avcs_rejects_bad_input():
     logits = torch.randn(2, 4, 3)
     with pytest.raises(ValueError, match="thresholds must have shape"):
@@ -913,6 +955,16 @@ def test_two_class_synth_is_the_benchmark_of_the_tables_bit_for_bit():
     assert digest.hexdigest() == "0e6008598ed513e8a2aadd2e3b26fdc804969394da78076f315e84531030f6d9"
 
 
+def test_synth_refuses_a_size_that_would_cut_off_a_group_and_renders_far_inputs():
+    with pytest.raises(ValueError, match="n_train=45 .* use n_train >= 50"):
+        K.make_synth(n_train=45, n_val=40, n_test=40, n_classes=10)
+    assert len(K.make_synth(n_train=50, n_val=40, n_test=40, n_classes=10).train.labels.unique()) == 10
+    far = K.make_synth_far_inputs(12, 32, n_classes=8, seed=0)
+    assert set(far) == {"unseen shapes", "unseen colours"} and far["unseen shapes"].shape == (12, 3, 32, 32)
+    assert set(K.make_synth_far_inputs(4, 32, n_classes=10)) == {"unseen colours"}  # every shape is a class
+    assert set(K.make_synth_far_inputs(4, 32, n_classes=2)) == {"unseen shapes"}
+
+
 def test_multi_class_synth_classes_groups_and_proportions():
     data = K.make_synth(n_train=2000, n_val=400, n_test=800, seed=2, n_classes=10)
     assert (data.n_classes, data.n_groups) == (10, 20) and data.group_names[:3] == ["disk/own", "disk/other",
@@ -1203,9 +1255,14 @@ def test_eval_reports_every_exit_and_the_budget_curve(tiny_runs, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["exits"]) == 3 and len(report["budget_curve"]) == 2 * 39
     for e in report["exits"]:
-        for method in ("MAP", "Laplace", "MIE", "MIE+Laplace"):
+        for method in ("MAP", "TS", "Laplace", "MIE", "MIE+TS", "MIE+Laplace"):
             assert {"top1", "nlpd", "ece", "worst_group_acc"} <= e[method].keys()
         assert 0 <= e["avcs"]["coverage"] <= 1 and 0 <= e["avcs"]["nestedness_without_intersection"] <= 1
+        assert e["conformal"].keys() >= {"size", "coverage", "nestedness"} and "offset" in e["avcs_offset"]
+    kinds = {row["inputs"] for row in report["far_from_data"]}
+    assert kinds == {"test x2", "test x5", "test x10", "test x100", "uniform noise", "unseen shapes"}  # 2 classes
+    assert all(row.keys() == {"inputs", "exit", "method", "mean_max_confidence", "auroc"} and 0 <= row["auroc"] <= 1
+               for row in report["far_from_data"])
     # the same checkpoint and seed: the readout's figures equal those train.py wrote (one seeding rule)
     readout = json.loads((root / "laplace" / "metrics.json").read_text())["student"]["readout"]
     row = report["exits"][readout["exit"]]
