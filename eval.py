@@ -101,11 +101,11 @@ def prediction_sets(logits_val: torch.Tensor, y_val: torch.Tensor, test: tuple, 
     (tau = 1), each with its support ceiling; the Laplace-AVCS; split conformal sets of the MAP softmax (LAC) per exit
     and with the running intersection. ``test`` is predict_split's (logits (K, N, c), features); ``probs`` maps
     split -> method -> (K, N, c)."""
-    thresholds = K.tune_avcs_thresholds(logits_val, y_val, args.alpha, generator=K.seeded_generator(seed, device))
+    thresholds = K.tune_avcs(logits_val, y_val, args.alpha, generator=K.seeded_generator(seed, device))
     log_ratios = K.dirichlet_log_ratios(test[0], thresholds, K.seeded_generator(seed, device))  # (K, N, c): one draw
     avcs = K.set_metrics(K.nested_sets(log_ratios, args.alpha, intersect=True), y_test)
     avcs_plain = K.set_metrics(K.nested_sets(log_ratios, args.alpha, intersect=False), y_test)
-    offsets = K.tune_avcs_offsets(logits_val, y_val, args.alpha, K.seeded_generator(seed, device))  # (K,)
+    offsets = K.tune_avcs(logits_val, y_val, args.alpha, "offset", generator=K.seeded_generator(seed, device))  # (K,)
     shifted_val, shifted_test = logits_val.double() + offsets[:, None, None], test[0].double() + offsets[:, None, None]
     ones = torch.ones_like(offsets)
     offset_sets = K.avcs_sets(shifted_test, ones, args.alpha, generator=K.seeded_generator(seed, device))

@@ -555,30 +555,23 @@ def tune_laplace_ensemble(laplaces: Sequence[KFACLaplace], features_val: Sequenc
 def budget_thresholds(confidences_val: Tensor, level: float) -> Tensor:
     """Per-exit confidence thresholds that make exit ``k`` take a share ``pi_k ∝ level^k`` of the validation set.
 
-    Walk the exits in order; among samples not yet exited, the ``floor(N pi_k)`` most confident exit at ``k``
-    and ``threshold_k`` is the confidence of the last of them (``+inf`` when none exit); the last exit
-    takes the rest (``-inf``). Ties at a threshold exit together, so an exit may take more than its quota;
-    a later exit then takes at most what remains (its threshold is never ``-inf``).
-    Huang et al. (ICLR 2018), MSDNet budgeted classification; Meronen et al.
-    (2023), section 4. Shapes: ``confidences_val`` (K, N) -> (K,).
+    Walk the exits in order: among the samples still present, ``threshold_k`` is the confidence of the
+    ``floor(N pi_k)``-th most confident (``+inf`` when none may exit), and every sample at or above it exits (ties
+    exit together); the last exit takes the rest (``-inf``). Huang et al. (ICLR 2018), MSDNet budgeted
+    classification; Meronen et al. (2023), section 4. Shapes: ``confidences_val`` (K, N) -> (K,).
     """
     if confidences_val.dim() != 2:
         raise ValueError(f"budget_thresholds: confidences_val must be (K, N), got {tuple(confidences_val.shape)}")
     n_exits, n = confidences_val.shape
     shares = torch.tensor([level ** (k + 1) for k in range(n_exits)], dtype=torch.float64)
-    exit_counts = torch.floor(n * shares / shares.sum()).long().tolist()  # K numbers: a loop over exits only
+    quotas = torch.floor(n * shares / shares.sum()).long().tolist()  # K numbers: a loop over exits only
     thresholds = torch.full((n_exits,), math.inf, dtype=confidences_val.dtype, device=confidences_val.device)
-    exited = torch.zeros(n, dtype=torch.bool, device=confidences_val.device)
+    present = torch.ones(n, dtype=torch.bool, device=confidences_val.device)  # (N,)
     for k in range(n_exits - 1):
-        if exit_counts[k] < 1:
-            continue
-        n_remaining = n - int(exited.sum())
-        if n_remaining < 1:  # ties at earlier exits already took every sample
-            continue
-        remaining = torch.where(exited, -math.inf, confidences_val[k])  # (N,): exited samples sort last
-        # ties can make earlier exits take more than their quota: the last exiter is among those still present
-        thresholds[k] = torch.sort(remaining, descending=True).values[min(exit_counts[k], n_remaining) - 1]
-        exited |= confidences_val[k] >= thresholds[k]
+        candidates = confidences_val[k][present]  # (M,)
+        if quotas[k] >= 1 and candidates.numel() > 0:
+            thresholds[k] = candidates.topk(min(quotas[k], candidates.numel())).values[-1]
+            present &= confidences_val[k] < thresholds[k]
     thresholds[-1] = -math.inf
     return thresholds
 
@@ -600,16 +593,14 @@ def early_exit(probs: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ══════════════════════════════════════════════════════════════════════════════
-#  4. Anytime-valid nested prediction sets (AVCS)
+#  4. Nested prediction sets: AVCS and split conformal
 # ══════════════════════════════════════════════════════════════════════════════
-# Jazbec et al. (UAI 2024), *Early-Exit Neural Networks with Nested Prediction Sets*: the sets
-# C_t = {y : R_t(y) <= 1/alpha}, R_t(y) = prod_{l<=t} p_l(y) / p(y | W_l), p_l exit l's predictive and W_l one
-# posterior draw. Ville's inequality would give coverage >= 1 - alpha at every exit at once if R_t(y) were a
-# martingale. It is not, even when the model is right: with the draw independent of the label (the authors' code
-# and ours) each factor has mean E[p_l(y) / pi_l(y)] = p_l(y) E[1 / pi_l(y)] >= p_l(y) / E[pi_l(y)] = 1 (Jensen,
-# E[pi_l(y)] = p_l(y)), so R_t drifts upwards and the sets under-cover. What the construction guarantees is
-# nestedness (with the running intersection); coverage is an empirical property, hence the settings tuned on a
-# validation split and the coverage measured on test. Split conformal sets (below) are the guaranteed baseline.
+# Jazbec et al. (UAI 2024): C_t = {y : R_t(y) <= 1/alpha}, R_t(y) = prod_{l<=t} p_l(y) / p(y | W_l), p_l exit l's
+# predictive, W_l one posterior draw. Ville's inequality would cover y at every exit at once if R_t(y) were a
+# martingale; it is not, even for a correct model: with the draw independent of the label (the authors' code and
+# ours) E[p_l(y) / pi_l(y)] = p_l(y) E[1 / pi_l(y)] >= p_l(y) / E[pi_l(y)] = 1 (Jensen), so R_t drifts upwards.
+# The construction guarantees nestedness (running intersection); coverage is tuned on validation and measured on
+# test. Split conformal sets (below) are the guaranteed baseline.
 
 
 def log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -652,10 +643,8 @@ def dirichlet_log_ratios(logits: Tensor, thresholds: Tensor, generator: Optional
     """The Dirichlet AVCS log ratios of every exit: ``log r_t(k) = log p_t(k) - log pi_t(k)`` on the thresholded
     support, ``+inf`` off it (see :func:`avcs_sets`; Gamma draws from :func:`log_gamma_variates`).
     Shapes: ``logits`` (K, N, c), ``thresholds`` (K,) -> (K, N, c) float64."""
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape (K, N, c), got {tuple(logits.shape)}")
-    if thresholds.shape != logits.shape[:1]:
-        raise ValueError(f"thresholds must have shape ({logits.shape[0]},) to match K of logits, got "
+    if logits.dim() != 3 or thresholds.shape != logits.shape[:1]:
+        raise ValueError(f"logits (K, N, c) and thresholds (K,) expected, got {tuple(logits.shape)} and "
                          f"{tuple(thresholds.shape)}")
     z = logits.double()
     support = (z >= thresholds.double()[:, None, None]) & (z > 0)  # (K, N, c)
@@ -682,15 +671,20 @@ def avcs_sets(logits: Tensor, thresholds: Tensor, alpha: float = 0.05, intersect
     return nested_sets(dirichlet_log_ratios(logits, thresholds, generator), alpha, intersect)
 
 
-def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: float = 0.5,
-                         generator: Optional[torch.Generator] = None, intersect: bool = True) -> Tensor:
-    """Greedy per-exit thresholds for :func:`avcs_sets` on a calibration split.
+def tune_avcs(logits: Tensor, y: Tensor, alpha: float = 0.05, setting: str = "threshold", step: float = 0.5,
+              generator: Optional[torch.Generator] = None, intersect: bool = True, largest: float = 64.0) -> Tensor:
+    """Per-exit settings (K,) of :func:`avcs_sets` tuned on a calibration split, exit by exit, earlier exits fixed.
 
-    Start at ``tau = 1`` everywhere; exit by exit, raise ``tau_t`` by ``step`` while the marginal coverage
-    stays ``>= 1 - alpha`` at all exits; undo the step that broke it. Every evaluation replays the same
-    random stream, so a repeat of ``avcs_sets`` with an identically seeded generator reproduces the tuned
-    coverage. Jazbec et al. (UAI 2024), appendix (their notebook tunes on test; use a held-out split).
-    Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,). Copy it with :func:`avcs_sets`.
+    ``setting="threshold"`` (the authors' tuning; Jazbec et al., UAI 2024, appendix, whose notebook tunes on test):
+    ``tau_t`` rises from 1 by ``step`` while the coverage stays ``>= 1 - alpha`` at every exit; the step that broke
+    it is undone. Sets ``avcs_sets(logits, tau)``.
+    ``setting="offset"``: the concentrations are raw logits, so a constant ``b_t`` added to an exit's logits changes
+    none of its predictions but widens its support ``{z + b >= 1}``; as ``b`` grows every label enters it and every
+    ratio nears 1, so the set nears every label. ``b_t`` rises from 0 by ``step`` until exits ``<= t`` cover
+    ``>= 1 - alpha`` (at most ``largest``). Sets ``avcs_sets(logits + b[:, None, None], ones)``.
+    Every evaluation replays the same random stream, so ``avcs_sets`` with an identically seeded generator
+    reproduces the tuned coverage. Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,) float64.
+    Copy it with :func:`avcs_sets`.
     """
     if not step > 0:  # the walk would never end
         raise ValueError(f"step must be > 0, got {step}")
@@ -698,70 +692,29 @@ def tune_avcs_thresholds(logits: Tensor, y: Tensor, alpha: float = 0.05, step: f
         raise ValueError(f"logits (K, N, c) and y (N,) expected, got {tuple(logits.shape)} and {tuple(y.shape)}")
     if generator is None:
         generator = torch.Generator(device=logits.device).manual_seed(int(torch.randint(2 ** 62, (1,))))
-    start_state = generator.get_state()
+    start_state, thresholds = generator.get_state(), setting == "threshold"
     labels = y[None, :, None].expand(logits.shape[0], -1, 1)  # (K, N, 1)
+    values = torch.full((logits.shape[0],), 1.0 if thresholds else 0.0, dtype=torch.float64, device=logits.device)
 
-    def covers(thresholds: Tensor) -> bool:
+    def covers(exits: int) -> bool:  # coverage >= 1 - alpha at exits 0 .. exits - 1
         generator.set_state(start_state)
-        sets = avcs_sets(logits, thresholds, alpha, intersect, generator)  # (K, N, c)
-        coverage = sets.gather(-1, labels).squeeze(-1).double().mean(-1)  # (K,)
-        return bool((coverage >= 1.0 - alpha).all())
+        shifted = logits.double() if thresholds else logits.double() + values[:, None, None]  # (K, N, c)
+        sets = avcs_sets(shifted, values if thresholds else torch.ones_like(values), alpha, intersect, generator)
+        return bool((sets.gather(-1, labels).squeeze(-1).double().mean(-1)[:exits] >= 1.0 - alpha).all())
 
-    thresholds = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)  # (K,)
-    ceiling = float(logits.max()) + step  # above every logit every set is empty: the walk must stop there
+    ceiling = float(logits.max()) + step  # above every logit every set is empty: the threshold walk stops there
     for t in range(logits.shape[0]):
-        while float(thresholds[t]) < ceiling:
-            thresholds[t] += step
-            if not covers(thresholds):
-                thresholds[t] -= step
-                break
+        if thresholds:
+            while float(values[t]) < ceiling:
+                values[t] += step
+                if not covers(logits.shape[0]):
+                    values[t] -= step
+                    break
+        else:
+            while float(values[t]) < largest and not covers(t + 1):
+                values[t] += step
     generator.set_state(start_state)
-    return thresholds
-
-
-def tune_avcs_offsets(logits: Tensor, y: Tensor, alpha: float = 0.05, generator: Optional[torch.Generator] = None,
-                      intersect: bool = True, largest: float = 64.0, tolerance: float = 0.05) -> Tensor:
-    """Per-exit logit offsets ``b`` (K,) for ``avcs_sets(logits + b[:, None, None], ones)``: at each exit the smallest
-    found that gives coverage ``>= 1 - alpha`` on a calibration split.
-
-    The Dirichlet AVCS concentrations are raw logits, so a constant added to an exit's logits changes none of its
-    predictions but widens its support ``{z + b >= 1}``; as ``b`` grows every label enters it, the Dirichlet draw
-    concentrates at its mean and every ratio nears 1, so the set approaches every label. Exit by exit (earlier
-    exits fixed), ``b_t`` doubles from 0.5 until exits ``<= t`` reach the target, then bisects between the last
-    offset that missed and the first that reached, to ``tolerance``; an exit that misses even at ``largest`` gets
-    ``largest``. Every evaluation replays the same random stream (as :func:`tune_avcs_thresholds`).
-    Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,) float64. Copy it with :func:`avcs_sets`.
-    """
-    if logits.dim() != 3 or y.shape != logits.shape[1:2]:
-        raise ValueError(f"logits (K, N, c) and y (N,) expected, got {tuple(logits.shape)} and {tuple(y.shape)}")
-    if generator is None:
-        generator = torch.Generator(device=logits.device).manual_seed(int(torch.randint(2 ** 62, (1,))))
-    start_state = generator.get_state()
-    labels = y[None, :, None].expand(logits.shape[0], -1, 1)  # (K, N, 1)
-    thresholds = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)  # (K,): the authors' tau = 1
-    offsets = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)  # (K,)
-
-    def covers(t: int, offset: float) -> bool:
-        trial = offsets.clone()
-        trial[t] = offset
-        generator.set_state(start_state)
-        sets = avcs_sets(logits.double() + trial[:, None, None], thresholds, alpha, intersect, generator)  # (K, N, c)
-        coverage = sets.gather(-1, labels).squeeze(-1).double().mean(-1)  # (K,)
-        return bool((coverage[:t + 1] >= 1.0 - alpha).all())
-
-    for t in range(logits.shape[0]):
-        if covers(t, 0.0):
-            continue
-        missed, reached = 0.0, 0.5
-        while reached < largest and not covers(t, reached):
-            missed, reached = reached, 2.0 * reached
-        reached = min(reached, largest)
-        while reached - missed > tolerance:
-            middle = (missed + reached) / 2.0
-            missed, reached = (missed, middle) if covers(t, middle) else (middle, reached)
-        offsets[t] = reached
-    generator.set_state(start_state)
-    return offsets
+    return values
 
 
 def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor], alpha: float = 0.05,
@@ -865,46 +818,6 @@ def worst_group_accuracy(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int)
     Copy it with :func:`group_accuracies`."""
     accuracies = group_accuracies(pred, y, groups, n_groups)
     return float(accuracies[~accuracies.isnan()].min())
-
-
-def adjusted_average_accuracy(group_accuracy: Tensor, train_group_counts: Tensor) -> float:
-    """Waterbirds' adjusted average: per-group test accuracies weighted by the training group shares,
-    ``sum_g n_g acc_g / sum_g n_g`` (an empty test group counts 0). The convention behind the 97-98% averages of
-    the literature (train counts 3498, 184, 56, 1057), where the plain mean weighs the balanced test groups
-    equally. Sagawa et al. (ICLR 2020), appendix; Idrissi et al. (2022). Shapes: (G,), (G,)."""
-    counts = train_group_counts.double().to(group_accuracy.device)  # (G,)
-    return float((torch.nan_to_num(group_accuracy.double()) * counts).sum() / counts.sum())
-
-
-def accuracy_report(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int,
-                    train_group_counts: Optional[Tensor] = None) -> dict:
-    """Average, worst-group and per-group accuracy (None for an empty group) of predictions ``pred`` (N,), and
-    Waterbirds' adjusted average when ``train_group_counts`` (G,) is given. Sagawa et al. (ICLR 2020).
-    Shapes: ``pred``, ``y``, ``groups`` (N,). Copy it with :func:`group_accuracies`,
-    :func:`worst_group_accuracy` and :func:`adjusted_average_accuracy`."""
-    accuracies = group_accuracies(pred, y, groups, n_groups)  # (G,)
-    report = {"avg_acc": float((pred == y).double().mean()),
-              "worst_group_acc": worst_group_accuracy(pred, y, groups, n_groups),
-              "group_acc": [None if math.isnan(a) else a for a in accuracies.tolist()]}
-    if train_group_counts is not None:
-        report["adjusted_avg_acc"] = adjusted_average_accuracy(accuracies, train_group_counts)
-    return report
-
-
-def group_means(values: Tensor, groups: Tensor, n_groups: int) -> list[Optional[float]]:
-    """Mean of ``values`` within each group, ``sum_{n: g_n = g} v_n / |{n: g_n = g}|``; None for an empty group.
-    Shapes: ``values``, ``groups`` (N,) -> a list of ``n_groups`` floats."""
-    sums = torch.bincount(groups, weights=values.double(), minlength=n_groups)  # (G,)
-    counts = torch.bincount(groups, minlength=n_groups)  # (G,)
-    return [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
-
-
-def pearson_correlation(a: Tensor, b: Tensor) -> Optional[float]:
-    """Pearson correlation ``sum (a - mean a)(b - mean b) / (||a - mean a|| ||b - mean b||)`` of two (N,) tensors,
-    in float64; None when either is constant (e.g. all sample weights 1)."""
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denominator = float(a.norm() * b.norm())
-    return float(a @ b) / denominator if denominator > 0 else None
 
 
 def reliability_bins(probs: Tensor, y: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
@@ -1136,6 +1049,30 @@ class Split:
 
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+
+def adjusted_average_accuracy(group_accuracy: Tensor, train_group_counts: Tensor) -> float:
+    """Waterbirds' adjusted average: per-group test accuracies weighted by the training group shares,
+    ``sum_g n_g acc_g / sum_g n_g`` (an empty test group counts 0). The convention behind the 97-98% averages of
+    the literature (train counts 3498, 184, 56, 1057), where the plain mean weighs the balanced test groups
+    equally. Sagawa et al. (ICLR 2020), appendix; Idrissi et al. (2022). Shapes: (G,), (G,)."""
+    counts = train_group_counts.double().to(group_accuracy.device)  # (G,)
+    return float((torch.nan_to_num(group_accuracy.double()) * counts).sum() / counts.sum())
+
+
+def accuracy_report(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int,
+                    train_group_counts: Optional[Tensor] = None) -> dict:
+    """Average, worst-group and per-group accuracy (None for an empty group) of predictions ``pred`` (N,), and
+    Waterbirds' adjusted average when ``train_group_counts`` (G,) is given. Sagawa et al. (ICLR 2020).
+    Shapes: ``pred``, ``y``, ``groups`` (N,). Copy it with :func:`group_accuracies`,
+    :func:`worst_group_accuracy` and :func:`adjusted_average_accuracy`."""
+    accuracies = group_accuracies(pred, y, groups, n_groups)  # (G,)
+    report = {"avg_acc": float((pred == y).double().mean()),
+              "worst_group_acc": worst_group_accuracy(pred, y, groups, n_groups),
+              "group_acc": [None if math.isnan(a) else a for a in accuracies.tolist()]}
+    if train_group_counts is not None:
+        report["adjusted_avg_acc"] = adjusted_average_accuracy(accuracies, train_group_counts)
+    return report
 
 
 @dataclass
@@ -1814,6 +1751,22 @@ def tuned_exit_laplace(linear: nn.Linear, train_features: Tensor, val_features: 
     laplace = KFACLaplace.fit(train_features, linear.weight.detach(), bias)
     return tune_laplace(laplace, val_features, y_val, n_samples=n_samples,
                         generator=seeded_generator(seed, val_features.device))
+
+
+def group_means(values: Tensor, groups: Tensor, n_groups: int) -> list[Optional[float]]:
+    """Mean of ``values`` within each group, ``sum_{n: g_n = g} v_n / |{n: g_n = g}|``; None for an empty group.
+    Shapes: ``values``, ``groups`` (N,) -> a list of ``n_groups`` floats."""
+    sums = torch.bincount(groups, weights=values.double(), minlength=n_groups)  # (G,)
+    counts = torch.bincount(groups, minlength=n_groups)  # (G,)
+    return [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
+
+
+def pearson_correlation(a: Tensor, b: Tensor) -> Optional[float]:
+    """Pearson correlation ``sum (a - mean a)(b - mean b) / (||a - mean a|| ||b - mean b||)`` of two (N,) tensors,
+    in float64; None when either is constant (e.g. all sample weights 1)."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    denominator = float(a.norm() * b.norm())
+    return float(a @ b) / denominator if denominator > 0 else None
 
 
 def at_search_end(value: float, grid: Sequence[float]) -> bool:
