@@ -522,7 +522,7 @@ def test_auroc_equals_a_pairwise_count_with_ties_counted_half():
 
 def test_avcs_rejects_bad_input():
     logits = torch.randn(2, 4, 3)
-    with pytest.raises(ValueError, match="thresholds \(K,\) expected"):
+    with pytest.raises(ValueError, match=r"thresholds \(K,\) expected"):
         K.avcs_sets(logits, torch.ones(3))
     with pytest.raises(ValueError, match="y"):
         K.tune_avcs(logits, torch.zeros(5, dtype=torch.long))
