@@ -171,11 +171,14 @@ def report(args: argparse.Namespace) -> dict:
 
     probs = {split: method_probs(*outputs[split]) for split in ("val", "test")}
     sets = prediction_sets(outputs["val"][0], val.labels, outputs["test"], test.labels, probs, tuned, args, seed, device)
-    notes = [f"exit {k}: the Laplace's {name} = {value:.3g} is an end of its search range (a range's end, not a "
-             f"minimum; T -> 0 on separable validation data)" for k, laplace in enumerate(tuned)
-             for name, value, grid in (("T", laplace.temperature, K.KFACLaplace.TEMPERATURE_GRID),
-                                       ("sigma^2", 1 / laplace.prior_precision, K.KFACLaplace.PRIOR_VARIANCE_GRID))
-             if K.at_search_end(value, grid)]
+    tuned_values = [(f"{method} {name}", k, value, grid) for k in range(n_exits) for method, laplace in
+                    (("Laplace", tuned[k]), ("MIE+Laplace", tuned_mie[k]))
+                    for name, value, grid in (("T", laplace.temperature, K.KFACLaplace.TEMPERATURE_GRID),
+                                              ("sigma^2", 1 / laplace.prior_precision, K.KFACLaplace.PRIOR_VARIANCE_GRID))]
+    tuned_values += [(f"{method} T", k, float(values[k]), K.KFACLaplace.TEMPERATURE_GRID) for k in range(n_exits)
+                     for method, values in (("TS", temperatures), ("MIE+TS", temperatures_mie))]
+    notes = [f"exit {k}: the {what} = {value:.3g} is an end of its search range, not a minimum"
+             for what, k, value, grid in tuned_values if K.at_search_end(value, grid)]
     exits = []
     for k in range(n_exits):
         exits.append({

@@ -234,8 +234,8 @@ class KFACLaplace:
         return phi @ self.weight.to(phi.dtype).T, scale
 
     def logit_std(self, features: Tensor) -> Tensor:
-        """How far the posterior can move the temperature-scaled logits of each input: the class-averaged standard
-        deviation ``sqrt(scale * mean_k U_kk) / T`` (N,), float64."""
+        """How far the posterior can move the temperature-scaled logits of each input: the root-mean-square over
+        classes of their standard deviations, ``sqrt(scale * mean_k U_kk) / T`` (N,), float64."""
         scale = self.logit_distribution(features)[1]  # (N,)
         return (scale.double() * self.factor("U").diagonal().mean()).sqrt() / self.temperature
 
@@ -247,7 +247,7 @@ class KFACLaplace:
         one per sample index shared by every input (Meronen's ``2 c S + 2 p^2`` flops per input); with ``log`` a
         ``logsumexp`` over ``s``, which never underflows. ``link="probit"``:
         ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))`` (MacKay 1992; Meronen et al. 2024).
-        Pass float64 features for log-probabilities below float32's range (about -87 below the top class)."""
+        Probabilities below float32's range (about 1e-38) are 0 unless ``log`` or float64 features."""
         if link not in ("mc", "probit"):
             raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
         mean, scale = self.logit_distribution(features)  # (N, c), (N,)
@@ -358,7 +358,8 @@ def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor, n_sa
 
     ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (:func:`nlpd`), along the profile ``min_T NLL(T, sigma^2)``:
     for every ``sigma^2`` of the grid ``KFACLaplace.PRIOR_VARIANCE_GRID`` (1e-4 .. 1e4 at decades, increasing), ``T``
-    by :func:`minimise_bracketed` (to 3%) within half a decade of the previous ``sigma^2``'s ``T`` (the first starts at
+    by :func:`minimise_bracketed` (to 3%) within half a decade of the previous ``sigma^2``'s ``T`` (a continuation:
+    ``T`` moves at most half a decade per step, so the profile is followed where it is smooth; the first starts at
     the softmax's tuned ``T``, :func:`tune_temperature`: the limit ``sigma^2 -> 0``), inside 0.01 .. 100; then the
     best ``sigma^2`` is refined between its grid neighbours at its ``T`` (to 5%). The NLL in ``T`` and ``sigma^2`` is
     not known to be unimodal: a coupled valley (a wider posterior wants a lower ``T``) traps a search along one axis at
@@ -725,7 +726,7 @@ def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor
     ``R_t(y) = prod_{l<=t} p_l(y | x, D) / p(y | x, W_l)``, ``W_l ~ p(W_l | D)``: numerator the Laplace MC
     predictive of exit ``l``, denominator ``softmax(z_l / T)`` of one posterior logit draw per input and exit,
     ``z_l = mean + sqrt(phi~^T V phi~) L g``, ``L = cholesky(U)``, ``g ~ N(0, I_c)`` (independent across inputs,
-    so coverage indicators of different inputs are independent given the posterior); ``C_t = {y : R_t(y) <=
+    so coverage indicators of different inputs share only the numerator's MC draws); ``C_t = {y : R_t(y) <=
     1/alpha}``. When the posterior is tight against the logit gaps, the draw sits near the mean, ``p(y | x, W_l)
     ~= p_l(y | x, D)`` for every label and ``R_t ~= 1 <= 1/alpha``: the set keeps every label. Both terms are
     float64 log-probabilities (``logsumexp`` over the MC samples), so a label far below the top can be excluded.
@@ -965,8 +966,8 @@ class EarlyExitNet(nn.Module):
         """Features (N, p_k) of every exit, or of ``exits`` only: stages past the last one asked for are skipped
         (a readout pass costs one stage and one head). ``float32_heads=True`` runs the heads in float32 on
         float32 stage outputs even under bf16 autocast (the backbone stays bf16), so that the calibration
-        figures, the exits' Laplace fits and the sets do not read bf16's 3 significant digits. (train.py's
-        per-epoch readout passes for the weights use bf16 heads: measured, they move the weights by less than 2%.)"""
+        figures, the exits' Laplace fits and the sets do not read bf16's 3 significant digits (train.py's per-epoch
+        readout passes for the weights use bf16 heads)."""
         last = len(self.heads) - 1
         wanted = self._exit_set(exits)
         features, h = {}, x
@@ -1204,9 +1205,9 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
     for name, n, group_shares in (("n_train", n_train, shares), ("n_val", n_val, balanced_shares),
                                   ("n_test", n_test, balanced_shares)):
         if int(group_counts(n, group_shares).sum()) > n:  # a group would be cut off: a class silently missing
-            least = next(m for m in range(n, 100 * n) if int(group_counts(m, group_shares).sum()) <= m)
+            larger = next(m for m in range(n, 100 * n) if int(group_counts(m, group_shares).sum()) <= m)
             raise ValueError(f"synth: {name}={n} cannot hold one image of each of the {2 * n_classes} groups "
-                             f"({n_classes} classes); use {name} >= {least}")
+                             f"({n_classes} classes); the next size that can is {name}={larger}")
 
     def split(n: int, group_shares: Tensor) -> Split:
         counts = group_counts(n, group_shares)  # (2C,)

@@ -950,7 +950,7 @@ def test_two_class_synth_is_the_benchmark_of_the_tables_bit_for_bit():
 
 
 def test_synth_refuses_a_size_that_would_cut_off_a_group_and_renders_far_inputs():
-    with pytest.raises(ValueError, match="n_train=45 .* use n_train >= 50"):
+    with pytest.raises(ValueError, match="n_train=45 .* the next size that can is n_train=50"):
         K.make_synth(n_train=45, n_val=40, n_test=40, n_classes=10)
     assert len(K.make_synth(n_train=50, n_val=40, n_test=40, n_classes=10).train.labels.unique()) == 10
     far = K.make_synth_far_inputs(12, 32, n_classes=8, seed=0)

@@ -180,7 +180,7 @@ def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExit
     next epoch's sample weights (N,) with what the log shows of them (else None and {}): DEDIER's
     ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, the margin of kdlaplace.readout_predictive
     tuned on the same validation pass, from a pass of the readout over the training set (its head in bf16 under
-    autocast: the weights move by under 2%). With --diagnostics also the studies' figures (see below)."""
+    autocast). With --diagnostics also the studies' figures (see below)."""
     last_exit = len(model.heads) - 1
     reweight = role == "student" and cfg.weighting != "none"
     val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device,
