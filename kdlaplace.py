@@ -165,13 +165,11 @@ class KFACLaplace:
         G = (1/N) sum_n diag(p_n) - p_n p_n^T = (diag(sum_n p_n) - P^T P) / N      (c, c)
         U = (sqrt(N) G + sqrt(tau) I_c)^-1,  V = (sqrt(N) A + sqrt(tau) I_{p+1})^-1,  Cov(vec W~) = U (x) V
 
-    ``tau`` is the prior precision (``1 / sigma^2``). The damping keeps the posterior a Kronecker product, so
-    the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. (laplace-torch's default adds ``tau`` to the
-    eigenvalues of the Kronecker product, ``(N G (x) A + tau I)^-1``, which is not Kronecker; its
-    ``KronDecomposed(..., dampen=True)`` damps each factor, the form used here and by Meronen et al.)
-    ``temperature`` divides the logits before the softmax (Meronen's logit temperature, not a likelihood
-    temperature). ``A`` and ``G`` are float64 (formed in the features' dtype: pass float64 features for float64
-    arithmetic throughout); predictions run in the features' dtype.
+    ``tau`` is the prior precision (``1 / sigma^2``). Damping each factor (as laplace-torch's
+    ``KronDecomposed(..., dampen=True)``; its default adds ``tau`` to the eigenvalues of ``N G (x) A``) keeps the
+    posterior Kronecker, so the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. ``temperature``
+    divides the logits before the softmax (Meronen's logit temperature). ``A``, ``G`` are float64, formed in the
+    features' dtype; predictions run in the features' dtype.
 
     Attributes: ``A`` (p+1, p+1), ``G`` (c, c), ``n``, ``prior_precision``, ``temperature``,
     ``weight`` (c, p+1) (``W~``; width p without a bias), ``has_bias``.
@@ -441,13 +439,12 @@ def tune_laplace_marglik(laplace: KFACLaplace, prior_precisions: Optional[Sequen
 
 def cross_fitted_laplace_predict(laplace: KFACLaplace, features: Tensor, n_folds: int = 5, n_samples: int = 50,
                                  generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """Out-of-sample Laplace predictive on the inputs the posterior was fit on (cross-fitting).
+    """The Laplace predictive of the inputs the posterior was fit on, each from a curvature fit without its fold.
 
-    Fold ``k`` holds the inputs ``n`` with ``n mod K = k``; its predictive comes from the factors ``A``, ``G``
-    refit on the other folds' features, with ``laplace``'s MAP weights ``W~``, prior precision and temperature.
-    An input then never sits in its own curvature. Only the curvature is refit: the MAP head was trained on every
-    input, the fold included, so this is not the predictive an unseen input would get. Returns the MC predictive (N, c) and :meth:`KFACLaplace.logit_std` (N,) of every input.
-    Shapes: ``features`` (N, p) with ``N >= 2 K`` ; ``laplace.weight`` (c, p+1) or (c, p) without a bias.
+    Fold ``k`` holds the inputs ``n`` with ``n mod K = k``; its predictive comes from ``A``, ``G`` refit on the other
+    folds, with ``laplace``'s MAP ``W~``, prior precision and temperature. Only the curvature leaves the fold out:
+    the MAP head was trained on every input, so this is not an unseen input's predictive. Returns the MC predictive
+    (N, c) and :meth:`KFACLaplace.logit_std` (N,). Shapes: ``features`` (N, p), ``N >= 2 K``.
     Copy it with :class:`KFACLaplace`.
     """
     width = features.shape[1]
