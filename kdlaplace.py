@@ -684,8 +684,8 @@ def tune_avcs(logits: Tensor, y: Tensor, alpha: float = 0.05, setting: str = "th
     reproduces the tuned coverage. Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,) float64.
     Copy it with :func:`avcs_sets`.
     """
-    if not step > 0:  # the walk would never end
-        raise ValueError(f"step must be > 0, got {step}")
+    if not step > 0 or setting not in ("threshold", "offset"):  # a walk that would never end, or no walk
+        raise ValueError(f"step must be > 0 and setting 'threshold' or 'offset', got {step} and {setting!r}")
     if logits.dim() != 3 or y.shape != logits.shape[1:2]:
         raise ValueError(f"logits (K, N, c) and y (N,) expected, got {tuple(logits.shape)} and {tuple(y.shape)}")
     if generator is None:

@@ -29,7 +29,7 @@ N_SAMPLES = 50  # MC samples of every Laplace predictive in training and in its 
 SEED_STRIDE = 100003  # a prime: the readout pass of (seed, epoch) draws from seed * SEED_STRIDE + epoch
 CROSS_FIT_FOLDS = 5  # laplace-cv: each sample's posterior is fit on the other 4/5 of the training set
 GDRO_STEP = 0.01  # group DRO's step size eta on the group weights (Sagawa et al. 2020)
-# synth with more than two classes: at 15 teacher epochs the teacher keeps the colour shortcut in 4 seeds of 5
+# synth with more than two classes: the budget of the exits study (sweep.py --study exits, results/exits.md)
 MULTI_CLASS_EPOCHS = {"teacher_epochs": 30, "epochs": 40}
 
 # ── Defaults per dataset (``--help`` prints them) ───────────────────────────────────────────────────────────
