@@ -27,7 +27,6 @@ import kdlaplace as K
 
 BUDGET_LEVELS = [j / 20 for j in range(1, 40)]  # Meronen et al.'s budget levels q
 METHODS = ("MAP", "TS", "Laplace", "MIE", "MIE+TS", "MIE+Laplace")
-FAR_METHODS = ("MAP", "TS", "Laplace", "MIE", "MIE+TS", "MIE+Laplace")
 INPUT_SCALES = (2, 5, 10, 100)  # delta of the far-away inputs delta x
 PRINTED_LEVEL_STRIDE = 6  # the printed excerpt of the budget curve: every 6th level (the JSON holds all 39)
 
@@ -223,7 +222,7 @@ def far_from_data(data: K.SpuriousDataset, test: K.Split, test_features: list[to
     for name, (split, delta) in kinds.items():
         logits, features = predict(K.split_to_device(split, test_features[0].device), delta)
         far_probs = method_probs(logits, features)
-        for method in FAR_METHODS:
+        for method in METHODS:
             confidence_in, confidence_out = test_probs[method].max(-1).values, far_probs[method].max(-1).values  # (K, N)
             far += [{"inputs": name, "exit": k, "method": method, "mean_max_confidence": float(confidence_out[k].mean()),
                      "auroc": K.auroc(confidence_in[k], confidence_out[k])} for k in range(len(laplaces))]
@@ -255,11 +254,11 @@ def print_report(result: dict) -> None:
                   f"{sets['coverage']:7.3f} {sets['nestedness']:7.3f} "
                   f"{'' if 'support_ceiling' not in sets else format(sets['support_ceiling'], '8.3f'):>8s}")
     print("\nfar from the data: mean max-probability / OOD AUROC (max probability; in-distribution = test)")
-    print(f"{'inputs':16s} {'exit':>4s} " + " ".join(f"{m:>14s}" for m in FAR_METHODS) + f" {'phi~Vphi~ median':>17s}")
+    print(f"{'inputs':16s} {'exit':>4s} " + " ".join(f"{m:>14s}" for m in METHODS) + f" {'phi~Vphi~ median':>17s}")
     scale = {(r["inputs"], r["exit"]): r["median"] for r in result["posterior_scale"]}
     rows = {(r["inputs"], r["exit"], r["method"]): r for r in result["far_from_data"]}
     for inputs, k in dict.fromkeys((r["inputs"], r["exit"]) for r in result["far_from_data"]):
-        cells = [f"{rows[inputs, k, m]['mean_max_confidence']:.3f}/{rows[inputs, k, m]['auroc']:.3f}" for m in FAR_METHODS]
+        cells = [f"{rows[inputs, k, m]['mean_max_confidence']:.3f}/{rows[inputs, k, m]['auroc']:.3f}" for m in METHODS]
         print(f"{inputs:16s} {k:4d} " + " ".join(f"{c:>14s}" for c in cells)
               + f" {scale[inputs, k]:10.3g} ({scale[inputs, k] / scale['test', k]:.3g}x)")
     print("\nbudgeted early exit (MIE+Laplace): expected GFLOPs -> accuracy, NLPD, ECE")

@@ -396,7 +396,7 @@ def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor, n_sa
             return math.inf if math.isnan(value) else value
         return objective
 
-    low, high = (math.log(t) for t in KFACLaplace.TEMPERATURE_GRID[::len(KFACLaplace.TEMPERATURE_GRID) - 1])
+    low, high = math.log(KFACLaplace.TEMPERATURE_GRID[0]), math.log(KFACLaplace.TEMPERATURE_GRID[-1])
     half_decade = math.log(10.0) / 2  # the step in log T from one prior variance to the next
     log_variances = [math.log(v) for v in KFACLaplace.PRIOR_VARIANCE_GRID]
     log_temperature = math.log(tune_temperature(mean, y_val, criterion))  # the limit sigma^2 -> 0

@@ -648,7 +648,7 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
         bins = [[sum(column) for column in r["exits"][k]["reliability"][method]] for r in runs]  # count, conf, correct
         return [(confidence - correct) / count for count, confidence, correct in bins]
 
-    ends = lambda values, grid: sum(min(grid) * 1.000001 >= v or v >= max(grid) * 0.999999 for v in values)  # noqa
+    import kdlaplace as K  # loaded by exit_reports already
     lines += ["", "Calibration in distribution: mean confidence − accuracy on test (points, mean ± sd; > 0 is "
                   "overconfident); the tuned temperatures and the Laplace's σ², median [lowest, highest] over the seeds, "
                   "with how many seeds' Laplace (T or σ²) sits at an end of its search range (T 0.01–100, σ² 1e-4–1e4); "
@@ -658,7 +658,8 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
     for k in range(n_exits):
         temperatures = [r["exits"][k]["laplace"]["temperature"] for r in runs]
         variances = [1.0 / r["exits"][k]["laplace"]["prior_precision"] for r in runs]
-        at_end = sum(ends([t], (0.01, 100.0)) or ends([v], (1e-4, 1e4)) for t, v in zip(temperatures, variances))
+        at_end = sum(K.at_search_end(t, K.KFACLaplace.TEMPERATURE_GRID)
+                     or K.at_search_end(v, K.KFACLaplace.PRIOR_VARIANCE_GRID) for t, v in zip(temperatures, variances))
         ece_gap = [a - b for a, b in zip(at(k, "Laplace", "ece"), at(k, "TS", "ece"))]
         lines.append(f"| {k} | {cell(confidence_gap(k, 'MAP'))} | {cell(confidence_gap(k, 'TS'))} | "
                      f"{cell(confidence_gap(k, 'Laplace'))} | {spread([r['exits'][k]['ts']['temperature'] for r in runs], '.2f')} | "
