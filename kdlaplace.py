@@ -7,7 +7,7 @@ One module, read top to bottom like a lecture: the mathematics first, then the m
                    validation NLL (NLPD) or the prior by the marginal likelihood, cross-fitted predictions.
   3. Ensembles     model-internal ensemble (MIE) and budgeted early exit.
   4. Sets          nested prediction sets of early exits: AVCS (Dirichlet and Laplace) and split conformal.
-  5. Metrics       group accuracies, worst-group accuracy, ECE, top-k accuracy.
+  5. Metrics       group accuracies, worst-group accuracy, ECE, AUROC.
   6. Networks      early-exit networks: exit heads, a small CNN, the DEDIER readout.
   7. Data          a synthetic spurious-correlation benchmark; Waterbirds, CelebA and CIFAR-100 read in
                    their distributed formats, decoded once into a uint8 cache, augmented on the device.
@@ -48,7 +48,6 @@ from torch import Tensor
 # ══════════════════════════════════════════════════════════════════════════════
 #  1. Losses: knowledge distillation, DEDIER weights, group DRO
 # ══════════════════════════════════════════════════════════════════════════════
-# Small pure functions on logits, each one copyable on its own (RepDistiller style).
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
@@ -58,10 +57,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     The ``T^2`` keeps the gradient scale independent of ``T``.
     Hinton, Vinyals & Dean (2015), *Distilling the Knowledge in a Neural Network*, section 2.
 
-    Shapes: ``student_logits``, ``teacher_logits`` (N, c) -> (N,). Computed in at least fp32, so it is
-    safe under bf16 autocast. To distil from probabilities ``p`` (e.g. a Laplace predictive) pass
-    ``teacher_logits = log p``: a class the teacher gives probability 0 (logit ``-inf``) adds
-    ``0 log 0 = 0``, as in the definition of the KL divergence.
+    Shapes: ``student_logits``, ``teacher_logits`` (N, c) -> (N,). Computed in at least fp32 (safe under bf16
+    autocast). To distil from probabilities ``p`` pass ``teacher_logits = log p``: a class the teacher gives
+    probability 0 (logit ``-inf``) adds ``0 log 0 = 0``, as in the definition of the KL divergence.
     """
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(f"kd_loss: student_logits {tuple(student_logits.shape)} and teacher_logits "
@@ -109,8 +107,6 @@ def student_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, weig
     terms, as in the DEDIER authors' code. ``weights=None`` means all ones (plain KD).
     Tiwari et al. (WACV 2024), eq. (4); Hinton et al. (2015). Shapes: logits (N, c), y (N,), weights (N,).
     """
-    if y.shape != student_logits.shape[:1]:
-        raise ValueError(f"student_loss: y must have shape ({student_logits.shape[0]},), got {tuple(y.shape)}")
     if weights is not None and weights.shape != y.shape:
         raise ValueError(f"student_loss: weights must have shape {tuple(y.shape)}, got {tuple(weights.shape)}")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
@@ -150,16 +146,14 @@ def early_exit_loss(logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor
 # ══════════════════════════════════════════════════════════════════════════════
 #  2. Closed-form KFAC last-layer Laplace
 # ══════════════════════════════════════════════════════════════════════════════
-# For a linear softmax head z = W~ phi~ the Hessian of the cross-entropy w.r.t. z, diag(p) - p p^T, does not
-# depend on the label, so GGN = Fisher = Hessian and the KFAC factors are exact averages that two matrix
-# products give.
+# For a linear softmax head z = W~ phi~ the Hessian of the cross-entropy w.r.t. z, diag(p) - p p^T, does not depend
+# on the label, so GGN = Fisher = Hessian, and the KFAC factors are exact averages given by two matrix products.
 
 class KFACLaplace:
     """Kronecker-factored Laplace posterior over one exit's last linear layer, in closed form.
 
-    Fit (Ritter et al. 2018, *A Scalable Laplace Approximation for Neural Networks*; Meronen et al. 2024,
-    *Fixing Overconfidence in Dynamic Neural Networks*, section 3), with ``phi~ = [phi, 1]``, ``p_n`` the MAP
-    softmax probabilities and ``N`` samples:
+    Fit (Ritter et al. 2018; Meronen et al. 2024, *Fixing Overconfidence in Dynamic Neural Networks*, section 3),
+    with ``phi~ = [phi, 1]``, ``p_n`` the MAP softmax probabilities and ``N`` samples:
 
         A = (1/N) sum_n phi~_n phi~_n^T                      (p+1, p+1)
         G = (1/N) sum_n diag(p_n) - p_n p_n^T = (diag(sum_n p_n) - P^T P) / N      (c, c)
@@ -168,15 +162,11 @@ class KFACLaplace:
     ``tau`` is the prior precision (``1 / sigma^2``). Damping each factor (as laplace-torch's
     ``KronDecomposed(..., dampen=True)``; its default adds ``tau`` to the eigenvalues of ``N G (x) A``) keeps the
     posterior Kronecker, so the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. ``temperature``
-    divides the logits before the softmax (Meronen's logit temperature). ``A``, ``G`` are float64, formed in the
-    features' dtype; predictions run in the features' dtype.
-
-    Attributes: ``A`` (p+1, p+1), ``G`` (c, c), ``n``, ``prior_precision``, ``temperature``,
-    ``weight`` (c, p+1) (``W~``; width p without a bias), ``has_bias``.
+    divides the logits before the softmax (Meronen's logit temperature). ``A``, ``G`` are float64; predictions run
+    in the features' dtype. ``weight`` is ``W~`` (c, p+1), or (c, p) without a bias.
     """
 
-    # the log grids on which tune_temperature and tune_laplace start their searches of the logit temperature T
-    # and the prior variance sigma^2, at decades; their ends bound every choice
+    # the decade grids where tune_temperature and tune_laplace start their searches; their ends bound every choice
     TEMPERATURE_GRID = tuple(10.0 ** k for k in range(-2, 3))  # 0.01 .. 100
     PRIOR_VARIANCE_GRID = tuple(10.0 ** k for k in range(-4, 5))  # 1e-4 .. 1e4
 
@@ -195,8 +185,7 @@ class KFACLaplace:
         if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
             raise ValueError(f"KFACLaplace.fit: features (N, p) and weight (c, p) must share p, got "
                              f"{tuple(features.shape)} and {tuple(weight.shape)}")
-        weight_tilde = weight.detach().to(features.dtype)  # (c, p)
-        phi = features
+        weight_tilde, phi = weight.detach().to(features.dtype), features  # (c, p), (N, p)
         if bias is not None:
             weight_tilde = torch.cat([weight_tilde, bias.detach().to(features.dtype)[:, None]], dim=1)  # (c, p+1)
             phi = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)  # (N, p+1)
@@ -242,10 +231,9 @@ class KFACLaplace:
         """Predictive probabilities (N, c) with the logit temperature ``T`` applied, or their logarithm (``log``).
 
         ``link="mc"``: ``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)``, ``L = cholesky(U)``, ``g_s ~ N(0, I_c)``
-        one per sample index shared by every input (Meronen's ``2 c S + 2 p^2`` flops per input); with ``log`` a
-        ``logsumexp`` over ``s``, which never underflows. ``link="probit"``:
-        ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))`` (MacKay 1992; Meronen et al. 2024).
-        Probabilities below float32's range (about 1e-38) are 0 unless ``log`` or float64 features."""
+        shared by every input (Meronen's ``2 c S + 2 p^2`` flops per input); ``log`` takes a ``logsumexp`` over ``s``,
+        which never underflows. ``link="probit"``: ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))``
+        (MacKay 1992; Meronen et al. 2024). Below float32's range (~1e-38) a probability is 0 unless ``log``."""
         if link not in ("mc", "probit"):
             raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
         mean, scale = self.logit_distribution(features)  # (N, c), (N,)
@@ -269,11 +257,9 @@ class KFACLaplace:
                         log: bool = False) -> Tensor:
         """``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)`` (N, c), or its logarithm by a logsumexp over
         ``s`` when ``log``. Shapes: ``mean`` (N, c), ``scale`` (N,), ``directions`` ``L g_s`` (S, c)."""
-        # the softmax axis: a CPU runs a softmax over a short last axis row by row, so with few classes the classes
-        # go first (several times faster at c = 2); with many, last (contiguous rows; several times faster at c = 100)
+        # a CPU softmax over a short last axis runs row by row: few classes go first, many last (contiguous rows)
         classes_first = mean.shape[1] <= 8
         std = scale.sqrt() / temperature  # (N,)
-        # one fused multiply-add forms every sample's logits / T
         logits = torch.addcmul(mean.T[:, None, :] / temperature, std, directions.T[:, :, None]) if classes_first \
             else torch.addcmul(mean / temperature, std[:, None], directions[:, None, :])  # (c, S, N) or (S, N, c)
         axis = 0 if classes_first else -1
@@ -299,11 +285,10 @@ def minimise_bracketed(objective: Callable[[float], float], grid: Sequence[float
     the increasing ``grid``, refined by golden-section search between that point's two neighbours.
 
     The grid locates the basin; only between the best grid point's neighbours is ``objective`` assumed unimodal.
-    There golden section keeps a bracket ``[a, b]`` and two inner points ``c < d`` at the golden ratios; the side
-    beyond the worse inner point cannot hold the minimum, so each step drops it and shrinks the bracket by
-    ``1/phi = 0.618`` for one new evaluation, until it is ``tolerance`` wide. The result is never worse than the best
-    grid point, and a minimum at an end of the grid comes back as that end. Kiefer (1953), *Sequential minimax
-    search for a maximum*.
+    There golden section keeps a bracket ``[a, b]`` and inner points ``c < d``; the side beyond the worse inner point
+    cannot hold the minimum, so each step drops it, shrinking the bracket by ``1/phi = 0.618`` for one evaluation,
+    until it is ``tolerance`` wide. Never worse than the best grid point; a minimum at a grid end comes back as that
+    end. Kiefer (1953), *Sequential minimax search for a maximum*.
     """
     values = [objective(x) for x in grid]
     best = min(range(len(grid)), key=values.__getitem__)  # the first of tied minima
@@ -330,12 +315,11 @@ def tune_temperature(logits_val: Tensor, y_val: Tensor, criterion: Optional[Call
 
     ``argmin_T -(1/N) sum_n log softmax(z_n / T)_{y_n}`` over ``log T`` by :func:`minimise_bracketed` on
     ``KFACLaplace.TEMPERATURE_GRID`` (0.01 .. 100), to a relative 1e-4. The NLL is convex in ``1/T`` (a log-sum-exp
-    of linear functions minus a linear one), so it is unimodal in ``log T`` and the search finds its minimum on
-    that range; a ``T`` at 0.01 or 100 is that range's end (separable data sends ``T`` to 0).
-    ``criterion(probs (N, c)) -> float`` replaces the NLL (an ensemble's NLL; then convexity is not claimed).
-    Guo et al. (ICML 2017), *On Calibration of Modern Neural Networks*, section 4.2.
-    Shapes: ``logits_val`` (N, c), ``y_val`` (N,). Copy it with :class:`KFACLaplace`, :func:`nlpd` and
-    :func:`minimise_bracketed`.
+    of linear functions minus a linear one), so unimodal in ``log T``: the search finds its minimum on that range (a
+    ``T`` at 0.01 or 100 is the range's end; separable data sends ``T`` to 0). ``criterion(probs (N, c)) -> float``
+    replaces the NLL (an ensemble's; then convexity is not claimed). Guo et al. (ICML 2017), section 4.2.
+    Shapes: ``logits_val`` (N, c), ``y_val`` (N,).
+    Copy it with :class:`KFACLaplace`, :func:`nlpd` and :func:`minimise_bracketed`.
     """
     logits = logits_val.double()  # (N, c)
     if criterion is None:
@@ -354,17 +338,15 @@ def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor, n_sa
                  criterion: Optional[Callable[[Tensor], float]] = None) -> KFACLaplace:
     """Copy of ``laplace`` with the ``(T, sigma^2)`` that minimise the validation NLL; no refit (shared factors).
 
-    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (:func:`nlpd`), along the profile ``min_T NLL(T, sigma^2)``:
-    for every ``sigma^2`` of the grid ``KFACLaplace.PRIOR_VARIANCE_GRID`` (1e-4 .. 1e4 at decades, increasing), ``T``
-    by :func:`minimise_bracketed` (to 3%) within half a decade of the previous ``sigma^2``'s ``T`` (a continuation:
-    ``T`` moves at most half a decade per step, so the profile is followed where it is smooth; the first starts at
-    the softmax's tuned ``T``, :func:`tune_temperature`: the limit ``sigma^2 -> 0``), inside 0.01 .. 100; then the
-    best ``sigma^2`` is refined between its grid neighbours at its ``T`` (to 5%). The NLL in ``T`` and ``sigma^2`` is
-    not known to be unimodal: a coupled valley (a wider posterior wants a lower ``T``) traps a search along one axis at
-    a time, which the profile follows; unimodality is assumed within each bracket only. A choice at an end of a range
-    is that range's end, not a minimum.
-    One set of normal draws serves every candidate (common random numbers make the comparison fair and the MC
-    objective smooth in ``T``). ``criterion(probs (N, c)) -> float`` replaces the NLL (an ensemble's NLL).
+    ``argmin_{T, sigma^2} -(1/N) sum_n log p_hat(y_n | x_n)`` (:func:`nlpd`) along the profile ``min_T NLL(T, sigma^2)``:
+    for each ``sigma^2`` of ``KFACLaplace.PRIOR_VARIANCE_GRID`` (1e-4 .. 1e4, increasing), ``T`` by
+    :func:`minimise_bracketed` (to 3%) within half a decade of the previous ``sigma^2``'s ``T``, the first from the
+    softmax's :func:`tune_temperature` (the limit ``sigma^2 -> 0``), inside 0.01 .. 100; then the best ``sigma^2`` is
+    refined between its grid neighbours at its ``T`` (to 5%). The NLL is not known to be unimodal: a coupled valley (a
+    wider posterior wants a lower ``T``) traps a search along one axis at a time, which the profile follows;
+    unimodality is assumed within each bracket only. A choice at a range's end is that end, not a minimum.
+    One set of normal draws serves every candidate (common random numbers: a fair comparison, an objective smooth in
+    ``T``). ``criterion(probs (N, c)) -> float`` replaces the NLL (an ensemble's NLL).
     Meronen et al. (2024), section 4 and appendix (their grid: T 0.3 .. 3, sigma^2 0.5 .. 4).
     Shapes: ``features_val`` (N, p), ``y_val`` (N,).
     Copy it with :class:`KFACLaplace`, :func:`nlpd`, :func:`minimise_bracketed` and :func:`tune_temperature`.
@@ -461,45 +443,6 @@ def cross_fitted_laplace_predict(laplace: KFACLaplace, features: Tensor, n_folds
     return probs, logit_std
 
 
-def readout_predictive(weighting: str, weight: Tensor, bias: Optional[Tensor], train_logits: Tensor,
-                       train_features: Tensor, val_logits: Tensor, val_features: Tensor, y_val: Tensor,
-                       n_samples: int = 50, seed: int = 0,
-                       n_folds: int = 5) -> tuple[Tensor, Optional[KFACLaplace], Optional[Tensor]]:
-    """The readout's predictive on its N training samples, whose margin gives DEDIER's weights, per ``weighting``:
-
-        dedier      softmax(z)                                                    Tiwari et al. (2024)
-        dedier-ts   softmax(z / T), T minimising the validation NLL               Guo et al. (2017)
-        laplace     KFAC last-layer Laplace fit on the N samples, (T, sigma^2) by validation NLL
-        laplace-cv  the same, each sample predicted by a posterior fit without its fold (of ``n_folds``)
-        laplace-ml  the Laplace with sigma^2 by the evidence (MAP fixed) and T = 1: no validation labels
-
-    ``z = train_logits`` (N, c); ``train_features`` (N, p) the inputs of the readout's last layer, ``weight``
-    (c, p), ``bias`` (c,) or None; the validation pass ``val_logits`` (M, c), ``val_features`` (M, p), ``y_val``
-    (M,) tunes T and sigma^2. Tuning and prediction each draw their ``n_samples`` MC samples from a fresh
-    generator seeded with ``seed``. Returns the probabilities (N, c), the Laplace (None for the softmax
-    weightings) and :meth:`KFACLaplace.logit_std` per sample (N,) or None. Copy it with :class:`KFACLaplace`,
-    :func:`tune_temperature`, :func:`tune_laplace`, :func:`tune_laplace_marglik` and
-    :func:`cross_fitted_laplace_predict`.
-    """
-    if weighting == "dedier":
-        return torch.softmax(train_logits, -1), None, None
-    if weighting == "dedier-ts":
-        return torch.softmax(train_logits / tune_temperature(val_logits, y_val), -1), None, None
-    laplace = KFACLaplace.fit(train_features, weight, bias)
-    if weighting == "laplace-ml":
-        laplace = tune_laplace_marglik(laplace)
-    else:
-        laplace = tune_laplace(laplace, val_features, y_val, n_samples=n_samples,
-                               generator=torch.Generator(device=val_features.device).manual_seed(seed))
-    generator = torch.Generator(device=train_features.device).manual_seed(seed)
-    if weighting == "laplace-cv":
-        probs, logit_std = cross_fitted_laplace_predict(laplace, train_features, n_folds, n_samples, generator)
-    else:
-        probs = laplace.predict(train_features, n_samples, generator=generator)  # (N, c)
-        logit_std = laplace.logit_std(train_features)  # (N,)
-    return probs, laplace, logit_std
-
-
 # ══════════════════════════════════════════════════════════════════════════════
 #  3. Model-internal ensemble and budgeted early exit
 # ══════════════════════════════════════════════════════════════════════════════
@@ -525,9 +468,9 @@ def tune_laplace_ensemble(laplaces: Sequence[KFACLaplace], features_val: Sequenc
     """Greedy exit-by-exit tuning for the model-internal ensemble: exit ``k``'s ``(T, sigma^2)`` minimises the
     validation NLL of the FLOPs-weighted ensemble of exits ``<= k``, earlier exits fixed.
 
-    ``argmin -(1/N) sum_n log [(sum_{m<k} w_m p_m + w_k p_k(T, sigma^2)) / sum_{m<=k} w_m]_{y_n}``, searched as in
-    :func:`tune_laplace`, whose draws exit ``k``'s fixed predictive then replays.
-    Meronen et al. (2024), section 3.3 ("MIE + Laplace"). ``features_val[k]`` is (N, p_k); ``flops`` (K,).
+    ``argmin -(1/N) sum_n log [(sum_{m<k} w_m p_m + w_k p_k(T, sigma^2)) / sum_{m<=k} w_m]_{y_n}`` by :func:`tune_laplace`,
+    whose draws exit ``k``'s fixed predictive replays. Meronen et al. (2024), section 3.3 ("MIE + Laplace").
+    Shapes: ``features_val[k]`` (N, p_k), ``flops`` (K,).
     Copy it with :class:`KFACLaplace`, :func:`tune_laplace`, :func:`nlpd` and :func:`minimise_bracketed`.
     """
     if not len(laplaces) == len(features_val) == len(flops):
@@ -596,9 +539,8 @@ def early_exit(probs: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
 # Jazbec et al. (UAI 2024): C_t = {y : R_t(y) <= 1/alpha}, R_t(y) = prod_{l<=t} p_l(y) / p(y | W_l), p_l exit l's
 # predictive, W_l one posterior draw. Ville's inequality would cover y at every exit at once if R_t(y) were a
 # martingale; it is not, even for a correct model: with the draw independent of the label (the authors' code and
-# ours) E[p_l(y) / pi_l(y)] = p_l(y) E[1 / pi_l(y)] >= p_l(y) / E[pi_l(y)] = 1 (Jensen), so R_t drifts upwards.
-# The construction guarantees nestedness (running intersection); coverage is tuned on validation and measured on
-# test. Split conformal sets (below) are the guaranteed baseline.
+# ours) E[p_l(y) / pi_l(y)] = p_l(y) E[1 / pi_l(y)] >= p_l(y) / E[pi_l(y)] = 1 (Jensen). The construction guarantees
+# nestedness (running intersection); coverage is tuned on val and measured on test. Split conformal is guaranteed.
 
 
 def log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -606,8 +548,7 @@ def log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generato
 
     Marsaglia & Tsang (2000) for shape ``a + 1 >= 1``, then the boost ``X = Y U^(1/a)`` taken in log space:
     ``log X = log Y + log(U) / a`` never underflows, where a direct draw of ``Gamma(1e-3)`` is 0.
-    Every concentration must be finite and > 0, the Gamma's domain: a NaN or one below -2/3 would never pass the
-    rejection step, and others outside it would give numbers that mean nothing."""
+    Every concentration must be finite and > 0 (a NaN or one below -2/3 would never pass the rejection step)."""
     if not bool(((concentration > 0) & torch.isfinite(concentration)).all()):
         raise ValueError("log_gamma_variates: every concentration must be finite and > 0")
     shape = concentration.double() + 1.0
@@ -676,12 +617,11 @@ def tune_avcs(logits: Tensor, y: Tensor, alpha: float = 0.05, setting: str = "th
     ``setting="threshold"`` (the authors' tuning; Jazbec et al., UAI 2024, appendix, whose notebook tunes on test):
     ``tau_t`` rises from 1 by ``step`` while the coverage stays ``>= 1 - alpha`` at every exit; the step that broke
     it is undone. Sets ``avcs_sets(logits, tau)``.
-    ``setting="offset"``: the concentrations are raw logits, so a constant ``b_t`` added to an exit's logits changes
-    none of its predictions but widens its support ``{z + b >= 1}``; as ``b`` grows every label enters it and every
-    ratio nears 1, so the set nears every label. ``b_t`` rises from 0 by ``step`` until exits ``<= t`` cover
-    ``>= 1 - alpha`` (at most ``largest``). Sets ``avcs_sets(logits + b[:, None, None], ones)``.
-    Every evaluation replays the same random stream, so ``avcs_sets`` with an identically seeded generator
-    reproduces the tuned coverage. Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,) float64.
+    ``setting="offset"``: a constant ``b_t`` added to an exit's logits changes none of its predictions but widens
+    its support ``{z + b >= 1}``; as ``b`` grows every ratio nears 1 and the set nears every label. ``b_t`` rises
+    from 0 by ``step`` until exits ``<= t`` cover ``>= 1 - alpha`` (at most ``largest``). Sets
+    ``avcs_sets(logits + b[:, None, None], ones)``. Every evaluation replays the same random stream, so an
+    identically seeded generator reproduces the tuned coverage. Shapes: ``logits`` (K, N, c), ``y`` (N,) -> (K,).
     Copy it with :func:`avcs_sets`.
     """
     if not step > 0 or setting not in ("threshold", "offset"):  # a walk that would never end, or no walk
@@ -720,15 +660,12 @@ def laplace_avcs_sets(laplaces: Sequence[KFACLaplace], features: Sequence[Tensor
                       generator: Optional[torch.Generator] = None) -> Tensor:
     """AVCS sets from the Laplace posterior of every exit (the general form of the AVCS ratio).
 
-    ``R_t(y) = prod_{l<=t} p_l(y | x, D) / p(y | x, W_l)``, ``W_l ~ p(W_l | D)``: numerator the Laplace MC
-    predictive of exit ``l``, denominator ``softmax(z_l / T)`` of one posterior logit draw per input and exit,
-    ``z_l = mean + sqrt(phi~^T V phi~) L g``, ``L = cholesky(U)``, ``g ~ N(0, I_c)`` (independent across inputs,
-    so coverage indicators of different inputs share only the numerator's MC draws); ``C_t = {y : R_t(y) <=
-    1/alpha}``. When the posterior is tight against the logit gaps, the draw sits near the mean, ``p(y | x, W_l)
-    ~= p_l(y | x, D)`` for every label and ``R_t ~= 1 <= 1/alpha``: the set keeps every label. Both terms are
-    float64 log-probabilities (``logsumexp`` over the MC samples), so a label far below the top can be excluded.
-    No coverage guarantee (see the section's header). Jazbec et al. (UAI 2024), eq. (5); posterior of
-    :class:`KFACLaplace`. ``features[k]`` is (N, p_k) -> bool (K, N, c).
+    ``R_t(y) = prod_{l<=t} p_l(y | x, D) / p(y | x, W_l)``, ``C_t = {y : R_t(y) <= 1/alpha}``: numerator the
+    Laplace MC predictive of exit ``l``, denominator ``softmax(z_l / T)`` of one posterior draw per input and exit,
+    ``z_l = mean + sqrt(phi~^T V phi~) L g``, ``L = cholesky(U)``, ``g ~ N(0, I_c)``. A posterior tight against the
+    logit gaps puts the draw near the mean, so ``R_t ~= 1 <= 1/alpha`` for every label: the set keeps them all. Both
+    terms are float64 log-probabilities, so a label far below the top can be excluded. No coverage guarantee (the
+    section's header). Jazbec et al. (UAI 2024), eq. (5). ``features[k]`` is (N, p_k) -> bool (K, N, c).
     Copy it with :class:`KFACLaplace` and :func:`nested_sets`.
     """
     if len(laplaces) != len(features) or not laplaces:
@@ -843,14 +780,6 @@ def expected_calibration_error(probs: Tensor, y: Tensor, n_bins: int = 15) -> fl
     return float((correct_sums - confidence_sums).abs().sum() / probs.shape[0])
 
 
-def top_k_accuracy(probs: Tensor, y: Tensor, k: int = 5) -> float:
-    """Fraction of inputs whose label is among the ``k`` most probable classes. Shapes: (N, c), (N,)."""
-    if probs.dim() != 2 or y.shape != probs.shape[:1] or not 1 <= k <= probs.shape[1]:
-        raise ValueError(f"top_k_accuracy: probs (N, c), y (N,) and 1 <= k <= c expected, got "
-                         f"{tuple(probs.shape)}, {tuple(y.shape)}, k={k}")
-    return float((probs.topk(k, dim=-1).indices == y[:, None]).any(-1).double().mean())
-
-
 def auroc(scores_in: Tensor, scores_out: Tensor) -> float:
     """Area under the ROC curve of telling in-distribution inputs (``scores_in``, higher = more in-distribution) from
     others (``scores_out``): ``P(s_in > s_out) + P(s_in = s_out) / 2`` over all pairs, by the Mann-Whitney rank sum
@@ -863,20 +792,6 @@ def auroc(scores_in: Tensor, scores_out: Tensor) -> float:
     n_in, n_out = scores_in.numel(), scores_out.numel()
     rank_sum = float(mid_ranks[inverse[:n_in]].sum())
     return (rank_sum - n_in * (n_in + 1) / 2.0) / (n_in * n_out)
-
-
-def classification_metrics(probs: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> dict[str, float]:
-    """The figures of one predictive as Meronen et al. (2024) report an exit: top-1 accuracy, top-5 accuracy
-    (with c >= 5 classes), NLPD and ECE, and the worst-group accuracy of the argmax.
-    Shapes: ``probs`` (N, c), ``y`` and ``groups`` (N,). Copy it with :func:`nlpd`,
-    :func:`expected_calibration_error`, :func:`worst_group_accuracy` and :func:`top_k_accuracy`."""
-    pred = probs.argmax(-1)  # (N,)
-    metrics = {"top1": float((pred == y).double().mean()), "nlpd": nlpd(probs, y),
-               "ece": expected_calibration_error(probs, y),
-               "worst_group_acc": worst_group_accuracy(pred, y, groups, n_groups)}
-    if probs.shape[1] >= 5:
-        metrics["top5"] = top_k_accuracy(probs, y, 5)
-    return metrics
 
 
 # ══════════════════════════════════════════════════════════════════════════════
@@ -1749,6 +1664,59 @@ def tuned_exit_laplace(linear: nn.Linear, train_features: Tensor, val_features: 
     laplace = KFACLaplace.fit(train_features, linear.weight.detach(), bias)
     return tune_laplace(laplace, val_features, y_val, n_samples=n_samples,
                         generator=seeded_generator(seed, val_features.device))
+
+
+def readout_predictive(weighting: str, weight: Tensor, bias: Optional[Tensor], train_logits: Tensor,
+                       train_features: Tensor, val_logits: Tensor, val_features: Tensor, y_val: Tensor,
+                       n_samples: int = 50, seed: int = 0,
+                       n_folds: int = 5) -> tuple[Tensor, Optional[KFACLaplace], Optional[Tensor]]:
+    """The readout's predictive on its N training samples, whose margin gives DEDIER's weights, per ``weighting``:
+
+        dedier      softmax(z)                                                    Tiwari et al. (2024)
+        dedier-ts   softmax(z / T), T minimising the validation NLL               Guo et al. (2017)
+        laplace     KFAC last-layer Laplace fit on the N samples, (T, sigma^2) by validation NLL
+        laplace-cv  the same, each sample predicted by a posterior fit without its fold (of ``n_folds``)
+        laplace-ml  the Laplace with sigma^2 by the evidence (MAP fixed) and T = 1: no validation labels
+
+    ``z = train_logits`` (N, c); ``train_features`` (N, p) the inputs of the readout's last layer, ``weight``
+    (c, p), ``bias`` (c,) or None; the validation pass ``val_logits`` (M, c), ``val_features`` (M, p), ``y_val``
+    (M,) tunes T and sigma^2. Tuning and prediction each draw their ``n_samples`` MC samples from a fresh
+    generator seeded with ``seed``. Returns the probabilities (N, c), the Laplace (None for the softmax
+    weightings) and :meth:`KFACLaplace.logit_std` per sample (N,) or None. Copy it with :class:`KFACLaplace`,
+    :func:`tune_temperature`, :func:`tune_laplace`, :func:`tune_laplace_marglik` and
+    :func:`cross_fitted_laplace_predict`.
+    """
+    if weighting == "dedier":
+        return torch.softmax(train_logits, -1), None, None
+    if weighting == "dedier-ts":
+        return torch.softmax(train_logits / tune_temperature(val_logits, y_val), -1), None, None
+    laplace = KFACLaplace.fit(train_features, weight, bias)
+    if weighting == "laplace-ml":
+        laplace = tune_laplace_marglik(laplace)
+    else:
+        laplace = tune_laplace(laplace, val_features, y_val, n_samples=n_samples,
+                               generator=torch.Generator(device=val_features.device).manual_seed(seed))
+    generator = torch.Generator(device=train_features.device).manual_seed(seed)
+    if weighting == "laplace-cv":
+        probs, logit_std = cross_fitted_laplace_predict(laplace, train_features, n_folds, n_samples, generator)
+    else:
+        probs = laplace.predict(train_features, n_samples, generator=generator)  # (N, c)
+        logit_std = laplace.logit_std(train_features)  # (N,)
+    return probs, laplace, logit_std
+
+
+def classification_metrics(probs: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> dict[str, float]:
+    """The figures of one predictive as Meronen et al. (2024) report an exit: top-1 accuracy, top-5 accuracy
+    (with c >= 5 classes), NLPD and ECE, and the worst-group accuracy of the argmax.
+    Shapes: ``probs`` (N, c), ``y`` and ``groups`` (N,). Copy it with :func:`nlpd`,
+    :func:`expected_calibration_error` and :func:`worst_group_accuracy`."""
+    pred = probs.argmax(-1)  # (N,)
+    metrics = {"top1": float((pred == y).double().mean()), "nlpd": nlpd(probs, y),
+               "ece": expected_calibration_error(probs, y),
+               "worst_group_acc": worst_group_accuracy(pred, y, groups, n_groups)}
+    if probs.shape[1] >= 5:  # the label among the 5 most probable classes
+        metrics["top5"] = float((probs.topk(5, dim=-1).indices == y[:, None]).any(-1).double().mean())
+    return metrics
 
 
 def group_means(values: Tensor, groups: Tensor, n_groups: int) -> list[Optional[float]]:
