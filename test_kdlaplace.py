@@ -1213,12 +1213,12 @@ def test_train_smoke_writes_every_output(tiny_runs, weighting):
     for record in records:
         assert {"phase", "epoch", "seconds", "train_loss", "val_avg_acc", "val_worst_group_acc"} <= record.keys()
     diagnostics = {"readout_temperature", "readout_prior_variance", "posterior_logit_std", "upweighted_share",
-                   "mean_weight", "weight_corr_temperature"}  # field names are a contract
+                   "weight_corr_temperature"}  # field names are a contract
     for record in records[-2:]:
         assert diagnostics <= record.keys() if weighting != "none" else not diagnostics & record.keys()
     if weighting != "none":
         record = records[-1]
-        assert len(record["upweighted_share"]) == len(record["mean_weight"]) == 4
+        assert len(record["upweighted_share"]) == 4
         assert (record["readout_temperature"] is None) == (weighting == "dedier")
         assert (record["posterior_logit_std"] is not None) == (weighting == "laplace")
         assert "| T " in result.stdout  # the readout diagnostics on the printed epoch line
@@ -1466,7 +1466,7 @@ def test_resume_with_more_epochs_continues_the_run(tmp_path):
     train.main(args[:args.index("--epochs")] + ["--epochs", "3"] + args[args.index("--epochs") + 2:] + ["--resume"])
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["epoch"]) for r in records] == [("teacher", 1), ("student", 1), ("student", 2), ("student", 3)]
-    assert "upweighted_share" in records[-1] and "mean_weight" not in records[-1]  # no --diagnostics: not logged
+    assert "upweighted_share" in records[-1] and "weight_corr_temperature" not in records[-1]  # no --diagnostics
     assert K.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
 
 

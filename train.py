@@ -3,11 +3,10 @@
     python train.py                                             # synth benchmark, CPU, a few minutes
     python train.py --dataset waterbirds --data-root DIR --weighting laplace
 
-Weightings: ``none`` (plain KD) or DEDIER's weights (Tiwari et al. 2024) from the readout's softmax (``dedier``), its
-softmax at a temperature tuned on val (``dedier-ts``) or its KFAC Laplace predictive (``laplace``, the default: the
-best validation worst-group accuracy over the ten seeds of the README's table; ``laplace-cv`` cross-fitted;
-``laplace-ml`` by the evidence): kdlaplace.readout_predictive. Writes teacher.pt, student.pt, last.pt, log.jsonl and
-metrics.json to --out; ``--resume`` continues an interrupted run.
+Weightings (kdlaplace.readout_predictive): ``none`` (plain KD) or DEDIER's weights (Tiwari et al. 2024) from the
+readout's softmax (``dedier``), at a temperature tuned on val (``dedier-ts``), or its KFAC Laplace predictive
+(``laplace``, the default; ``laplace-cv`` cross-fitted; ``laplace-ml`` by the evidence). Writes teacher.pt,
+student.pt, last.pt, log.jsonl and metrics.json to --out; ``--resume`` continues an interrupted run.
 """
 from __future__ import annotations
 
@@ -139,8 +138,7 @@ def new_model(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset, devic
 
 
 def save(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, path: Path, **state) -> None:
-    """Write what eval.py needs to rebuild the model (weights, model and run config), plus ``state`` (the
-    optimiser, generator and per-sample weights that --resume needs, in last.pt), atomically."""
+    """Atomically write the weights, model and run config (what eval.py needs) and ``state`` (--resume's, in last.pt)."""
     K.atomic_save({"model": model.state_dict(), "model_config": model.config, "config": vars(cfg), **state}, path)
 
 
@@ -148,11 +146,9 @@ def save(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, path: Path, 
 
 def readout_pass(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                  device: torch.device, split: str, float32_heads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The readout exit's logits (N, c) and head features (N, p) float32 on one split (eval mode). Under bf16
-    autocast the head's convolutions run in float32, or in bf16 with ``float32_heads=False``."""
-    logits, (features,) = K.predict_split(student, splits[split], data.mean, data.std, device,
-                                          exits=[cfg.readout_exit], amp=K.run_uses_bf16(vars(cfg), device),
-                                          float32_heads=float32_heads)
+    """The readout exit's logits (N, c) and head features (N, p), float32, on one split (eval mode)."""
+    logits, (features,) = K.predict_split(student, splits[split], data.mean, data.std, device, exits=[cfg.readout_exit],
+                                          amp=K.run_uses_bf16(vars(cfg), device), float32_heads=float32_heads)
     return logits[0], features
 
 
@@ -165,7 +161,7 @@ def readout_calibration(cfg: argparse.Namespace, student: K.EarlyExitNet, splits
     laplace = K.tuned_exit_laplace(student.heads[cfg.readout_exit].linear, train_features, val_features,
                                    splits["val"].labels, N_SAMPLES, cfg.seed)
     temperature, test = K.tune_temperature(val_logits, splits["val"].labels), splits["test"]
-    result = {"exit": cfg.readout_exit, "temperature_value": temperature}
+    result = {"exit": cfg.readout_exit}
     for name, probs in (("map", torch.softmax(logits, -1)), ("temperature", torch.softmax(logits / temperature, -1)),
                         ("laplace", laplace.predict(features, N_SAMPLES, generator=K.seeded_generator(cfg.seed, device)))):
         result[name] = K.classification_metrics(probs, test.labels, test.groups, data.n_groups)
@@ -177,10 +173,8 @@ def readout_calibration(cfg: argparse.Namespace, student: K.EarlyExitNet, splits
 def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                           device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
     """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student, the
-    next epoch's sample weights (N,) with what the log shows of them (else None and {}): DEDIER's
-    ``exp(beta * margin ** alpha)`` on the samples the readout gets wrong, the margin of kdlaplace.readout_predictive
-    tuned on the same validation pass, from a pass of the readout over the training set (its head in bf16 under
-    autocast). With --diagnostics also the studies' figures (see below)."""
+    next epoch's sample weights (N,) and what the log shows of them (else None and {}): DEDIER's weights of the
+    readout's predictive (kdlaplace.readout_predictive) on the training set, tuned on the same validation pass."""
     last_exit = len(model.heads) - 1
     reweight = role == "student" and cfg.weighting != "none"
     val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device,
@@ -207,9 +201,8 @@ def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExit
     if cfg.diagnostics:  # do the weights differ from a tuned temperature's, and does phi~^T V phi~ differ by group?
         temperature_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels, cfg.alpha,
                                                cfg.beta)  # (N,)
-        info.update(upweighted_share_all=float((weights > 1).double().mean()), mean_weight=group_means(weights),
-                    weight_corr_temperature=K.pearson_correlation(weights, temperature_weights),
-                    posterior_logit_std=None)
+        info.update(upweighted_share_all=float((weights > 1).double().mean()), posterior_logit_std=None,
+                    weight_corr_temperature=K.pearson_correlation(weights, temperature_weights))
         if laplace is not None:  # one variance for every input would act as one more global temperature
             variance = logit_std.double() ** 2  # (N,) proportional to phi~^T V phi~: a CV does not see the scale
             group_variance = torch.tensor([v for v in group_means(variance) if v is not None],
@@ -240,8 +233,8 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
         generator.set_state(state["generator"])
         progress = {key: state[key] for key in progress}
     progress = {key: value.to(device) if torch.is_tensor(value) else value for key, value in progress.items()}
-    # one cycle (Smith 2018): over 15% of the steps the rate rises from lr/25 to lr and the momentum falls from 0.95
-    # to 0.85, then both return on cosines, the rate to lr/25e4; a resumed run continues at its step on this cycle
+    # one cycle (Smith 2018): the rate rises from lr/25 to lr over 15% of the steps (momentum 0.95 -> 0.85), then
+    # falls on a cosine to lr/25e4; a resumed run continues at its step
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch,
                                                    pct_start=0.15, div_factor=25, final_div_factor=1e4,
                                                    last_epoch=progress["epoch"] * steps_per_epoch - 1)
@@ -359,8 +352,8 @@ def run(cfg: argparse.Namespace) -> dict:
     student = train_phase(cfg, "student", student, data, splits, device, cfg.epochs, out, log, state, targets)
 
     # 3. Summary on the test split: the last exits' accuracies, the readout's calibration
-    def test_accuracy(model: K.EarlyExitNet) -> dict:
-        logits, _ = K.predict_split(model, splits["test"], data.mean, data.std, device, exits=[len(model.heads) - 1], amp=amp)
+    def test_accuracy(model: K.EarlyExitNet) -> dict:  # of the last exit
+        logits = K.predict_split(model, splits["test"], data.mean, data.std, device, exits=[-1], amp=amp)[0]  # (1, N, c)
         return data.accuracy(logits[0].argmax(-1), splits["test"])
 
     metrics = {"dataset": data.name, "weighting": cfg.weighting, "alpha": cfg.alpha, "beta": cfg.beta, "seed": cfg.seed,
