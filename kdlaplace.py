@@ -913,34 +913,24 @@ class EarlyExitNet(nn.Module):
         return set(range(n_exits)) if exits is None else {k % n_exits for k in exits}
 
     def _count_flops(self) -> tuple[list[int], list[int]]:
+        """Multiply-adds of one input per stage and per head, from forward hooks on every conv and linear layer."""
         macs: dict[nn.Module, int] = {}
 
-        def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if isinstance(module, nn.Conv2d):
-                kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-                macs[module] = output.numel() * kernel
-            else:
-                macs[module] = module.in_features * module.out_features
+        def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:  # one per output value and weight in it
+            macs[module] = output.numel() * module.weight[0].numel()
 
         hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        was_training = self.training
-        try:
-            self.eval()
-            with torch.no_grad():
-                probe = torch.zeros(1, 3, self.input_size, self.input_size,
-                                    device=next(self.parameters()).device)
-                self.forward(probe)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            self.train(was_training)
+        with torch.no_grad():  # a fresh network: eval mode so the probe leaves BatchNorm's statistics alone
+            self.eval()(torch.zeros(1, 3, self.input_size, self.input_size, device=next(self.parameters()).device))
+        self.train()
+        for hook in hooks:
+            hook.remove()
 
         def total(modules: Sequence[nn.Module]) -> int:
             return sum(macs.get(sub, 0) for module in modules for sub in module.modules())
 
         return ([int(total(modules)) for modules in self.backbone.stage_modules()],
                 [int(total([head])) for head in self.heads])
-
 
 # ══════════════════════════════════════════════════════════════════════════════
 #  7. Data
@@ -964,30 +954,6 @@ class Split:
         return self.labels.shape[0]
 
 
-def adjusted_average_accuracy(group_accuracy: Tensor, train_group_counts: Tensor) -> float:
-    """Waterbirds' adjusted average: per-group test accuracies weighted by the training group shares,
-    ``sum_g n_g acc_g / sum_g n_g`` (an empty test group counts 0). The convention behind the 97-98% averages of
-    the literature (train counts 3498, 184, 56, 1057), where the plain mean weighs the balanced test groups
-    equally. Sagawa et al. (ICLR 2020), appendix; Idrissi et al. (2022). Shapes: (G,), (G,)."""
-    counts = train_group_counts.double().to(group_accuracy.device)  # (G,)
-    return float((torch.nan_to_num(group_accuracy.double()) * counts).sum() / counts.sum())
-
-
-def accuracy_report(pred: Tensor, y: Tensor, groups: Tensor, n_groups: int,
-                    train_group_counts: Optional[Tensor] = None) -> dict:
-    """Average, worst-group and per-group accuracy (None for an empty group) of predictions ``pred`` (N,), and
-    Waterbirds' adjusted average when ``train_group_counts`` (G,) is given. Sagawa et al. (ICLR 2020).
-    Shapes: ``pred``, ``y``, ``groups`` (N,). Copy it with :func:`group_accuracies`,
-    :func:`worst_group_accuracy` and :func:`adjusted_average_accuracy`."""
-    accuracies = group_accuracies(pred, y, groups, n_groups)  # (G,)
-    report = {"avg_acc": float((pred == y).double().mean()),
-              "worst_group_acc": worst_group_accuracy(pred, y, groups, n_groups),
-              "group_acc": [None if math.isnan(a) else a for a in accuracies.tolist()]}
-    if train_group_counts is not None:
-        report["adjusted_avg_acc"] = adjusted_average_accuracy(accuracies, train_group_counts)
-    return report
-
-
 @dataclass
 class SpuriousDataset:
     """Train / val / test splits with what a model and a report need to know about them."""
@@ -1009,11 +975,18 @@ class SpuriousDataset:
         return self.train.images.shape[-1]
 
     def accuracy(self, pred: Tensor, split: Split) -> dict:
-        """:func:`accuracy_report` of predictions ``pred`` (N,) on ``split``; on Waterbirds also the literature's
-        adjusted average (per-group accuracy weighted by the training group shares, as WILDS reports it)."""
-        counts = torch.bincount(self.train.groups, minlength=self.n_groups) if self.name == "waterbirds" else None
-        return accuracy_report(pred, split.labels, split.groups, self.n_groups, counts)
-
+        """Average, worst-group and per-group accuracy (None for an empty group) of predictions ``pred`` (N,) on
+        ``split`` (Sagawa et al., ICLR 2020); on Waterbirds also the adjusted average, the per-group accuracies
+        weighted by the training group counts, ``sum_g n_g acc_g / sum_g n_g`` (an empty group counts 0): the
+        convention of WILDS and of the literature's 97-98% averages, where the balanced test set weighs groups alike."""
+        accuracies = group_accuracies(pred, split.labels, split.groups, self.n_groups)  # (G,)
+        report = {"avg_acc": float((pred == split.labels).double().mean()),
+                  "worst_group_acc": worst_group_accuracy(pred, split.labels, split.groups, self.n_groups),
+                  "group_acc": [None if math.isnan(a) else a for a in accuracies.tolist()]}
+        if self.name == "waterbirds":
+            counts = torch.bincount(self.train.groups, minlength=self.n_groups).double().to(accuracies.device)  # (G,)
+            report["adjusted_avg_acc"] = float((torch.nan_to_num(accuracies) * counts).sum() / counts.sum())
+        return report
 
 def _smooth_noise(n: int, size: int, cells: int, generator: torch.Generator) -> Tensor:
     """Low-frequency noise (n, 1, size, size) in [-1, 1]: a random ``cells x cells`` grid, bilinearly upsampled."""
@@ -1160,13 +1133,6 @@ def make_synth_far_inputs(n: int, image_size: int = 32, n_classes: int = 2, seed
     return inputs
 
 
-def default_cache_dir() -> Path:
-    """``$KDLAPLACE_CACHE``, else ``$XDG_CACHE_HOME/kdlaplace``, else ``~/.cache/kdlaplace``: never the data folder."""
-    if os.environ.get("KDLAPLACE_CACHE"):
-        return Path(os.environ["KDLAPLACE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdlaplace"
-
-
 def _decode_image(path: Path, image_size: int, layout: str) -> np.ndarray:
     """Decode one JPEG with Pillow into uint8 (3, S, S) using the dataset's eval transform.
 
@@ -1199,7 +1165,10 @@ def _cached_images(name: str, paths: list[Path], image_size: int, layout: str,
     interrupted build leaves no folder that could pass for a complete one. The key hashes the image paths
     and the size, so another root or size gets its own cache."""
     key = hashlib.sha1(json.dumps([name, image_size, layout, [str(p) for p in paths]]).encode()).hexdigest()[:16]
-    folder = Path(cache_dir or default_cache_dir()) / f"{name}-{image_size}px-{key}"
+    # default: $KDLAPLACE_CACHE, else $XDG_CACHE_HOME/kdlaplace, else ~/.cache/kdlaplace: never the data folder
+    cache_dir = cache_dir or os.environ.get("KDLAPLACE_CACHE") or \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdlaplace"
+    folder = Path(cache_dir) / f"{name}-{image_size}px-{key}"
     shape = (len(paths), 3, image_size, image_size)
     if not (folder / "images.u8").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
