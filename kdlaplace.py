@@ -853,12 +853,9 @@ class EarlyExitNet(nn.Module):
     """A backbone cut into stages with one exit head after each; the last exit is the backbone's classifier.
 
     ``forward(x)`` -> K logits (N, c), first exit first; ``forward_features(x)`` -> K features (N, p_k), the
-    inputs of each head's ``linear`` (one pass computes all). ``detach_exits=True`` (DEDIER's readouts, the
-    default) feeds the early heads detached stage outputs, so they never push gradients into the backbone;
-    ``False`` trains the exits jointly (Meronen et al. 2024's early-exit loss averages over exits).
-    ``exit_flops[k]`` = multiply-adds of one input up to and including exit k (earlier heads included), from
-    ``stage_flops[k]`` and ``head_flops[k]``, counted from the modules by forward hooks at construction;
-    ``pass_flops(exits)``: those of one pass that reads the logits of ``exits``."""
+    inputs of each head's ``linear``. ``detach_exits=True`` (DEDIER's readouts, the default) feeds the early heads
+    detached stage outputs, so they never push gradients into the backbone; ``False`` trains the exits jointly.
+    ``exit_flops[k]``: multiply-adds of one input up to and including exit k (earlier heads included)."""
 
     def __init__(self, backbone: nn.Module, early_heads: Sequence[ExitHead], input_size: int,
                  detach_exits: bool = True) -> None:
@@ -875,11 +872,9 @@ class EarlyExitNet(nn.Module):
 
     def forward_features(self, x: Tensor, exits: Optional[Sequence[int]] = None,
                          float32_heads: bool = False) -> list[Tensor]:
-        """Features (N, p_k) of every exit, or of ``exits`` only: stages past the last one asked for are skipped
-        (a readout pass costs one stage and one head). ``float32_heads=True`` runs the heads in float32 on
-        float32 stage outputs even under bf16 autocast (the backbone stays bf16), so that the calibration
-        figures, the exits' Laplace fits and the sets do not read bf16's 3 significant digits (train.py's per-epoch
-        readout passes for the weights use bf16 heads)."""
+        """Features (N, p_k) of every exit, or of ``exits`` only (stages past the last one asked for are skipped).
+        ``float32_heads=True`` runs the heads in float32 even under bf16 autocast (the backbone stays bf16), so that
+        calibration figures, Laplace fits and sets do not read bf16's 3 significant digits."""
         last = len(self.heads) - 1
         wanted = self._exit_set(exits)
         features, h = {}, x
@@ -899,11 +894,8 @@ class EarlyExitNet(nn.Module):
         return [head.linear(f) for head, f in zip(self.heads, self.forward_features(x))]  # K x (N, c)
 
     def pass_flops(self, exits: Optional[Sequence[int]] = None) -> int:
-        """Multiply-adds of one input through ``forward_features(x, exits)`` and those exits' linear layers (an
-        eval pass that reads their logits; default every exit, as ``forward``): the stages up to the last exit asked
-        for, plus the heads asked for. A readout pass over the training set costs ``N * pass_flops([readout])``; a
-        training step about three forward passes (the backward computes the gradients of the inputs and of the
-        weights, two multiply-adds per forward one)."""
+        """Multiply-adds of one input through the stages up to the last of ``exits`` and the heads of ``exits`` (a pass
+        that reads their logits; default every exit). A training step costs about three forward passes."""
         wanted = self._exit_set(exits)
         return sum(self.stage_flops[:max(wanted) + 1]) + sum(self.head_flops[k] for k in wanted)
 
@@ -1458,9 +1450,8 @@ def prepare_batch(images: Tensor, mean: Sequence[float], std: Sequence[float], a
                   flips: Optional[Tensor] = None) -> Tensor:
     """uint8 images on the device -> normalised float (B, 3, H, W), augmented when ``augment != "none"``.
 
-    ``augment``: ``"flip"`` (horizontal flip), ``"crop"`` (random resized crop + flip), ``"pad"`` (pad-crop +
-    flip). Random numbers come from the CPU ``generator`` (cheap, and one state to save for ``--resume``).
-    ``flips`` (B,) bool: the ``"flip"`` draws of :func:`random_flips`, when the caller needs to know them."""
+    ``augment``: ``"flip"``, ``"crop"`` (random resized crop + flip), ``"pad"`` (pad-crop + flip); random numbers
+    from the CPU ``generator`` (one state for ``--resume``), or the ``"flip"`` draws ``flips`` (B,) bool."""
     x = images.float().div_(255)  # faster to move uint8 and convert on the device
     if augment == "flip":
         flip = (random_flips(x.shape[0], generator) if flips is None else flips).to(x.device)
@@ -1568,13 +1559,10 @@ def predict_split(model: EarlyExitNet, split: Split, mean: Sequence[float], std:
                   device: torch.device, batch_size: int = 256, exits: Optional[Sequence[int]] = None,
                   amp: bool = False, float32_heads: bool = True, flip: bool = False,
                   input_scale: float = 1.0) -> tuple[Tensor, list[Tensor]]:
-    """One eval-mode pass over ``split``: logits (K', N, c) float32 and features [(N, p_k)] float32 of the
-    exits in ``exits`` (default all), on ``device``, of the images as they are or, ``flip=True``, mirrored;
-    ``input_scale`` multiplies the normalised images (``delta x``: Kristiadi et al.'s far-away inputs).
-    BatchNorm uses running statistics (``model.eval()``).
-    With ``amp`` the backbone runs under bf16 autocast in channels_last and every head in float32 (see
-    ``forward_features``), or, with ``float32_heads=False``, the heads' convolutions in bf16 too (pooled features
-    are returned in float32; the linear layers always run in float32)."""
+    """One eval-mode pass over ``split``: logits (K', N, c) and features [(N, p_k)], float32, of the exits in
+    ``exits`` (default all), of the images as they are or mirrored (``flip``); ``input_scale`` multiplies the
+    normalised images (``delta x``: Kristiadi et al.'s far-away inputs). With ``amp`` the backbone runs under bf16
+    autocast in channels_last, the heads in float32 unless ``float32_heads=False``, the linear layers in float32."""
     was_training = model.training
     model.eval()
     exits = list(range(len(model.heads))) if exits is None else list(exits)
@@ -1598,10 +1586,9 @@ LOOKUP_AUGMENTS = ("none", "flip")  # augmentations with few enough views for te
 
 def teacher_targets(teacher: EarlyExitNet, train: Split, mean: Sequence[float], std: Sequence[float], augment: str,
                     device: torch.device, amp: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
-    """A function (batch x, sample indices, flips or None) -> KD target logits (B, c): the teacher's last-exit
-    logits (its head and linear in float32). Without augmentation or with flips only (``augment`` "none" or
-    "flip"), the targets of every view of every training image are computed once and looked up: the teacher's
-    forward pass costs more than the student's whole step. Random crops make every batch new: computed per batch."""
+    """A function (batch x, sample indices, flips or None) -> KD target logits (B, c), the teacher's last exit's (head
+    and linear in float32). With ``augment`` "none" or "flip" every view's targets are computed once and looked up (a
+    teacher's pass costs more than a student's step); random crops make every batch new: computed per batch."""
     last = len(teacher.heads) - 1
     teacher.eval()
     if augment not in LOOKUP_AUGMENTS:
@@ -1836,10 +1823,7 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type, layers: Sequence[int], n_classes: int, cifar_stem: bool = False) -> None:
         super().__init__()
-        if cifar_stem:
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        else:
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) if cifar_stem else nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
@@ -1901,11 +1885,10 @@ def build_model(arch: str, n_classes: int, pretrained: Union[bool, str, Path] = 
                 input_size: Optional[int] = None, detach_exits: bool = True) -> EarlyExitNet:
     """An :class:`EarlyExitNet` for ``arch`` in ``("cnn", "resnet18", "resnet50", "resnet18-cifar")``.
 
-    ``"cnn"``: :class:`SmallCNN` of ``width`` (exits after its 3 stages); ResNets: exits after layer1..4,
-    early heads are DEDIER readouts of width min(2 C, 128) (C for ``cnn``). ``pretrained``: ``True`` loads torchvision's
-    ImageNet weights through ``torch.hub``; a path loads a local torchvision-format state dict.
-    ``input_size`` (for the FLOP count) defaults to 32 for ``cnn``/``resnet18-cifar`` and 224 otherwise.
-    ``model.config`` keeps the arguments but the weights: a checkpoint's ``model_config`` (:func:`model_from_checkpoint`)."""
+    Exits after every stage (the CNN's 3, a ResNet's layer1..4); early heads are DEDIER readouts of width
+    min(2 C, 128) (C for ``cnn``). ``pretrained``: ``True`` loads torchvision's ImageNet weights through ``torch.hub``,
+    a path a local torchvision-format state dict. ``input_size`` (for the FLOP count): 32 for ``cnn`` and
+    ``resnet18-cifar``, else 224. ``model.config`` keeps the other arguments (a checkpoint's ``model_config``)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     if not (isinstance(n_classes, int) and n_classes >= 2):
