@@ -11,7 +11,8 @@ One module, read top to bottom like a lecture: the mathematics first, then the m
   6. Networks      early-exit networks: exit heads, a small CNN, the DEDIER readout.
   7. Data          a synthetic spurious-correlation benchmark; Waterbirds, CelebA and CIFAR-100 read in
                    their distributed formats, decoded once into a uint8 cache, augmented on the device.
-  8. Running       device choice, batched inference over a split, seeding, atomic checkpoints.
+  8. Running       device choice, batched inference over a split, each weighting's readout predictive, seeding,
+                   atomic checkpoints.
   9. ResNets       torchvision-compatible ResNet-18/50 (ImageNet weights through torch.hub) and build_model.
 
 Every public function and class of sections 1-5 is a copyable unit: it runs when pasted, together with the
