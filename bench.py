@@ -98,8 +98,8 @@ def method_rows(quick: bool, device: torch.device) -> list[dict]:
 
 def bare_epoch(model: K.EarlyExitNet, data: K.SpuriousDataset, split: K.Split, device: torch.device, amp: bool,
                batch_size: int, targets: Optional[Callable] = None) -> None:
-    """The lower bound of a training epoch: batches, forward, CE on every exit (+ KD), backward, SGD; nothing else
-    (a fresh optimizer and shuffling generator, as every call of train.train_phase makes them)."""
+    """The lower bound of a training epoch (a fresh optimizer and generator, as in each train.train_phase call):
+    batches, forward, CE on every exit (+ KD), backward, SGD; nothing else."""
     optimizer, generator = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), torch.Generator().manual_seed(0)
     model.train()
     for index in torch.randperm(len(split), generator=generator).split(batch_size):
@@ -169,11 +169,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats, no main_job")
     parser.add_argument("--markdown", help="also write the rows to this file under a results header (results/)")
-    parser.add_argument("--device", default="cpu", choices=["cpu"] + ["cuda"] * torch.cuda.is_available(), help="cpu/cuda")
+    parser.add_argument("--device", default="cpu", choices=["cpu"] + ["cuda"] * torch.cuda.is_available(),
+                        help="cpu, or cuda where CUDA is available")
     parser.add_argument("--resnet", action="store_true", help="the Waterbirds-shaped ResNet rows on the CPU too")
     args = parser.parse_args()
-    started = time.perf_counter()
-    K.use_allowed_cores()
+    started, _ = time.perf_counter(), K.use_allowed_cores()
     device = torch.device(args.device)
     rows = method_rows(args.quick, device)
     rows += epoch_cases(device, ["--synth-n-train", "1200" if args.quick else "4800"], None, 1 if args.quick else 5)

@@ -163,8 +163,8 @@ class KFACLaplace:
     ``tau`` is the prior precision (``1 / sigma^2``). Damping each factor (as laplace-torch's
     ``KronDecomposed(..., dampen=True)``; its default adds ``tau`` to the eigenvalues of ``N G (x) A``) keeps the
     posterior Kronecker, so the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. ``temperature``
-    divides the logits before the softmax (Meronen's logit temperature). ``A``, ``G`` are float64; predictions run
-    in the features' dtype. ``weight`` is ``W~`` (c, p+1), or (c, p) without a bias.
+    divides the logits before the softmax (Meronen's logit temperature). ``A``, ``G``: float64 (formed in the features'
+    dtype); ``eigen``: their eigendecompositions; ``n``: N; ``weight``: ``W~`` (c, p+1), or (c, p) without a bias.
     """
 
     # the decade grids where tune_temperature and tune_laplace start their searches; their ends bound every choice
@@ -234,7 +234,7 @@ class KFACLaplace:
         ``link="mc"``: ``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)``, ``L = cholesky(U)``, ``g_s ~ N(0, I_c)``
         shared by every input (Meronen's ``2 c S + 2 p^2`` flops per input); ``log`` takes a ``logsumexp`` over ``s``,
         which never underflows. ``link="probit"``: ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))``
-        (MacKay 1992; Meronen et al. 2024). Below float32's range (~1e-38) a probability is 0 unless ``log``."""
+        (MacKay 1992; Meronen et al. 2024). In float32 a probability below ~1e-45 is 0 (``log`` or float64: not)."""
         if link not in ("mc", "probit"):
             raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
         mean, scale = self.logit_distribution(features)  # (N, c), (N,)
@@ -539,9 +539,9 @@ def early_exit(probs: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
 # ══════════════════════════════════════════════════════════════════════════════
 # Jazbec et al. (UAI 2024): C_t = {y : R_t(y) <= 1/alpha}, R_t(y) = prod_{l<=t} p_l(y) / p(y | W_l), p_l exit l's
 # predictive, W_l one posterior draw. Ville's inequality would cover y at every exit at once if R_t(y) were a
-# martingale; it is not, even for a correct model: with the draw independent of the label (the authors' code and
-# ours) E[p_l(y) / pi_l(y)] = p_l(y) E[1 / pi_l(y)] >= p_l(y) / E[pi_l(y)] = 1 (Jensen). The construction guarantees
-# nestedness (running intersection); coverage is tuned on val and measured on test. Split conformal is guaranteed.
+# martingale; it is not, even for a correct model: with the draw independent of the label (the authors' code and ours)
+# E[p_l(y) / pi_l(y)] = p_l(y) E[1 / pi_l(y)] >= p_l(y) / E[pi_l(y)] = 1 (Jensen). AVCS guarantees nestedness; its
+# coverage is tuned on val. Split conformal covers >= 1 - alpha per exit when calibration and test are exchangeable.
 
 
 def log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -909,12 +909,14 @@ class EarlyExitNet(nn.Module):
         """Multiply-adds of one input per stage and per head, from forward hooks on every conv and linear layer."""
         macs: dict[nn.Module, int] = {}
 
-        def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:  # one per output value and weight in it
+        def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            # output values x weights per output value (in/groups kh kw for a conv, in_features for a linear)
             macs[module] = output.numel() * module.weight[0].numel()
 
         hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        with torch.no_grad():  # a fresh network: eval mode so the probe leaves BatchNorm's statistics alone
-            self.eval()(torch.zeros(1, 3, self.input_size, self.input_size, device=next(self.parameters()).device))
+        self.eval()  # called from __init__ on a fresh network: the probe must leave BatchNorm's statistics alone
+        with torch.no_grad():
+            self(torch.zeros(1, 3, self.input_size, self.input_size, device=next(self.parameters()).device))
         self.train()
         for hook in hooks:
             hook.remove()
@@ -930,6 +932,7 @@ class EarlyExitNet(nn.Module):
 # ══════════════════════════════════════════════════════════════════════════════
 # Every dataset becomes three splits of uint8 images (N, 3, H, W) with labels and group ids. Images stay uint8
 # until they reach the device: 4x less memory and bandwidth than float, and augmentation runs there in batch.
+
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -980,6 +983,7 @@ class SpuriousDataset:
             counts = torch.bincount(self.train.groups, minlength=self.n_groups).double().to(accuracies.device)  # (G,)
             report["adjusted_avg_acc"] = float((torch.nan_to_num(accuracies) * counts).sum() / counts.sum())
         return report
+
 
 def _smooth_noise(n: int, size: int, cells: int, generator: torch.Generator) -> Tensor:
     """Low-frequency noise (n, 1, size, size) in [-1, 1]: a random ``cells x cells`` grid, bilinearly upsampled."""
@@ -1465,7 +1469,7 @@ def prepare_batch(images: Tensor, mean: Sequence[float], std: Sequence[float], a
 
 
 # ══════════════════════════════════════════════════════════════════════════════
-#  8. Running: device, batched inference, checkpoints
+#  8. Running: device, batched inference, the readout's predictive, checkpoints
 # ══════════════════════════════════════════════════════════════════════════════
 
 
@@ -1627,14 +1631,14 @@ def readout_predictive(weighting: str, weight: Tensor, bias: Optional[Tensor], t
         dedier      softmax(z)                                                    Tiwari et al. (2024)
         dedier-ts   softmax(z / T), T minimising the validation NLL               Guo et al. (2017)
         laplace     KFAC last-layer Laplace fit on the N samples, (T, sigma^2) by validation NLL
-        laplace-cv  the same, each sample predicted with A, G refit without its fold (of ``n_folds``; same MAP)
+        laplace-cv  the same with A, G, N refit without each sample's fold (of ``n_folds``); W~, T, sigma^2 kept
         laplace-ml  the Laplace with sigma^2 by the evidence (MAP fixed) and T = 1: no validation labels
 
     ``z = train_logits`` (N, c); ``train_features`` (N, p) the inputs of the readout's last layer, ``weight``
     (c, p), ``bias`` (c,) or None; the validation pass ``val_logits`` (M, c), ``val_features`` (M, p), ``y_val``
-    (M,) tunes T and sigma^2. Tuning and prediction each draw their ``n_samples`` MC samples from a fresh
-    generator seeded with ``seed``. Returns the probabilities (N, c), the Laplace (None for the softmax
-    weightings) and :meth:`KFACLaplace.logit_std` per sample (N,) or None.
+    (M,) tunes T and sigma^2. Tuning and prediction each draw their ``n_samples`` MC samples from
+    ``seeded_generator(seed)``. Returns the probabilities (N, c), the Laplace (None for the softmax weightings) and
+    :meth:`KFACLaplace.logit_std` per sample (N,) or None.
     """
     if weighting == "dedier":
         return torch.softmax(train_logits, -1), None, None
@@ -1645,8 +1649,8 @@ def readout_predictive(weighting: str, weight: Tensor, bias: Optional[Tensor], t
         laplace = tune_laplace_marglik(laplace)
     else:
         laplace = tune_laplace(laplace, val_features, y_val, n_samples=n_samples,
-                               generator=torch.Generator(device=val_features.device).manual_seed(seed))
-    generator = torch.Generator(device=train_features.device).manual_seed(seed)
+                               generator=seeded_generator(seed, val_features.device))
+    generator = seeded_generator(seed, train_features.device)
     if weighting == "laplace-cv":
         probs, logit_std = cross_fitted_laplace_predict(laplace, train_features, n_folds, n_samples, generator)
     else:
@@ -1658,8 +1662,7 @@ def readout_predictive(weighting: str, weight: Tensor, bias: Optional[Tensor], t
 def classification_metrics(probs: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> dict[str, float]:
     """The figures of one predictive as Meronen et al. (2024) report an exit: top-1 accuracy, top-5 accuracy
     (with c >= 5 classes), NLPD and ECE, and the worst-group accuracy of the argmax.
-    Shapes: ``probs`` (N, c), ``y`` and ``groups`` (N,). Copy it with :func:`nlpd`,
-    :func:`expected_calibration_error` and :func:`worst_group_accuracy`."""
+    Shapes: ``probs`` (N, c), ``y`` and ``groups`` (N,)."""
     pred = probs.argmax(-1)  # (N,)
     metrics = {"top1": float((pred == y).double().mean()), "nlpd": nlpd(probs, y),
                "ece": expected_calibration_error(probs, y),
@@ -1882,7 +1885,8 @@ def build_model(arch: str, n_classes: int, pretrained: Union[bool, str, Path] = 
     Exits after every stage (the CNN's 3, a ResNet's layer1..4); early heads are DEDIER readouts of width
     min(2 C, 128) (C for ``cnn``). ``pretrained``: ``True`` loads torchvision's ImageNet weights through ``torch.hub``,
     a path a local torchvision-format state dict. ``input_size`` (for the FLOP count): 32 for ``cnn`` and
-    ``resnet18-cifar``, else 224. ``model.config`` keeps the other arguments (a checkpoint's ``model_config``)."""
+    ``resnet18-cifar``, else 224. ``model.config``, a checkpoint's ``model_config``, keeps every argument but
+    ``pretrained``."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     if not (isinstance(n_classes, int) and n_classes >= 2):

@@ -3,7 +3,7 @@
     python train.py                                             # synth benchmark, CPU, a few minutes
     python train.py --dataset waterbirds --data-root DIR --weighting laplace
 
-Weightings (kdlaplace.readout_predictive): ``none`` (plain KD) or DEDIER's weights (Tiwari et al. 2024) from the
+Weightings: ``none`` (plain KD) or DEDIER's weights (Tiwari et al. 2024) from kdlaplace.readout_predictive: the
 readout's softmax (``dedier``), at a temperature tuned on val (``dedier-ts``), or its KFAC Laplace predictive
 (``laplace``, the default; ``laplace-cv`` cross-fitted; ``laplace-ml`` by the evidence). Writes teacher.pt,
 student.pt, last.pt, log.jsonl and metrics.json to --out; ``--resume`` continues an interrupted run.
@@ -174,7 +174,8 @@ def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExit
                           device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
     """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student, the
     next epoch's sample weights (N,) and what the log shows of them (else None and {}): DEDIER's weights of the
-    readout's predictive (kdlaplace.readout_predictive) on the training set, tuned on the same validation pass."""
+    readout's predictive (kdlaplace.readout_predictive) on the training set (its head in bf16 under autocast, as a
+    cheap pass), tuned on the same validation pass (head in float32)."""
     last_exit = len(model.heads) - 1
     reweight = role == "student" and cfg.weighting != "none"
     val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device,
@@ -234,7 +235,7 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
         progress = {key: state[key] for key in progress}
     progress = {key: value.to(device) if torch.is_tensor(value) else value for key, value in progress.items()}
     # one cycle (Smith 2018): the rate rises from lr/25 to lr over 15% of the steps (momentum 0.95 -> 0.85), then
-    # falls on a cosine to lr/25e4; a resumed run continues at its step
+    # both return on cosines, the rate to lr/25e4; a resumed run continues at its step
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch,
                                                    pct_start=0.15, div_factor=25, final_div_factor=1e4,
                                                    last_epoch=progress["epoch"] * steps_per_epoch - 1)
