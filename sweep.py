@@ -1,8 +1,8 @@
 """The evidence runner: studies of many train.py runs, and their tables (OUT/<study>.md under a header).
 
-A study's train.py runs come in two stages, the teachers, then the students that distil them; a run writes only
-OUT/<run>, is done once it has a metrics.json and continues with --resume from a last.pt. The studies (synth; each
-one's runs in <study>_runs): table (the (alpha, beta) selection), lr, budget, data-size, exits (8 classes, eval.py).
+A study's train.py runs (listed by its function <study>_runs, e.g. data_size_runs) come in two stages, the teachers,
+then the students that distil them; a run writes only OUT/<run>, is done once it has a metrics.json and resumes from
+a last.pt. The studies (synth): table (the (alpha, beta) selection), lr, budget, data-size, exits (8 classes, eval.py).
 
     python sweep.py --study table --jobs 8 --runs-per-gpu 4  # 8 runs at a time, 4 on each GPU
     python sweep.py --study data-size --jobs 2               # on a 2-core CPU: 2 runs of one thread each
@@ -57,6 +57,7 @@ def run_flags(**flags) -> tuple[str, ...]:
 
 
 def grid_name(weighting: str, alpha: float, beta: float) -> str:
+    """The run name of a grid point without its seed: grid_name("dedier", 0.5, 1.0) == "dedier_a0.5_b1"."""
     return f"{weighting}_a{alpha:g}_b{beta:g}"
 
 
@@ -70,20 +71,25 @@ def point_flags(point: str) -> dict:
 
 
 def lr_name(point: str, lr: float) -> str:
+    """A point's run name at rate ``lr``: the point's own at train.py's rate, else with "-lr<lr>" appended."""
     return point if lr == LEARNING_RATES[0] else f"{point}-lr{lr:g}"
 
 
-def table_run(point: str, seed: int, **lr: float) -> Run:
+def table_run(point: str, seed: int, lr: Optional[float] = None) -> Run:
     """A 12-epoch run of a point (at rate ``lr`` if given) distilling the seed's plain-KD run, or that run itself."""
-    name = f"{lr_name(point, lr['lr']) if lr else point}-seed{seed}"
-    return Run(name, run_flags(**point_flags(point), epochs=TABLE_EPOCHS, **lr, seed=seed),
+    rate = {} if lr is None else {"lr": lr}  # no --lr flag: train.py's default rate
+    name = f"{point if lr is None else lr_name(point, lr)}-seed{seed}"
+    return Run(name, run_flags(**point_flags(point), epochs=TABLE_EPOCHS, **rate, seed=seed),
                None if name == f"none-seed{seed}" else f"none-seed{seed}")
 
 
 def table_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
     """Plain KD per seed; the ERM teacher (1-epoch student) and the grid per selection seed; the selection per fresh seed."""
-    runs = [run for s in [*seeds, *fresh_seeds] for run in [table_run("none", s)] + [Run(f"erm-seed{s}", run_flags(
-        weighting="none", teacher_objective="erm", epochs=1, seed=s))] * (s in seeds)]
+    runs = []
+    for s in [*seeds, *fresh_seeds]:
+        runs.append(table_run("none", s))
+        if s in seeds:
+            runs.append(Run(f"erm-seed{s}", run_flags(weighting="none", teacher_objective="erm", epochs=1, seed=s)))
     selected = select_grid_points(seeds, root) if fresh_seeds else {}
     return (runs + [table_run(point, s) for s in seeds for w in TUNED_WEIGHTINGS for point in GRID[w]]
             + [table_run(point, s) for s in fresh_seeds for point in selected.values()])
@@ -96,11 +102,14 @@ def budget_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
 
 def lr_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[Run]:
     """The table's plain KD, then each selected point at every rate (selection seeds) and at its rate (fresh seeds)."""
+    plain = [table_run("none", s) for s in [*seeds, *fresh_seeds]]
     points = {"none": "none", **complete_selection(seeds, root)}
-    rates = select_rates(seeds, root, points) if len(points) > 1 else {}
-    chosen = [(s, p, lr) for s in seeds for p in points.values() for lr in LEARNING_RATES if len(points) > 1]
-    return [table_run("none", s) for s in [*seeds, *fresh_seeds]] + [table_run(p, s, lr=lr) for s, p, lr in [
-        *chosen, *((s, points[w], lr) for s in fresh_seeds for w, lr in rates.items())] if lr_name(p, lr) != "none"]
+    if len(points) == 1:  # the table's selection does not exist yet
+        return plain
+    rates = select_rates(seeds, root, points)
+    chosen = [(s, p, lr) for s in seeds for p in points.values() for lr in LEARNING_RATES]
+    chosen += [(s, points[w], lr) for s in fresh_seeds for w, lr in rates.items()]
+    return plain + [table_run(p, s, lr) for s, p, lr in chosen if lr_name(p, lr) != "none"]  # not plain KD again
 
 
 def data_size_runs(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path,
@@ -136,14 +145,17 @@ def score(runs: Sequence[dict], key: str = "worst_group_acc", split: str = "test
 
 def paired(runs: Sequence[dict], base: Sequence[dict]) -> list[float]:
     """Test worst-group accuracy of each run minus that of the ``base`` run of its seed."""
-    by_seed, worst = {r["seed"]: r for r in base}, lambda r: r["student"]["test"]["worst_group_acc"]
-    return [worst(r) - worst(by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+    base_of_seed = {r["seed"]: r["student"]["test"]["worst_group_acc"] for r in base}
+    return [r["student"]["test"]["worst_group_acc"] - base_of_seed[r["seed"]] for r in runs if r["seed"] in base_of_seed]
 
 
 def weighting_label(weighting: str, runs: list[dict]) -> str:
     """The weighting with the (alpha, beta) its runs record, e.g. "dedier-ts (0.5, 1)", if they agree."""
     points = {(r["alpha"], r["beta"]) for r in runs if "alpha" in r}
-    return f"{weighting} ({{:g}}, {{:g}})".format(*points.pop()) if weighting != "none" and len(points) == 1 else weighting
+    if weighting == "none" or len(points) != 1:
+        return weighting
+    alpha, beta = points.pop()
+    return f"{weighting} ({alpha:g}, {beta:g})"
 
 
 def val_score(runs: list[dict]) -> tuple[float, float]:
@@ -200,16 +212,24 @@ def bootstrap_interval(values: Sequence[float], level: float = 0.95, resamples: 
     return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
 
 
+def t_two_sided_probability(theta: float, degrees: int) -> float:
+    """Exact P(|T| <= sqrt(nu) tan theta) of Student's t, nu = ``degrees`` (Abramowitz & Stegun 26.7.3-4): s S for even
+    nu, 2/pi (theta + s c S) for odd; s, c = sin, cos theta, S = sum_{k < nu//2} prod_{j <= k} c^2 (2j-1+nu%2) / (2j+nu%2)."""
+    odd, s, c = degrees % 2, math.sin(theta), math.cos(theta)
+    S = sum(math.prod(c * c * (2 * j - 1 + odd) / (2 * j + odd) for j in range(1, k + 1)) for k in range(degrees // 2))
+    return 2 / math.pi * (theta + s * c * S) if odd else s * S
+
+
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """Student-t interval of the mean, mean -+ t_{(1+level)/2, n-1} sd / sqrt(n); the quantile is sqrt(nu) tan(theta),
-    theta bisected on the exact P(|T| <= x) (Abramowitz & Stegun 26.7.3-4) = s S for even nu, 2/pi (theta + s c S)
-    for odd nu, with s, c = sin, cos theta and S = sum_{k < nu//2} prod_{j <= k} c^2 (2j - 1 + nu%2) / (2j + nu%2)."""
-    nu, odd, low, high = len(values) - 1, (len(values) - 1) % 2, 0.0, math.pi / 2
+    """Student-t interval of the mean, mean -+ t_{(1+level)/2, n-1} sd / sqrt(n), t = sqrt(nu) tan theta: theta bisected
+    in (0, pi/2) to where t_two_sided_probability(theta, nu) reaches ``level``."""
+    nu, low, high = len(values) - 1, 0.0, math.pi / 2
     for _ in range(60):
         theta = (low + high) / 2
-        s, c = math.sin(theta), math.cos(theta)
-        S = sum(math.prod(c * c * (2 * j - 1 + odd) / (2 * j + odd) for j in range(1, k + 1)) for k in range(nu // 2))
-        low, high = (theta, high) if (2 / math.pi * (theta + s * c * S) if odd else s * S) < level else (low, theta)
+        if t_two_sided_probability(theta, nu) < level:
+            low = theta
+        else:
+            high = theta
     half = math.sqrt(nu) * math.tan((low + high) / 2) * stdev(values) / math.sqrt(len(values))
     return mean(values) - half, mean(values) + half
 
@@ -242,8 +262,8 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
 
 def epoch_median(run: dict, key: str, index: Optional[int] = None) -> Optional[float]:
     """Median over a run's reweighted epochs of a logged diagnostic (entry ``index`` of a per-group list)."""
-    values = [v for e in run["epochs"] if e.get(key) is not None if (v := e[key] if index is None else e[key][index])
-              is not None]
+    logged = [e[key] if index is None else e[key][index] for e in run["epochs"] if e.get(key) is not None]
+    values = [v for v in logged if v is not None]
     return median(values) if values else None
 
 
@@ -258,7 +278,7 @@ def section(note: str, columns: str) -> list[str]:
     return ["", note, "", f"| {columns} |", "|" + "---|" * (columns.count(" | ") + 1)]
 
 
-def row(*cells) -> str:
+def row(*cells: object) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
@@ -269,6 +289,7 @@ def summary(runs: Sequence[dict], role: str = "student") -> list[str]:
 
 
 def readout_eces(runs: Sequence[dict]) -> list[str]:
+    """The student readout's test ECE cells: softmax, temperature-scaled softmax, Laplace predictive."""
     return [cell([r["student"]["readout"][kind]["ece"] for r in runs]) for kind in ("map", "temperature", "laplace")]
 
 
@@ -276,12 +297,18 @@ def readout_eces(runs: Sequence[dict]) -> list[str]:
 
 def table_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
     """The selection: main rows, grid, posterior, fresh seeds, the ERM teacher, when students leave the shortcut."""
+    def epoch_mean(rs: list[dict], key: str) -> str:  # per run the mean over its reweighted epochs; mean ± sd over runs
+        return cell([mean(e[key] for e in r["epochs"]) if r["epochs"] and r["epochs"][0].get(key) is not None else None
+                     for r in rs], 1.0, 3)
     if not (selected := select_grid_points(seeds, root)):
         return ["No weighting's grid has finished on every selection seed: no selection yet."]
     runs = lambda point, on=seeds: on_seeds(root, point, on)
     ab = lambda point: "(α={alpha:g}, β={beta:g})".format(**point_flags(point))
-    epoch_mean = lambda rs, key: cell([mean(e[key] for e in r["epochs"]) if r["epochs"] and
-                                       r["epochs"][0].get(key) is not None else None for r in rs], 1.0, 3)
+
+    def entry(point: str) -> str:  # "val / test" worst-group means once every seed has run, bold when selected
+        rs = runs(point)
+        text = f"{100 * val_score(rs)[0]:.1f} / {100 * mean(score(rs)):.1f}" if len(rs) == len(seeds) else "–"
+        return f"**{text}**" if point in selected.values() else text
     paper, every = grid_name("dedier", *PAPER_ALPHA_BETA), [*seeds, *fresh_seeds]
     lines = section(f"Seeds {seed_text(seeds)}, the selection's seeds. Test-set %, mean ± sd over seeds; posterior logit "
                     "std: median over the training inputs, averaged over the reweighted epochs.", "weighting | val "
@@ -297,9 +324,8 @@ def table_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
     lines += section("Selection grid: validation / test worst-group accuracy (%), mean over the seeds (– until every "
                      "seed's run of the point has finished); the selected point in bold.",
                      "α | β | " + " | ".join(TUNED_WEIGHTINGS))
-    entry = lambda rs: f"{100 * val_score(rs)[0]:.1f} / {100 * mean(score(rs)):.1f}" if len(rs) == len(seeds) else "–"
-    lines += [row(f"{a:g}", f"{b:g}", *(("**{}**" if grid_name(w, a, b) == selected.get(w) else "{}").format(
-        entry(runs(grid_name(w, a, b)))) for w in TUNED_WEIGHTINGS)) for a in GRID_ALPHAS for b in GRID_BETAS]
+    lines += [row(f"{a:g}", f"{b:g}", *(entry(grid_name(w, a, b)) for w in TUNED_WEIGHTINGS))
+              for a in GRID_ALPHAS for b in GRID_BETAS]
     lines += section("The readout's posterior on the training inputs, selected runs (mean over the reweighted epochs, then "
                      "over seeds): tuned T and σ², and the posterior std of the temperature-scaled logits per group.",
                      "weighting | T | σ² | logit std g0 | g1 | g2 | g3")
@@ -349,7 +375,7 @@ def lr_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> li
                     "selected rate, same seed and teacher.", "weighting | val worst-group per rate | lr selected | "
                     "selection seeds | fresh seeds | fresh, per seed | fresh minus plain KD | median")[1:]
     for w, lr in [(w, selected.get(w)) for w in WEIGHTINGS]:
-        label = w if w == "none" else f"{w} ({{alpha:g}}, {{beta:g}})".format(**point_flags(points[w]))
+        label = w if w == "none" else "{} ({alpha:g}, {beta:g})".format(w, **point_flags(points[w]))
         fresh = runs(w, lr, fresh_seeds) if lr else []
         differences = [100 * d for d in paired(fresh, plain)]
         lines.append(row(label, *["–"] * 7) if lr is None else row(
@@ -376,13 +402,15 @@ interval excludes 0."""
 def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path,
                     sizes: Sequence[int] = DATA_SIZES) -> list[str]:
     """Per training-set size: test figures, the posterior on the training inputs, paired differences, the prediction."""
+    def over(rs: list[dict], key: str, index: Optional[int] = None, digits: int = 3) -> str:  # mean of run medians
+        return mean_of([epoch_median(r, key, index) for r in rs], digits)
     runs = {(w, n): on_seeds(root, f"{w}-n{n}", seeds) for w in DATA_SIZE_WEIGHTINGS for n in sizes}
-    over = lambda rs, key, index=None, digits=3: mean_of([epoch_median(r, key, index) for r in rs], digits)
     lines = [DATA_SIZE_PREDICTION, *section("Students: test %, mean ± sd over seeds; median; per seed. Readout test ECE "
              "(%) with its softmax / temperature-scaled softmax / Laplace predictive.", "N train | weighting | avg | "
              "worst-group | median | per seed | readout ECE softmax / T / Laplace")]
     for n in sizes:  # the teacher every student of a size distils (trained by the plain-KD run), then the students
-        lines += [row(n, "teacher (group DRO)", *summary(rs, "teacher"), "–") for rs in [runs["none", n]] if rs]
+        if runs["none", n]:
+            lines.append(row(n, "teacher (group DRO)", *summary(runs["none", n], "teacher"), "–"))
         lines += [row(n, weighting_label(w, rs), *summary(rs), " / ".join(readout_eces(rs)))
                   for w in DATA_SIZE_WEIGHTINGS if (rs := runs[w, n])]
     lines += section("The readout on the training inputs, where the weights are computed (per run the median over its "
@@ -417,13 +445,14 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
                      f"{largest})^(-1/4) | lowest weight correlation, any epoch | between-group CV of φ̃ᵀVφ̃ | median T "
                      "dedier-ts / laplace, σ² | beyond the grids: T dedier-ts / laplace, σ²")
     for n in sizes:
-        tuned = lambda w: [e for r in runs[w, n] for e in r["epochs"] if e.get("readout_temperature") is not None]
-        chosen = [(tuned("dedier-ts"), "readout_temperature"), (tuned("laplace"), "readout_temperature"),
-                  (tuned("laplace"), "readout_prior_variance")]
+        tuned = {w: [e for r in runs[w, n] for e in r["epochs"] if e.get("readout_temperature") is not None]
+                 for w in ("dedier-ts", "laplace")}  # the reweighted epochs that tuned the readout
+        chosen = [(tuned["dedier-ts"], "readout_temperature"), (tuned["laplace"], "readout_temperature"),
+                  (tuned["laplace"], "readout_prior_variance")]
         medians = [median(e[key] for e in epochs) if epochs else math.nan for epochs, key in chosen]
         beyond = [sum(not GRID_EDGES[key][0] < e[key] < GRID_EDGES[key][1] for e in epochs) / len(epochs) if epochs
                   else math.nan for epochs, key in chosen]
-        lowest = min(e["weight_corr_temperature"] for e in tuned("laplace") if e.get("weight_corr_temperature") is not None)
+        lowest = min(e["weight_corr_temperature"] for e in tuned["laplace"] if e.get("weight_corr_temperature") is not None)
         lines.append(row(n, f"{std[n]:.3f}", f"{std[n] / std[largest]:.2f}", f"{(n / largest) ** -0.5:.2f}",
                          f"{(n / largest) ** -0.25:.2f}", f"{lowest:.4f}",
                          over(runs["laplace", n], "posterior_variance_group_cv", digits=2),
@@ -446,6 +475,10 @@ TS's within the seed spread."""
 
 def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
     """eval.py's per-exit figures (its reports cached as OUT/<run>/exits-<alpha>.json), and what holds of them."""
+    def t_cell(values: list[float], scale: float = 100.0, d: int = 1) -> str:  # "mean [95% t interval]", scaled
+        scaled = [scale * v for v in values]
+        low, high = t_interval(scaled)
+        return f"{mean(scaled):+.{d}f} [{low:+.{d}f}, {high:+.{d}f}]"
     import eval as evaluate  # torch and the model code: only where tables are written
     import kdlaplace as K
     done = [root / run.name for run in exits_runs(seeds, fresh_seeds, root) if (root / run.name / "metrics.json").is_file()]
@@ -460,8 +493,6 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
     gap = lambda k, first, second: [a - b for a, b in zip(at(k, first), at(k, second))]
     listed = lambda ks: ", ".join(map(str, ks)) if ks else "none"
     spread = lambda values, d=".3g": f"{median(values):{d}} [{min(values):{d}}, {max(values):{d}}]"
-    t_cell = lambda values, scale=100.0, d=1: "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}]".format(
-        mean([scale * v for v in values]), *t_interval([scale * v for v in values]), d=d)
 
     def resolved(values: list[float]) -> int:  # +1 when the 95% t interval lies above 0, -1 below, 0 when it holds 0
         low, high = t_interval(values)
@@ -488,9 +519,10 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
                          spread([r["exits"][k]["ts"]["temperature"] for r in runs], ".2f"), spread(temperatures, ".2f"),
                          spread(variances), f"{at_end} of {len(runs)}", t_cell(gap(k, "Laplace", "TS"))))
     for first, second in (("Laplace", "TS"), ("MIE+Laplace", "MIE+TS"), ("MIE+Laplace", "Laplace")):
-        where = lambda verdict: listed([k for k in exits if resolved(gap(k, first, second)) == verdict])
-        claims.append(f"ECE, {first} against {second}: lower at exits {where(-1)}, higher at {where(1)}, no resolved "
-                      f"difference at {where(0)} (95% t interval over seeds).")
+        verdicts = [resolved(gap(k, first, second)) for k in exits]  # per exit: -1 lower, 1 higher, 0 unresolved
+        where = {verdict: listed([k for k in exits if verdicts[k] == verdict]) for verdict in (-1, 0, 1)}
+        claims.append(f"ECE, {first} against {second}: lower at exits {where[-1]}, higher at {where[1]}, no resolved "
+                      f"difference at {where[0]} (95% t interval over seeds).")
     for alpha, alpha_runs in reports.items():
         lines += section(f"Prediction sets at α = {alpha:g}, tuned on val and measured on test. Setting: the Dirichlet AVCS "
                          "threshold τ (from 1 upward, the authors' tuning) or logit offset b (τ = 1); coverage pooled over "
@@ -519,20 +551,22 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
     scale = lambda *key: [e["median"] for r in runs for e in r["posterior_scale"] if (e["inputs"], e["exit"]) == key]
     for quantity, title in (("mean_max_confidence", "Mean max-probability on inputs far from the data"),
                             ("auroc", "OOD AUROC of the max-probability (in-distribution = test; 0.5 = chance)")):
-        auroc = quantity == "auroc"
+        auroc = quantity == "auroc"  # its table adds the posterior's scale, and its rows add claims
         lines += section(f"{title}, mean over seeds; the Laplace − TS difference paired by seed, mean [95% t interval]"
                          + ("; the posterior's φ̃ᵀVφ̃ on these inputs over the test images', median over the seeds of the "
                             "ratio of medians." if auroc else "."), "inputs | exit | " + " | ".join(EXIT_METHODS)
-                         + " | Laplace − TS" + " | φ̃ᵀVφ̃ ratio" * auroc)
+                         + " | Laplace − TS" + (" | φ̃ᵀVφ̃ ratio" if auroc else ""))
         for inputs, k in [(i, k) for i in dict.fromkeys(e["inputs"] for r in runs for e in r["far_from_data"]) for k in exits]:
             values = {m: [e[quantity] for e in far(inputs, k, m)] for m in EXIT_METHODS}  # per seed
             difference = [a - b for a, b in zip(values["Laplace"], values["TS"])]
-            ratio = median([a / b for a, b in zip(scale(inputs, k), scale("test", k))])  # phi~^T V phi~ medians
-            lines.append(row(inputs, k, *(f"{mean(values[m]):.3f}" for m in EXIT_METHODS), t_cell(difference, 1.0, 3),
-                             *[f"{ratio:.3g}"] * auroc))
-            verdict = ["not resolved from", "above", "below"][resolved(difference)]  # resolved: 0, 1 or -1
-            claims += [f"{inputs}, exit {k}: the Laplace's AUROC is {verdict} TS's ({t_cell(difference, 1.0, 3)}); "
-                       f"φ̃ᵀVφ̃ {ratio:.3g}× the test images'."] * auroc
+            cells = [inputs, k, *(f"{mean(values[m]):.3f}" for m in EXIT_METHODS), t_cell(difference, 1.0, 3)]
+            if auroc:
+                ratio = median([a / b for a, b in zip(scale(inputs, k), scale("test", k))])  # phi~^T V phi~ medians
+                cells.append(f"{ratio:.3g}")
+                verdict = {1: "above", -1: "below", 0: "not resolved from"}[resolved(difference)]
+                claims.append(f"{inputs}, exit {k}: the Laplace's AUROC is {verdict} TS's ({t_cell(difference, 1.0, 3)}); "
+                              f"φ̃ᵀVφ̃ {ratio:.3g}× the test images'.")
+            lines.append(row(*cells))
     lines += section("Budgeted early exit (thresholds on val; test accuracy and ECE %, mean over seeds, against the "
                      "expected GFLOPs per input); every sixth budget level.", "level q | MAP GFLOPs | MAP accuracy | MAP "
                      "ECE | MIE+Laplace GFLOPs | accuracy | ECE")
@@ -616,16 +650,15 @@ def launch(runs: list[Run], root: Path, extra: Sequence[str], slots: list[dict])
             print(shlex.join(args), file=out, flush=True)
             pin = (lambda: os.sched_setaffinity(0, cores)) if hasattr(os, "sched_setaffinity") else None
             process = subprocess.Popen(args, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin)
-            running[process.pid] = (process, run, slot, out, time.perf_counter())  # a Popen let go would reap it
+            running[process.pid] = (process, run, slot, out, log, time.perf_counter())  # a Popen let go would reap it
             print(f"[{total - len(waiting)}/{total}] {run.name} "
                   f"({f'GPU {gpu}' if gpu is not None else 'cores ' + ','.join(map(str, cores))})", flush=True)
         pid, status = os.wait()
         if pid in running:
-            process, run, slot, out, started = running.pop(pid)
+            process, run, slot, out, log, started = running.pop(pid)
             out.close()
             free.append(slot)
             if code := os.waitstatus_to_exitcode(status):
-                log = root / run.name / "train.log"
                 tail = log.read_text().strip().splitlines()[-1:]
                 failures.append(f"{run.name}: exit {code}: {tail[0] if tail else ''} (log: {log})")
             print(f"    {run.name} {'FAILED' if code else 'done'} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -634,9 +667,10 @@ def launch(runs: list[Run], root: Path, extra: Sequence[str], slots: list[dict])
 
 def header(title: str, runs: list[Run], root: Path, argv: Sequence[str], sweep_seconds: Optional[float]) -> list[str]:
     """The results file's header: command, code versions, hardware, date, wall time, how many runs have finished."""
+    def tally(values) -> str:  # "value (n runs)" per distinct value, the commonest first
+        return ", ".join(f"{value} ({n} runs)" for value, n in Counter(values).most_common())
     import kdlaplace as K  # torch: only where tables are written
     metrics = [m for run in runs if (m := load_run(root, run.name)) is not None]
-    tally = lambda values: ", ".join(f"{value} ({n} runs)" for value, n in Counter(values).most_common())
     hardware = tally(f"{m.get('hardware')}, {'bf16 autocast' if m.get('bf16') else 'float32'}, {m.get('threads')} "
                      "threads" for m in metrics)
     wall = "tables only" if sweep_seconds is None else f"{sweep_seconds / 60:.1f} min for this command"
@@ -659,12 +693,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     add("--seeds", type=int, nargs="+", help="seeds (default: the study's; for table and lr the selection seeds)")
     add("--fresh-seeds", type=int, nargs="*", help="table and lr: seeds that only test the selection (default 5..9)")
     add("--out", help="run folders and the tables (default runs/<study>)")
-    add("--jobs", type=int, default=1, help="runs at a time, each on its own GPU and share of the cores (default 1)")
+    add("--jobs", type=int, default=1,
+        help="runs at a time, each on a share of the cores; on GPUs see --runs-per-gpu (default 1)")
     add("--runs-per-gpu", type=int, default=1, help="runs packed onto one GPU (default 1)")
     add("--print-commands", choices=["teachers", "students"], help="print a stage's unfinished runs, run nothing")
     add("--shard", help="I/N: only the I-th of N disjoint shares of each stage (1 <= I <= N)")
     add("--tables", action="store_true", help="write the tables from the runs that exist, run nothing")
-    add("--sizes", type=int, nargs="+", help=f"data-size: the --synth-n-train values (default {DATA_SIZES})")
+    add("--sizes", type=int, nargs="+", help=f"data-size: --synth-n-train values (default: {' '.join(map(str, DATA_SIZES))})")
     args = parser.parse_args(own)
     study = STUDIES[args.study]
     args.seeds = list(study.seeds) if args.seeds is None else args.seeds
