@@ -435,15 +435,18 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
               for n in sizes for w in ("laplace", "laplace-ml")]
     if not (sizes := [n for n in sizes if runs["laplace", n]]):  # the measurement against the prediction above
         return lines
+    import kdlaplace as K  # torch: only where tables are written
     std = {n: mean(epoch_median(r, "posterior_logit_std_median") for r in runs["laplace", n]) for n in sizes}
     largest = max(sizes)
     lines += section("Measured against the prediction (laplace): the median posterior logit std on the training inputs "
                      f"(mean over seeds) and its ratio to N = {largest}'s, beside the ratios 1/√N and 1/N^(1/4) predict; "
                      "the median tuned T and σ² over all reweighted epochs, and the share of those epochs whose choice "
                      "lies on or beyond the edges of Meronen et al.'s grids (T 0.3–3.0, σ² 0.5–4.0), which would have "
-                     f"censored it.", f"N train | logit std | ratio to N = {largest} | (N/{largest})^(-1/2) | (N/"
-                     f"{largest})^(-1/4) | lowest weight correlation, any epoch | between-group CV of φ̃ᵀVφ̃ | median T "
-                     "dedier-ts / laplace, σ² | beyond the grids: T dedier-ts / laplace, σ²")
+                     "censored it, and the share at an end of the ranges the runs searched (T 0.01–100, σ² 1e-4–1e4): "
+                     "there the search stopped at the range, not at a minimum.", f"N train | logit std | ratio to N = "
+                     f"{largest} | (N/{largest})^(-1/2) | (N/{largest})^(-1/4) | lowest weight correlation, any epoch | "
+                     "between-group CV of φ̃ᵀVφ̃ | median T dedier-ts / laplace, σ² | beyond the grids: T dedier-ts / "
+                     "laplace, σ² | at the range ends: T dedier-ts / laplace, σ²")
     for n in sizes:
         tuned = {w: [e for r in runs[w, n] for e in r["epochs"] if e.get("readout_temperature") is not None]
                  for w in ("dedier-ts", "laplace")}  # the reweighted epochs that tuned the readout
@@ -452,12 +455,16 @@ def data_size_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path
         medians = [median(e[key] for e in epochs) if epochs else math.nan for epochs, key in chosen]
         beyond = [sum(not GRID_EDGES[key][0] < e[key] < GRID_EDGES[key][1] for e in epochs) / len(epochs) if epochs
                   else math.nan for epochs, key in chosen]
+        ranges = (K.KFACLaplace.TEMPERATURE_GRID, K.KFACLaplace.TEMPERATURE_GRID, K.KFACLaplace.PRIOR_VARIANCE_GRID)
+        at_end = [sum(K.at_search_end(e[key], grid) for e in epochs) / len(epochs) if epochs else math.nan
+                  for (epochs, key), grid in zip(chosen, ranges)]
         lowest = min(e["weight_corr_temperature"] for e in tuned["laplace"] if e.get("weight_corr_temperature") is not None)
         lines.append(row(n, f"{std[n]:.3f}", f"{std[n] / std[largest]:.2f}", f"{(n / largest) ** -0.5:.2f}",
                          f"{(n / largest) ** -0.25:.2f}", f"{lowest:.4f}",
                          over(runs["laplace", n], "posterior_variance_group_cv", digits=2),
                          "{:.2f} / {:.2f}, {:.3g}".format(*medians),
-                         "{:.0f}% / {:.0f}%, {:.0f}%".format(*(100 * b for b in beyond))))
+                         "{:.0f}% / {:.0f}%, {:.0f}%".format(*(100 * b for b in beyond)),
+                         "{:.0f}% / {:.0f}%, {:.0f}%".format(*(100 * a for a in at_end))))
     return lines
 
 
