@@ -540,8 +540,8 @@ def early_exit(probs: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
 # Jazbec et al. (UAI 2024): C_t = {y : R_t(y) <= 1/alpha}, R_t(y) = prod_{l<=t} p_l(y) / p(y | W_l), p_l exit l's
 # predictive, W_l one posterior draw. Ville's inequality would cover y at every exit at once if R_t(y) were a
 # martingale; it is not, even for a correct model: with the draw independent of the label (the authors' code and ours)
-# E[p_l(y) / pi_l(y)] = p_l(y) E[1 / pi_l(y)] >= p_l(y) / E[pi_l(y)] = 1 (Jensen). AVCS guarantees nestedness; its
-# coverage is tuned on val. Split conformal covers >= 1 - alpha per exit when calibration and test are exchangeable.
+# E[p_l(y) / pi_l(y)] = p_l(y) E[1 / pi_l(y)] >= p_l(y) / E[pi_l(y)] = 1 (Jensen). The running intersection makes the
+# sets nested; coverage is tuned on val. Split conformal covers >= 1 - alpha per exit for exchangeable data.
 
 
 def log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
