@@ -42,55 +42,38 @@ def random_head(n: int = 40, p: int = 6, c: int = 4, seed: int = 0, scale: float
 
 # ── Losses ──────────────────────────────────────────────────────────────────────────────────────────────────────────
 
-def test_kd_loss_and_student_loss_match_hand_written_kl_and_ce():
+def test_kd_loss_and_student_loss_match_hand_written_kl_and_ce_with_0_log_0_equal_to_0():
     g = seeded(1)
     student = torch.randn(6, 7, generator=g, dtype=f64, requires_grad=True)
     teacher = torch.randn(6, 7, generator=g, dtype=f64)
+    teacher[:3, 1] = -math.inf  # classes the teacher rules out (log 0), and a row with all but one ruled out
+    teacher[2, [0, 3, 4, 5, 6]] = -math.inf
     y, weights = torch.randint(0, 7, (6,), generator=g), torch.rand(6, generator=g, dtype=f64) + 0.5
     T, lam = 2.5, 0.3
     loss = K.kd_loss(student, teacher, T)
     q_t = torch.exp(teacher / T) / torch.exp(teacher / T).sum(-1, keepdim=True)
     q_s = torch.exp(student / T) / torch.exp(student / T).sum(-1, keepdim=True)
-    kl = T ** 2 * (q_t * (torch.log(q_t) - torch.log(q_s))).sum(-1)
+    kl = torch.tensor([T ** 2 * sum(q * (math.log(q) - math.log(s)) for q, s in zip(q_row, s_row) if q > 0)
+                       for q_row, s_row in zip(q_t.tolist(), q_s.tolist())], dtype=f64)
     torch.testing.assert_close(loss, kl, rtol=1e-12, atol=1e-12)
-    (grad,) = torch.autograd.grad(loss.sum(), student)  # d/dz_s of T^2 KL = T (q_s - q_t), per sample
+    (grad,) = torch.autograd.grad(loss.sum(), student)  # d/dz_s of T^2 KL = T (q_s - q_t), per sample: no NaN
     torch.testing.assert_close(grad, T * (q_s - q_t).detach(), rtol=1e-10, atol=1e-12)
-    assert torch.allclose(K.kd_loss(teacher, teacher, T), torch.zeros(6, dtype=f64), atol=1e-12)
+    assert torch.allclose(K.kd_loss(teacher[3:], teacher[3:], T), torch.zeros(3, dtype=f64), atol=1e-12)
     ce = -(student[torch.arange(6), y] - student.exp().sum(-1).log())  # -log softmax(z)_y, written out
     for w in (weights, None):  # the per-sample weighted mix, averaged
         expected = ((1 - lam) * ce + lam * kl) * (1 if w is None else w)
         torch.testing.assert_close(K.student_loss(student, teacher, y, w, lam, T), expected.mean())
     with pytest.raises(ValueError, match="teacher_logits"):  # logits of another class count would broadcast
         K.kd_loss(torch.zeros(2, 3), torch.zeros(2, 4), 1.0)
-
-
-def test_kd_loss_from_probabilities_with_zeros_is_the_kl_with_0_log_0_equal_to_0():
-    g, T = seeded(3), 2.0
-    student = torch.randn(4, 5, generator=g, dtype=f64, requires_grad=True)
-    teacher_probs = torch.softmax(torch.randn(4, 5, generator=g, dtype=f64), -1)
-    teacher_probs[:, 1] = 0.0  # a class the teacher rules out, and a row with all but one class ruled out
-    teacher_probs[2] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=f64)
-    teacher_probs = teacher_probs / teacher_probs.sum(-1, keepdim=True)
-    loss = K.kd_loss(student, teacher_probs.log(), T)
-    q_s, q_t = torch.softmax(student / T, -1).detach(), torch.softmax(teacher_probs.log() / T, -1)
-    expected = [T ** 2 * sum(q * (math.log(q) - math.log(s)) for q, s in zip(q_row, s_row) if q > 0)
-                for q_row, s_row in zip(q_t.tolist(), q_s.tolist())]
-    torch.testing.assert_close(loss.detach(), torch.tensor(expected, dtype=f64), rtol=1e-12, atol=1e-12)
-    (grad,) = torch.autograd.grad(loss.sum(), student)
-    torch.testing.assert_close(grad, T * (q_s - q_t), rtol=1e-10, atol=1e-12)  # finite: no NaN from 0 * -inf
-
-
-def test_kd_loss_runs_in_fp32_under_bf16_inputs():
-    g = seeded(2)
-    student, teacher = torch.randn(3, 4, generator=g).bfloat16(), torch.randn(3, 4, generator=g).bfloat16()
-    loss = K.kd_loss(student, teacher, 3.0)
+    student, teacher = torch.randn(2, 3, 4, generator=g).bfloat16()  # bf16 inputs: the KL still in fp32
     p_t = torch.softmax(teacher.double() / 3, -1)  # the bf16 inputs' exact values, then float64 by hand
     expected = 9 * (p_t * (p_t.log() - torch.log_softmax(student.double() / 3, -1))).sum(-1)
+    loss = K.kd_loss(student, teacher, 3.0)
     assert loss.dtype == torch.float32  # a bf16 KL would be off by about 1e-2 relative, not 1e-6
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_confidence_margin_and_dedier_weights_hand_worked():
+def test_confidence_margin_dedier_weights_and_group_dro_hand_worked():
     probs = torch.tensor([[0.7, 0.2, 0.1],    # right (y=0): weight 1
                           [0.1, 0.6, 0.3],    # wrong (y=2): margin 0.3
                           [0.25, 0.25, 0.5],  # wrong (y=1): margin 0.25
@@ -100,6 +83,12 @@ def test_confidence_margin_and_dedier_weights_hand_worked():
     weights = K.dedier_weights(probs, torch.tensor([0, 2, 1, 0]), alpha=0.5, beta=2.0)
     expected = torch.tensor([1.0, math.exp(2 * 0.3 ** 0.5), math.exp(2 * 0.25 ** 0.5), 1.0], dtype=f64)
     torch.testing.assert_close(weights, expected, rtol=1e-14, atol=0)
+    old = torch.full((3,), 1 / 3, dtype=f64)  # the group weights before the step
+    loss, new = K.group_dro_loss(torch.tensor([1.0, 3.0, 2.0, 4.0], dtype=f64), torch.tensor([0, 0, 2, 2]), old, 0.1)
+    group_loss = torch.tensor([2.0, 0.0, 3.0], dtype=f64)  # each group's mean loss; group 1 has no sample
+    q = old * torch.exp(0.1 * group_loss)
+    torch.testing.assert_close(new, q / q.sum())
+    torch.testing.assert_close(loss, (q / q.sum() * group_loss).sum())
 
 
 def test_laplace_kd_targets_stay_finite_where_probabilities_underflow():
@@ -114,15 +103,6 @@ def test_laplace_kd_targets_stay_finite_where_probabilities_underflow():
     torch.testing.assert_close(log_p[0].double(), expected, rtol=1e-5, atol=1e-3)
     assert expected[2] < -100  # far below float32's smallest probability
     assert torch.isfinite(K.kd_loss(torch.randn(1, 3), log_p, T=3.0)).all()
-
-
-def test_group_dro_loss_matches_explicit_update():
-    old = torch.full((3,), 1 / 3, dtype=f64)  # the group weights before the step
-    loss, new = K.group_dro_loss(torch.tensor([1.0, 3.0, 2.0, 4.0], dtype=f64), torch.tensor([0, 0, 2, 2]), old, 0.1)
-    group_loss = torch.tensor([2.0, 0.0, 3.0], dtype=f64)  # each group's mean loss; group 1 has no sample
-    q = old * torch.exp(0.1 * group_loss)
-    torch.testing.assert_close(new, q / q.sum())
-    torch.testing.assert_close(loss, (q / q.sum() * group_loss).sum())
 
 
 # ── KFAC Laplace ────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -140,8 +120,7 @@ def dense_posterior(features, weight, bias, prior_precision):
 
 
 def reference_predictive(features, weight_tilde, U, V, temperature, normal=None):
-    """Probit (normal=None) or MC predictive by an explicit loop over inputs and samples, float64: (N, c), or
-    (N, G, c) for a column of temperatures ``temperature`` (G, 1)."""
+    """Probit (normal=None) or MC predictive by an explicit loop, float64: (N, c); (N, G, c) for temperatures (G, 1)."""
     out = []
     for phi in torch.cat([features, torch.ones(features.shape[0], 1, dtype=f64)], 1):
         mean, v = weight_tilde @ phi, float(phi @ V @ phi)
@@ -154,7 +133,7 @@ def reference_predictive(features, weight_tilde, U, V, temperature, normal=None)
     return torch.stack(out)
 
 
-def test_kfac_factors_and_posterior_match_per_sample_loops_and_the_dense_inverse():
+def test_kfac_factors_posterior_and_logit_distribution_match_per_sample_loops_and_the_dense_inverse():
     features, weight, bias, _ = random_head()
     laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=2.0)
     A, G = torch.zeros(7, 7, dtype=f64), torch.zeros(4, 4, dtype=f64)
@@ -166,10 +145,15 @@ def test_kfac_factors_and_posterior_match_per_sample_loops_and_the_dense_inverse
     torch.testing.assert_close(laplace.G, G / 40, rtol=1e-12, atol=1e-12)
     assert laplace.n == 40 and laplace.weight.shape == (4, 7)
     # the posterior covariance U (x) V inverts the precision (sqrt(n) G + sqrt(tau) I) (x) (sqrt(n) A + sqrt(tau) I)
-    dense = torch.kron(math.sqrt(40) * G / 40 + math.sqrt(2.0) * torch.eye(4, dtype=f64),
-                       math.sqrt(40) * A / 40 + math.sqrt(2.0) * torch.eye(7, dtype=f64))
-    torch.testing.assert_close(torch.kron(laplace.factor("U"), laplace.factor("V")), torch.linalg.inv(dense),
-                               rtol=1e-9, atol=1e-12)
+    covariance = torch.linalg.inv(torch.kron(math.sqrt(40) * G / 40 + math.sqrt(2.0) * torch.eye(4, dtype=f64),
+                                             math.sqrt(40) * A / 40 + math.sqrt(2.0) * torch.eye(7, dtype=f64)))
+    torch.testing.assert_close(torch.kron(laplace.factor("U"), laplace.factor("V")), covariance, rtol=1e-9, atol=1e-12)
+    mean, scale = laplace.logit_distribution(features[:4])
+    for i, phi in enumerate(torch.cat([features[:4], torch.ones(4, 1, dtype=f64)], 1)):
+        jacobian = torch.kron(torch.eye(4, dtype=f64), phi[None])  # f = (I (x) phi^T) vec W~, row-major vec
+        torch.testing.assert_close(scale[i] * laplace.factor("U"), jacobian @ covariance @ jacobian.T,
+                                   rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(mean, features[:4] @ weight.T + bias)
 
 
 def test_kfac_ggn_per_sample_is_the_exact_hessian():
@@ -180,18 +164,6 @@ def test_kfac_ggn_per_sample_is_the_exact_hessian():
                                                 torch.cat([weight, bias[:, None]], 1).reshape(-1))
     p = torch.softmax(weight @ features[0] + bias, -1)
     torch.testing.assert_close(hessian, torch.kron(torch.diag(p) - torch.outer(p, p), torch.outer(phi, phi)))
-
-
-def test_logit_distribution_matches_dense_weight_covariance():
-    features, weight, bias, _ = random_head(n=30, p=5, c=3, seed=5)
-    laplace = K.KFACLaplace.fit(features, weight, bias, prior_precision=0.7)
-    _, U, V = dense_posterior(features, weight, bias, 0.7)
-    mean, scale = laplace.logit_distribution(features[:4])
-    for i, phi in enumerate(torch.cat([features[:4], torch.ones(4, 1, dtype=f64)], 1)):
-        jacobian = torch.kron(torch.eye(3, dtype=f64), phi[None])  # f = (I (x) phi^T) vec W~, row-major vec
-        torch.testing.assert_close(scale[i] * laplace.factor("U"), jacobian @ torch.kron(U, V) @ jacobian.T,
-                                   rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(mean, features[:4] @ weight.T + bias)
 
 
 def test_probit_agrees_with_large_sample_mc_and_no_sample_predict_is_deterministic():
@@ -226,30 +198,49 @@ FINE_VARIANCES = torch.logspace(-4, 4, 33, dtype=f64).tolist()  # 1e-4 .. 1e4, q
 
 
 def fine_grid_minimum(nll_at):
-    """The smallest NLL on FINE_VARIANCES x FINE_TEMPERATURES: ``nll_at(sigma^2)`` gives the NLL (G,) on the
-    temperatures."""
+    """The smallest NLL on FINE_VARIANCES x FINE_TEMPERATURES; ``nll_at(sigma^2)``: the NLL (G,) on the temperatures."""
     return min(float(nll_at(v).min()) for v in FINE_VARIANCES)
 
 
-def test_tune_laplace_is_as_good_as_a_fine_grid_search_without_refit():
+def test_tune_laplace_and_its_greedy_ensemble_are_as_good_as_a_fine_grid_search_and_mie_by_hand():
     features, weight, bias, y = random_head(n=200, p=5, c=3, seed=13)
     y = (features @ weight.T + bias + 1.5 * torch.randn(200, 3, generator=seeded(14), dtype=f64)).argmax(-1)
-    laplace = K.KFACLaplace.fit(features[:100], weight, bias)
-    val, y_val = features[100:], y[100:]
-    for link, n_samples in (("probit", None), ("mc", 8)):
+    train_x, val, y_val = features[:100], features[100:], y[100:]
+    laplace = K.KFACLaplace.fit(train_x, weight, bias)
+
+    def predictive(v, temperatures=FINE_TEMPERATURES[:, None], normal=None, scale=1.0):  # (N, G, c), by hand
+        return reference_predictive(val, *dense_posterior(train_x, scale * weight, bias, 1 / v), temperatures, normal)
+
+    def nll(probs):
+        return -probs[torch.arange(100), ..., y_val].log().mean(0)  # (G,)
+
+    def chosen(tuned):
+        return 1 / tuned.prior_precision, torch.tensor([[tuned.temperature]], dtype=f64)
+    for link, n_samples in (("mc", 8), ("probit", None)):
         tuned = K.tune_laplace(laplace, val, y_val, n_samples or 1, link=link, generator=seeded(0))
         assert tuned.A is laplace.A  # a copy sharing the fitted factors
         normal = None if link == "probit" else torch.randn(8, 3, generator=seeded(0), dtype=f64)  # the search's draws
+        best = fine_grid_minimum(lambda v: nll(predictive(v, normal=normal)))
+        assert float(nll(predictive(*chosen(tuned), normal=normal))) <= best + 1e-4, link
+    # the ensemble: exit 0 as good as the probit grid's best, then exit 1 in the mixture (p_0 + 3 p_1) / 4, exit 0 fixed
+    tuned = K.tune_laplace_ensemble([laplace, K.KFACLaplace.fit(train_x, 0.5 * weight, bias)], [val, val], y_val,
+                                    [1.0, 3.0], link="probit")
+    fixed = predictive(*chosen(tuned[0]))  # (N, 1, c)
+    assert float(nll(fixed)) <= best + 1e-4
+    mixture_nll = lambda *args: nll((fixed + 3 * predictive(*args, scale=0.5)) / 4)  # noqa: E731
+    assert float(mixture_nll(*chosen(tuned[1]))) <= fine_grid_minimum(mixture_nll) + 1e-4
+    # the model-internal ensemble by hand: exit k's mixture of exits <= k, weighted by their FLOPs
+    probs = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.5, 0.5]]], dtype=f64)  # (K=3, N=1, c=2)
+    expected = torch.tensor([[[1.0, 0.0]], [[0.25, 0.75]], [[3 / 8, 5 / 8]]], dtype=f64)
+    torch.testing.assert_close(K.mie_ensemble(probs, torch.tensor([1.0, 3.0, 4.0])), expected)
 
-        def nll_at(v, temperatures=FINE_TEMPERATURES[:, None]):
-            probs = reference_predictive(val, *dense_posterior(features[:100], weight, bias, 1 / v), temperatures,
-                                         normal)  # (N, G, c)
-            return -probs[torch.arange(100), ..., y_val].log().mean(0)  # (G,)
-        chosen = float(nll_at(1 / tuned.prior_precision, torch.tensor([[tuned.temperature]], dtype=f64)).min())
-        assert chosen <= fine_grid_minimum(nll_at) + 1e-4, link
 
-
-def test_tune_temperature_equals_a_fine_grid_search_beyond_the_old_grid():
+def test_minimise_bracketed_and_tune_temperature_find_interior_end_and_global_minima():
+    for objective, argmin in ((lambda x: (x - 0.3) ** 2, 0.3), (lambda x: abs(x - 1.7), 1.7), (lambda x: x, -4.0),
+                              (lambda x: -x, 4.0),
+                              (lambda x: min((x + 2.2) ** 2 + 0.5, (x - 2.6) ** 2), 2.6)):  # two basins: the lower
+        x, value = K.minimise_bracketed(objective, [float(x) for x in range(-4, 5)], 1e-8)
+        assert x == pytest.approx(argmin, abs=1e-7) and value == objective(x)
     g = seeded(41)
     logits = 4 * torch.randn(300, 3, generator=g, dtype=f64)
     y = (0.15 * logits + torch.randn(300, 3, generator=g, dtype=f64)).argmax(-1)  # overconfident logits: T > 3
@@ -261,40 +252,7 @@ def test_tune_temperature_equals_a_fine_grid_search_beyond_the_old_grid():
     assert K.tune_temperature(logits, y) == pytest.approx(best, rel=1e-3)
 
 
-def test_minimise_bracketed_finds_interior_end_and_global_minima():
-    for objective, argmin in ((lambda x: (x - 0.3) ** 2, 0.3), (lambda x: abs(x - 1.7), 1.7), (lambda x: x, -4.0),
-                              (lambda x: -x, 4.0),
-                              (lambda x: min((x + 2.2) ** 2 + 0.5, (x - 2.6) ** 2), 2.6)):  # two basins: the lower
-        x, value = K.minimise_bracketed(objective, [float(x) for x in range(-4, 5)], 1e-8)
-        assert x == pytest.approx(argmin, abs=1e-7) and value == objective(x)
-
-
-def test_tune_laplace_ensemble_is_greedy_exit_by_exit():
-    features, weight, bias, y = random_head(n=120, p=5, c=3, seed=15)
-    laplaces = [K.KFACLaplace.fit(features, weight, bias), K.KFACLaplace.fit(features, 0.5 * weight, bias)]
-    tuned = K.tune_laplace_ensemble(laplaces, [features, features], y, [1.0, 3.0], link="probit")
-    # by brute force: each exit's probit predictive from its dense posterior; exit 0 alone is as good as the fine
-    # grid's best, then exit 1 within the FLOP-weighted mixture (p_0 + 3 p_1) / 4, exit 0 fixed at its choice
-    def predictive(k, v, temperatures):
-        return reference_predictive(features, *dense_posterior(features, (1.0, 0.5)[k] * weight, bias, 1 / v),
-                                    temperatures)
-    nll = lambda probs: -probs[torch.arange(len(y)), ..., y].log().mean(0)  # noqa: E731
-    chosen = lambda k: (1 / tuned[k].prior_precision, torch.tensor([[tuned[k].temperature]], dtype=f64))  # noqa: E731
-    assert float(nll(predictive(0, *chosen(0)))) <= fine_grid_minimum(
-        lambda v: nll(predictive(0, v, FINE_TEMPERATURES[:, None]))) + 1e-4
-    fixed = predictive(0, *chosen(0))  # (N, 1, c)
-    mixture_nll = lambda v, temperatures: nll((fixed + 3 * predictive(1, v, temperatures)) / 4)  # noqa: E731
-    assert float(mixture_nll(*chosen(1))) <= fine_grid_minimum(
-        lambda v: mixture_nll(v, FINE_TEMPERATURES[:, None])) + 1e-4
-
-
-def test_mie_ensemble_hand_worked():
-    probs = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.5, 0.5]]], dtype=f64)  # (K=3, N=1, c=2)
-    expected = torch.tensor([[[1.0, 0.0]], [[0.25, 0.75]], [[3 / 8, 5 / 8]]], dtype=f64)
-    torch.testing.assert_close(K.mie_ensemble(probs, torch.tensor([1.0, 3.0, 4.0])), expected)
-
-
-def test_budget_thresholds_and_early_exit_match_an_explicit_walk():
+def test_budget_thresholds_and_early_exit_match_an_explicit_walk_with_ties_beyond_the_quota():
     confidences, level = torch.rand(3, 200, generator=seeded(16), dtype=f64), 0.7
     thresholds = K.budget_thresholds(confidences, level)
     # explicit per-sample walk, as in MSDNet's dynamic evaluation: exit k takes its share of those still present
@@ -310,9 +268,6 @@ def test_budget_thresholds_and_early_exit_match_an_explicit_walk():
     for i in range(200):
         first = next((k for k in range(3) if probs[k, i].max() >= thresholds[k]), 2)
         assert exit_index[i] == first and torch.equal(exit_probs[i], probs[first, i]), i
-
-
-def test_budget_thresholds_with_ties_beyond_the_quota():
     # 800 of 1000 validation samples tied at confidence 1.0 at every exit; q = 0.5 asks exit 0 for 571 and
     # exit 1 for 285: exit 0 takes all 800 ties, exit 1 the 200 that remain (its threshold: the last of them)
     confidences = torch.cat([torch.ones(3, 800, dtype=f64), torch.rand(3, 200, generator=seeded(42), dtype=f64) * 0.9], 1)
@@ -338,8 +293,7 @@ def test_log_gamma_sampler_mean_tiny_concentrations_and_domain():
     tiny = K.log_gamma_variates(torch.full((1000,), 1e-4, dtype=f64), seeded(18))
     assert torch.isfinite(tiny).all()  # a direct Gamma(1e-4) draw underflows to 0 far more often than not
     assert (tiny.exp() == 0).float().mean() > 0.5
-    # outside the Gamma's domain: unchecked, a NaN never passes the rejection step (the call never returns) and
-    # -0.5 gives a finite number that means nothing
+    # outside the Gamma's domain: unchecked, a NaN would hang the rejection step and -0.5 give a meaningless number
     for bad in (0.0, -0.5, math.nan, math.inf):
         with pytest.raises(ValueError, match="finite and > 0"):
             K.log_gamma_variates(torch.tensor([1.0, bad], dtype=f64), seeded(21))
@@ -367,7 +321,13 @@ def test_avcs_sets_match_an_explicit_loop(monkeypatch):
     assert 0 < sets.sum() < sets.numel()  # labels both in and out of the sets
 
 
-def test_avcs_nestedness_without_intersection_matches_an_explicit_loop():
+def test_set_metrics_hand_worked_and_nestedness_without_intersection_matches_an_explicit_loop():
+    sets = torch.tensor([[[1, 1, 0], [0, 0, 0]], [[1, 0, 1], [0, 1, 0]]], dtype=torch.bool)  # (K=2, N=2, c=3)
+    metrics = K.set_metrics(sets, torch.tensor([0, 1]))
+    torch.testing.assert_close(metrics["size"], torch.tensor([1.0, 1.5], dtype=f64))
+    torch.testing.assert_close(metrics["coverage"], torch.tensor([0.5, 1.0], dtype=f64))
+    # exit 2: input 0 keeps {0} of {0, 2} -> 1/2; input 1: intersection empty, set not -> 0
+    torch.testing.assert_close(metrics["nestedness"], torch.tensor([1.0, 0.25], dtype=f64))
     g = seeded(21)
     logits = 2 * torch.randn(4, 300, 10, generator=g, dtype=f64)
     sets = K.avcs_sets(logits, torch.ones(4, dtype=f64), alpha=0.05, intersect=False, generator=seeded(22))
@@ -378,23 +338,12 @@ def test_avcs_nestedness_without_intersection_matches_an_explicit_loop():
         common = [set.intersection(*(members[s][i] for s in range(t + 1))) for i in range(300)]
         expected.append(sum(len(c) / len(m) if m else 1.0 for c, m in zip(common, members[t])) / 300)
     torch.testing.assert_close(nestedness, torch.tensor(expected, dtype=f64))
-    sizes = sets.sum(-1)
-    assert sizes.min() < sizes.max()  # sets of several sizes: the ratio |common| / |current| is exercised
+    assert sets.sum(-1).min() < sets.sum(-1).max()  # sets of several sizes: |common| / |current| is exercised
     below = K.avcs_sets(-torch.rand(2, 5, 3, dtype=f64), torch.ones(2), generator=seeded(0))
     assert not below.any()  # every logit below the threshold: empty support, empty set
 
 
-def test_set_metrics_hand_worked():
-    sets = torch.tensor([[[1, 1, 0], [0, 0, 0]],
-                         [[1, 0, 1], [0, 1, 0]]], dtype=torch.bool)  # (K=2, N=2, c=3)
-    metrics = K.set_metrics(sets, torch.tensor([0, 1]))
-    torch.testing.assert_close(metrics["size"], torch.tensor([1.0, 1.5], dtype=f64))
-    torch.testing.assert_close(metrics["coverage"], torch.tensor([0.5, 1.0], dtype=f64))
-    # exit 2: input 0 keeps {0} of {0, 2} -> 1/2; input 1: intersection empty, set not -> 0
-    torch.testing.assert_close(metrics["nestedness"], torch.tensor([1.0, 0.25], dtype=f64))
-
-
-def test_tune_avcs_thresholds_reach_coverage_on_their_data_and_bad_input_is_refused():
+def test_tune_avcs_thresholds_and_offsets_reach_coverage_on_their_data_and_bad_input_is_refused():
     g, alpha = seeded(23), 0.1
     y = torch.randint(0, 10, (400,), generator=g)
     logits = torch.randn(3, 400, 10, generator=g, dtype=f64) * 1.5
@@ -416,10 +365,7 @@ def test_tune_avcs_thresholds_reach_coverage_on_their_data_and_bad_input_is_refu
         K.tune_avcs(small, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="step must be > 0"):  # a walk that would never end
         K.tune_avcs(small, torch.zeros(4, dtype=torch.long), step=0.0)
-
-
-def test_tune_avcs_offsets_reaches_coverage_on_its_data_where_thresholds_cannot():
-    g, alpha = seeded(60), 0.1
+    g = seeded(60)  # offsets: where no thresholds can reach coverage
     y = torch.randint(0, 6, (300,), generator=g)
     logits = torch.randn(2, 300, 6, generator=g, dtype=f64)  # labels often below 0: outside the tau >= 1 support
     logits[:, torch.arange(300), y] += torch.tensor([0.5, 1.5], dtype=f64)[:, None]
@@ -456,7 +402,7 @@ def test_auroc_equals_a_pairwise_count_with_ties_counted_half():
     assert K.auroc(torch.ones(3), torch.ones(4)) == 0.5 and K.auroc(torch.ones(2), torch.zeros(2)) == 1.0
 
 
-def test_laplace_avcs_matches_explicit_ratio_product():
+def test_laplace_avcs_matches_explicit_ratio_product_and_excludes_far_labels_with_float32_features():
     features, weight, bias, _ = random_head(n=20, p=5, c=4, seed=25)  # few samples: a wide posterior
     temperatures, scales = (0.7, 1.0, 1.6), (0.5, 1.0, 2.0)
     laplaces = [K.KFACLaplace.fit(features, s * weight, bias, 1.0, t) for s, t in zip(scales, temperatures)]
@@ -475,11 +421,7 @@ def test_laplace_avcs_matches_explicit_ratio_product():
             running &= log_R <= math.log(5.0)
             assert torch.equal(sets[t], running if intersect else log_R <= math.log(5.0)), (t, intersect)
         assert 0 < sets.sum() < sets.numel()
-
-
-def test_laplace_avcs_excludes_far_labels_with_float32_features():
-    # a logit gap of 130 with a wide posterior: the far label's predictive is ~1e-40 or below, under float32's
-    # range; the sets must not depend on the dtype of the features
+    # a logit gap of 130, a wide posterior: the far label's predictive, ~1e-40, is below float32; sets ignore the dtype
     weight = torch.tensor([[130.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     laplace = K.KFACLaplace.fit(0.05 * torch.randn(4, 3, generator=seeded(43)), weight, torch.zeros(2), 1e-2)
     x = torch.tensor([[1.0, 0.0, 0.0]]).repeat(500, 1)
@@ -512,7 +454,7 @@ def test_group_and_worst_group_accuracy():
     assert "adjusted_avg_acc" not in data.accuracy(pred, split)
 
 
-def test_ece_matches_explicit_loop_with_confidence_one():
+def test_ece_group_means_pearson_correlation_nlpd_and_top5_against_loops_and_by_hand():
     g = seeded(32)
     probs = torch.softmax(3 * torch.randn(500, 4, generator=g, dtype=f64), -1)
     probs[:20] = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=f64)  # confidence exactly 1.0 must be counted
@@ -526,9 +468,6 @@ def test_ece_matches_explicit_loop_with_confidence_one():
             mean_confidence = sum(float(confidence[i]) for i in in_bin) / len(in_bin)
             total += len(in_bin) / 500 * abs(accuracy - mean_confidence)
     assert K.expected_calibration_error(probs, y) == pytest.approx(total, abs=1e-12)
-
-
-def test_group_means_pearson_correlation_nlpd_and_top5_by_hand():
     values, groups = torch.tensor([1.0, 2.0, 4.0, 8.0, 3.0], dtype=f64), torch.tensor([0, 0, 2, 2, 2])
     assert K.group_means(values, groups, 4) == [1.5, None, 5.0, None]  # an empty group has no mean
     a, b = torch.randn(50, generator=seeded(60), dtype=f64), torch.randn(50, generator=seeded(61), dtype=f64)
@@ -543,9 +482,8 @@ def test_group_means_pearson_correlation_nlpd_and_top5_by_hand():
 
 
 # ── The mathematics as copyable units ───────────────────────────────────────────────────────────────────────────────
-# Every public function and class of sections 1-5 of the module runs when pasted, with the public units it
-# names, into a file that holds only ``from __future__ import annotations`` and the imports of math, numpy as
-# np, torch, torch.nn as nn and torch.nn.functional as F.
+# Every public function and class of sections 1-5 of the module runs pasted, with the public units it names, into a
+# file of only ``from __future__ import annotations`` and imports of math, numpy as np, torch, torch.nn as nn and F.
 
 def module_units():
     """{name: (source, names of the module's units it uses)} for the top-level defs of sections 1-5."""
@@ -626,7 +564,7 @@ def unit_examples():
     }
 
 
-def test_the_module_defines_every_name_before_its_first_use():
+def test_the_module_defines_every_name_before_its_first_use_and_every_unit_runs_copied_on_its_own():
     tree = ast.parse(Path(K.__file__).read_text())
     position = {}
     for index, node in enumerate(tree.body):
@@ -639,12 +577,8 @@ def test_the_module_defines_every_name_before_its_first_use():
     late = [(getattr(node, "name", "?"), name) for index, node in enumerate(tree.body)
             for name in {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} if position.get(name, -1) > index]
     assert not late
-
-
-def test_every_unit_of_the_mathematics_runs_copied_on_its_own():
     units, examples = module_units(), unit_examples()
-    assert set(units) - {name for name in units if name.startswith("_")} == set(examples)
-    assert not [name for name in units if name.startswith("_")], "no private helpers in sections 1-5"
+    assert set(units) == set(examples), "an example for every unit, and no private helpers in sections 1-5"
     for name, (_, used) in units.items():  # the docstring says what to copy along
         assert all(f"{other}`" in getattr(K, name).__doc__ for other in used), (name, used)
     for name, example in examples.items():
@@ -710,16 +644,6 @@ def test_pass_and_exit_flops_count_what_a_pass_over_some_exits_runs(arch):
         assert model.exit_flops[0] == (8 * 8 * 4 * 3 * 9 + 8 * 8 * 4 * 4 * 9) + (2 * 8 * 8 * 4 * 4 * 9 + 4 * 3)
 
 
-@pytest.mark.parametrize("arch,published_gmacs", [("resnet18", 1.814), ("resnet50", 4.089)])
-def test_resnet_flops_match_torchvision_published_figures(arch, published_gmacs):
-    model = K.build_model(arch, 1000)  # 224 x 224 inputs
-    readouts = 0  # our early heads, counted by hand: two 3x3 convs of width min(2C, 128), then a linear
-    for k, channels in enumerate(model.backbone.stage_channels[:-1]):
-        side, width = 56 // 2 ** k, min(2 * channels, 128)
-        readouts += side * side * width * 9 * (channels + width) + width * 1000
-    assert abs((model.exit_flops[-1] - readouts) / 1e9 - published_gmacs) < 5e-4  # torchvision's GFLOPS (MACs)
-
-
 def test_predict_split_runs_heads_in_float32_under_cpu_bf16_autocast():
     torch.manual_seed(3)
     model, data = K.build_model("cnn", 2, width=8).eval(), K.make_synth(32, 64, 8, seed=1)
@@ -753,7 +677,14 @@ def test_predict_split_runs_heads_in_float32_under_cpu_bf16_autocast():
     assert torch.equal(both_logits[1], logits[0]) and torch.equal(both_features[1], features[0])
 
 
-def test_build_model_reloads_torchvision_named_weights_and_rejects_bad_requests(tmp_path):
+def test_build_model_matches_torchvision_flops_and_names_reloads_weights_and_rejects_bad_requests(tmp_path):
+    for arch, published_gmacs in (("resnet18", 1.814), ("resnet50", 4.089)):
+        model = K.build_model(arch, 1000)  # 224 x 224 inputs
+        readouts = 0  # our early heads, counted by hand: two 3x3 convs of width min(2C, 128), then a linear
+        for k, channels in enumerate(model.backbone.stage_channels[:-1]):
+            side, width = 56 // 2 ** k, min(2 * channels, 128)
+            readouts += side * side * width * 9 * (channels + width) + width * 1000
+        assert abs((model.exit_flops[-1] - readouts) / 1e9 - published_gmacs) < 5e-4, arch  # torchvision's GMACs
     model = K.build_model("resnet18", 10)
     assert list(model.backbone.state_dict().keys()) == RESNET18_KEYS
     torch.save(model.backbone.state_dict(), tmp_path / "weights.pth")
@@ -795,13 +726,12 @@ def test_one_training_step_under_cpu_bf16_autocast_and_detached_exits():
 
 # ── Data ────────────────────────────────────────────────────────────────────────────────────────────────────────────
 
-def test_synth_is_deterministic_with_waterbirds_proportions_refusals_and_far_inputs():
+def test_synth_is_deterministic_in_waterbirds_and_multi_class_proportions_with_refusals_and_far_inputs():
     a, b = K.make_synth(480, 120, 240, seed=3), K.make_synth(480, 120, 240, seed=3)
     assert torch.equal(a.train.images, b.train.images) and a.train.images.dtype == torch.uint8
     assert a.train.images.shape == (480, 3, 32, 32)
     counts = torch.bincount(a.train.groups, minlength=4).tolist()
     assert counts[0] > counts[3] > counts[1] > counts[2] >= 1  # 3498 : 1057 : 184 : 56
-    assert torch.equal(a.train.groups // 2, a.train.labels)
     test_counts = torch.bincount(a.test.groups, minlength=4).tolist()  # backgrounds balanced in each class
     assert abs(test_counts[0] - test_counts[1]) <= 1 and abs(test_counts[2] - test_counts[3]) <= 1
     with pytest.raises(ValueError, match="n_train=45 .* the next size that can is n_train=50"):
@@ -813,14 +743,11 @@ def test_synth_is_deterministic_with_waterbirds_proportions_refusals_and_far_inp
     assert set(far) == {"unseen shapes", "unseen colours"} and far["unseen shapes"].shape == (12, 3, 32, 32)
     assert set(K.make_synth_far_inputs(4, 32, n_classes=10)) == {"unseen colours"}  # every shape is a class
     assert set(K.make_synth_far_inputs(4, 32, n_classes=2)) == {"unseen shapes"}
-
-
-def test_multi_class_synth_classes_groups_and_proportions():
     data = K.make_synth(n_train=2000, n_val=400, n_test=800, seed=2, n_classes=10)
     assert (data.n_classes, data.n_groups) == (10, 20)
     assert data.group_names[:3] == ["disk/own", "disk/other", "triangle/own"]
-    for split in (data.train, data.val, data.test):
-        assert torch.equal(split.groups // 2, split.labels)  # g = 2 y + [background is another class's]
+    for split in (a.train, a.test, data.train, data.val, data.test):  # 2 classes: g = 2 y + place
+        assert torch.equal(split.groups // 2, split.labels)  # more: g = 2 y + [background is another class's]
     train_counts = torch.bincount(data.train.groups, minlength=20).view(10, 2)  # (class, own / other)
     assert torch.all((train_counts[:, 0].double() / train_counts.sum(1) - 0.9).abs() < 0.01)  # 90% on its own
     assert train_counts.sum(1).max() - train_counts.sum(1).min() <= 2  # classes balanced
@@ -1201,7 +1128,7 @@ def test_default_waterbirds_pair_runs_offline_from_two_local_weight_files(tmp_pa
     assert "--teacher-pretrained" in err and "teacher (resnet50)" in err and err.count("\n") == 1
 
 
-def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_interrupt_matches_an_uninterrupted_run_and_more_epochs_continue_it(tmp_path, monkeypatch):
     args = TINY + ["--epochs", "3", "--weighting", "laplace"]
     train.main(args + ["--out", str(tmp_path / "full")])
     real_save = K.atomic_save
@@ -1225,16 +1152,15 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypat
     cut_metrics, full_metrics = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("cut", "full"))
     assert cut_metrics.pop("wall_seconds") > 0 and full_metrics.pop("wall_seconds") > 0  # the process's own
     assert cut_metrics == full_metrics
-
-
-def test_resume_with_more_epochs_continues_the_run(tmp_path):
-    args = TINY + ["--weighting", "dedier", "--out", str(tmp_path / "run")]
-    train.main(args)
-    train.main(args + ["--epochs", "3", "--resume"])  # argparse: the later --epochs wins
-    records = read_log(tmp_path / "run")
-    assert [(r["phase"], r["epoch"]) for r in records] == [("teacher", 1), ("student", 1), ("student", 2), ("student", 3)]
+    train.main(args + ["--out", str(tmp_path / "full"), "--epochs", "4", "--resume"])  # more epochs: it continues
+    records = read_log(tmp_path / "full")
+    assert [(r["phase"], r["epoch"]) for r in records] == [("teacher", 1)] + [("student", e) for e in range(1, 5)]
     assert "upweighted_share" in records[-1] and "weight_corr_temperature" not in records[-1]  # no --diagnostics
-    assert K.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
+    assert K.load_checkpoint(tmp_path / "full" / "last.pt")["epoch"] == 4
+    # argparse: the later --epochs wins, also over the longer budget that more synth classes default to
+    two, ten = train.parse_args([]), train.parse_args(["--synth-classes", "10"])
+    assert ten.epochs > two.epochs and ten.teacher_epochs > two.teacher_epochs and ten.lr == two.lr
+    assert train.parse_args(["--synth-classes", "3", "--epochs", "5"]).epochs == 5
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -1280,12 +1206,6 @@ def test_train_rejects_bad_runs_without_a_traceback(tiny_runs, tmp_path, capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--alpha must be > 0" in result.stderr
 
 
-def test_more_synth_classes_default_to_a_longer_budget_and_flags_still_win():
-    two, ten = train.parse_args([]), train.parse_args(["--synth-classes", "10"])
-    assert ten.epochs > two.epochs and ten.teacher_epochs > two.teacher_epochs and ten.lr == two.lr
-    assert train.parse_args(["--synth-classes", "3", "--epochs", "5"]).epochs == 5
-
-
 def test_bench_epoch_cases_count_the_multiply_adds_that_torch_counts_in_every_phase(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -1304,9 +1224,8 @@ def test_bench_epoch_cases_count_the_multiply_adds_that_torch_counts_in_every_ph
         "epoch_tail_none", "epoch_student_dedier", "epoch_tail_dedier", "epoch_student_laplace", "epoch_tail_laplace"]
     # train.py's epoch does the bare loop's arithmetic plus its tail's, nothing more (the Laplace's own is < 0.1%)
     assert all(row["bound"] == pytest.approx(1, rel=1e-3) for row in rows if row["bound"] is not None)
-    # bench's MACs ratio against torch's count: autograd computes no input gradient for the first convolution nor for
-    # the detached early heads' first layers, which bench's "a backward is twice the forward" includes, so bench's bare
-    # loop is larger, by one factor for all of a network's tails
+    # bench's MACs ratio against torch's count: bench's "a backward is twice the forward" includes input gradients that
+    # autograd skips (first convolution, detached heads' first layers), by one factor for all of a network's tails
     factors = {row["case"]: row["ratio"] / row["macs_ratio"] for row in rows if row["case"].startswith("epoch_tail")}
     assert all(1 <= factor < 1.15 for factor in factors.values())
     assert factors["epoch_tail_dedier"] == pytest.approx(factors["epoch_tail_none"], rel=0.01)
@@ -1405,7 +1324,13 @@ def test_sweep_shards_partition_each_stage(study):
     assert sorted(names) == sorted(run.name for run in runs) and len(set(names)) == len(names)
 
 
-def test_sweep_slots_split_the_cores_and_pack_runs_onto_gpus(monkeypatch):
+def test_sweep_slots_split_the_cores_and_gpus_and_a_bad_shard_or_too_many_jobs_are_refused(monkeypatch):
+    result = run_script("sweep.py", "--study", "budget", "--shard", "4/3")
+    assert result.returncode == 2 and "--shard 4/3: expected I/N with 1 <= I <= N" in result.stderr
+    cores = len(os.sched_getaffinity(0))
+    result = run_script("sweep.py", "--study", "budget", "--jobs", str(cores + 1), "--", "--device", "cpu")
+    assert result.returncode == 1 and f"--jobs {cores + 1}: more runs than the {cores} cores" in result.stderr
+    assert "Traceback" not in result.stderr
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
     slots = sweep.slot_resources(4, 2, ["3", "5"])  # 4 runs, 2 per GPU, on the GPUs CUDA_VISIBLE_DEVICES names
     assert [slot["gpu"] for slot in slots] == ["3", "3", "5", "5"]
@@ -1413,15 +1338,6 @@ def test_sweep_slots_split_the_cores_and_pack_runs_onto_gpus(monkeypatch):
     slots = sweep.slot_resources(3, 1, [])
     assert [slot["gpu"] for slot in slots] == [None] * 3 and sorted(sum((s["cores"] for s in slots), [])) == list(range(8))
     assert all(len(slot["cores"]) >= 2 for slot in slots)
-
-
-def test_sweep_rejects_a_bad_shard_and_too_many_jobs():
-    result = run_script("sweep.py", "--study", "budget", "--shard", "4/3")
-    assert result.returncode == 2 and "--shard 4/3: expected I/N with 1 <= I <= N" in result.stderr
-    cores = len(os.sched_getaffinity(0))
-    result = run_script("sweep.py", "--study", "budget", "--jobs", str(cores + 1), "--", "--device", "cpu")
-    assert result.returncode == 1 and f"--jobs {cores + 1}: more runs than the {cores} cores" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import kdlaplace as K
 
@@ -28,20 +27,17 @@ N_SAMPLES = 50  # MC samples of every Laplace predictive in training and in its 
 SEED_STRIDE = 100003  # a prime: the readout pass of (seed, epoch) draws from seed * SEED_STRIDE + epoch
 CROSS_FIT_FOLDS = 5  # laplace-cv: each sample's posterior is fit on the other 4/5 of the training set
 GDRO_STEP = 0.01  # group DRO's step size eta on the group weights (Sagawa et al. 2020)
-# synth with more than two classes: the budget of the exits study (sweep.py --study exits, results/exits.md)
-MULTI_CLASS_EPOCHS = {"teacher_epochs": 30, "epochs": 40}
+MULTI_CLASS_EPOCHS = {"teacher_epochs": 30, "epochs": 40}  # synth, > 2 classes: the exits study's (results/exits.md)
 
 # ── Defaults per dataset (``--help`` prints them) ───────────────────────────────────────────────────────────
 # alpha/beta per weighting: DEDIER's published values (Tiwari et al. 2024) on Waterbirds (0.05, 4), CelebA (0.1, 3.5),
 # alpha = 1, beta = 2 for the calibrated margins (untuned there); on synth the selection of `sweep.py --study table`.
-# Optimisers: group DRO's recipes (Sagawa et al. 2020); lam = 1 and T = 3 are DEDIER's.
 CALIBRATED_MARGINS = ("dedier-ts", "laplace", "laplace-cv", "laplace-ml")
-SHARED = dict(width=32, lam=1.0, temperature=3.0,
-              alpha={"dedier": 0.05, **dict.fromkeys(CALIBRATED_MARGINS, 1.0)},
-              beta={"dedier": 4.0, **dict.fromkeys(CALIBRATED_MARGINS, 2.0)})
+SHARED = dict(width=32, lam=1.0, temperature=3.0, alpha={"dedier": 0.05, **dict.fromkeys(CALIBRATED_MARGINS, 1.0)},
+              beta={"dedier": 4.0, **dict.fromkeys(CALIBRATED_MARGINS, 2.0)})  # lam = 1 and T = 3 are DEDIER's
 SYNTH_SELECTED = {"dedier": (1.0, 1.0), "dedier-ts": (1.0, 2.0), "laplace": (0.5, 2.0), "laplace-cv": (0.5, 2.0),
                   "laplace-ml": (0.5, 1.0)}  # (alpha, beta) of each weighting, selected by the table
-DATASET_DEFAULTS = {
+DATASET_DEFAULTS = {  # optimisers: group DRO's recipes (Sagawa et al. 2020)
     "synth": {**SHARED, "arch": "cnn", "teacher_arch": "cnn", "pretrained": "none", "epochs": 20, "teacher_epochs": 15,
               "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "teacher_objective": "gdro",
               "alpha": {w: alpha for w, (alpha, _) in SYNTH_SELECTED.items()},
@@ -61,16 +57,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The flags; those left out take the dataset's default (DATASET_DEFAULTS), which --help lists per dataset."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def add(name: str, help: str, **options) -> None:
+    def add(name: str, help: str, **options) -> None:  # the help ends in the default, per dataset where they differ
         key = name[2:].replace("-", "_")
-        if key in DATASET_DEFAULTS["synth"]:  # "(default: X)", or per dataset where they differ
-            values = {dataset: " ".join(f"{k}={x:g}" for k, x in defaults[key].items())
-                      if isinstance(defaults[key], dict) else str(defaults[key])
-                      for dataset, defaults in DATASET_DEFAULTS.items()}
-            help += " (default: " + (next(iter(values.values())) if len(set(values.values())) == 1 else
-                                     "; ".join(f"{dataset} {value}" for dataset, value in values.items())) + ")"
-        elif options.get("default") is not None and options.get("action") != "store_true":
-            help += f" (default: {options['default']})"
+        values = {dataset: " ".join(f"{k}={x:g}" for k, x in d[key].items()) if isinstance(d[key], dict)
+                  else str(d[key]) for dataset, d in DATASET_DEFAULTS.items() if key in d}  # {}: not a dataset's
+        if len(set(values.values())) > 1:
+            help += " (default: " + "; ".join(f"{dataset} {value}" for dataset, value in values.items()) + ")"
+        elif values or "default" in options:
+            help += f" (default: {values['synth'] if values else options['default']})"
         parser.add_argument(name, help=help, **options)
 
     add("--dataset", "the benchmark", default="synth", choices=K.DATASETS)
@@ -121,13 +115,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return cfg
 
 
-# ── Networks and checkpoints ────────────────────────────────────────────────────────────────────────────────
-
+# ── Networks: a fresh one; the readout's passes and its calibration ─────────────────────────────────────────
 def new_model(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset, device: torch.device) -> K.EarlyExitNet:
     """A fresh network for ``role`` with its own pretrained weights (--pretrained or --teacher-pretrained)."""
-    student = role == "student"
-    arch, width = (cfg.arch, cfg.width) if student else (cfg.teacher_arch, cfg.teacher_width)
-    flag, value = ("--pretrained", cfg.pretrained) if student else ("--teacher-pretrained", cfg.teacher_pretrained)
+    arch, width, flag, value = ((cfg.arch, cfg.width, "--pretrained", cfg.pretrained) if role == "student" else
+                                (cfg.teacher_arch, cfg.teacher_width, "--teacher-pretrained", cfg.teacher_pretrained))
     try:
         model = K.build_model(arch, data.n_classes, {"none": False, "imagenet": True}.get(value, value), width,
                               data.image_size)
@@ -136,13 +128,6 @@ def new_model(cfg: argparse.Namespace, role: str, data: K.SpuriousDataset, devic
         raise ValueError(f"{flag} {value}: cannot initialise the {role} ({arch}): {error}{offline}") from None
     return K.model_to_device(model, device, K.run_uses_bf16(vars(cfg), device))
 
-
-def save(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, path: Path, **state) -> None:
-    """Atomically write the weights, model and run config (what eval.py needs) and ``state`` (--resume's, in last.pt)."""
-    K.atomic_save({"model": model.state_dict(), "model_config": model.config, "config": vars(cfg), **state}, path)
-
-
-# ── The readout's passes and its calibration ────────────────────────────────────────────────────────────────
 
 def readout_pass(cfg: argparse.Namespace, student: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                  device: torch.device, split: str, float32_heads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,30 +146,26 @@ def readout_calibration(cfg: argparse.Namespace, student: K.EarlyExitNet, splits
     laplace = K.tuned_exit_laplace(student.heads[cfg.readout_exit].linear, train_features, val_features,
                                    splits["val"].labels, N_SAMPLES, cfg.seed)
     temperature, test = K.tune_temperature(val_logits, splits["val"].labels), splits["test"]
-    result = {"exit": cfg.readout_exit}
-    for name, probs in (("map", torch.softmax(logits, -1)), ("temperature", torch.softmax(logits / temperature, -1)),
-                        ("laplace", laplace.predict(features, N_SAMPLES, generator=K.seeded_generator(cfg.seed, device)))):
-        result[name] = K.classification_metrics(probs, test.labels, test.groups, data.n_groups)
-    return result
+    predictives = {"map": torch.softmax(logits, -1), "temperature": torch.softmax(logits / temperature, -1),
+                   "laplace": laplace.predict(features, N_SAMPLES, generator=K.seeded_generator(cfg.seed, device))}
+    return {"exit": cfg.readout_exit, **{name: K.classification_metrics(probs, test.labels, test.groups, data.n_groups)
+                                         for name, probs in predictives.items()}}
 
 
 # ── Training: one phase (teacher or student), one epoch top to bottom ───────────────────────────────────────
-
 def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, splits: dict, data: K.SpuriousDataset,
                           device: torch.device, epoch: int) -> tuple[dict, Optional[torch.Tensor], dict]:
     """The end of an epoch: the last exit's validation metrics (model selection) and, for a weighted student, the
-    next epoch's sample weights (N,) and what the log shows of them (else None and {}): DEDIER's weights of the
-    readout's predictive (kdlaplace.readout_predictive) on the training set (its head in bf16 under autocast, as a
-    cheap pass), tuned on the same validation pass (head in float32)."""
-    last_exit = len(model.heads) - 1
+    next epoch's sample weights (N,) and their log fields (else None and {}): DEDIER's weights of the readout's
+    predictive on train (kdlaplace.readout_predictive; head in bf16, a cheap pass), tuned on the same val pass."""
     reweight = role == "student" and cfg.weighting != "none"
     val_logits, val_features = K.predict_split(model, splits["val"], data.mean, data.std, device,
-                                               exits=[last_exit, cfg.readout_exit] if reweight else [last_exit],
+                                               exits=[-1, cfg.readout_exit] if reweight else [-1],
                                                amp=K.run_uses_bf16(vars(cfg), device))  # (K', N_val, c), K' x (N_val, p)
     metrics = data.accuracy(val_logits[0].argmax(-1), splits["val"])
     if not reweight:
         return metrics, None, {}
-    val_logits, val_features = val_logits[1], val_features[1]  # the readout's: (N_val, c), (N_val, p)
+    val_logits, val_features = val_logits[1], val_features[1]  # the readout's (head in float32): (N_val, c), (N_val, p)
     train, val, seed = splits["train"], splits["val"], cfg.seed * SEED_STRIDE + epoch
     train_logits, train_features = readout_pass(cfg, model, splits, data, device, "train", float32_heads=False)
     linear = model.heads[cfg.readout_exit].linear
@@ -200,14 +181,12 @@ def validate_and_reweight(cfg: argparse.Namespace, role: str, model: K.EarlyExit
         temperature = K.tune_temperature(val_logits, val.labels)
         info["readout_temperature"] = temperature if cfg.weighting == "dedier-ts" else info["readout_temperature"]
     if cfg.diagnostics:  # do the weights differ from a tuned temperature's, and does phi~^T V phi~ differ by group?
-        temperature_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels, cfg.alpha,
-                                               cfg.beta)  # (N,)
+        ts_weights = K.dedier_weights(torch.softmax(train_logits / temperature, -1), train.labels, cfg.alpha, cfg.beta)
         info.update(upweighted_share_all=float((weights > 1).double().mean()), posterior_logit_std=None,
-                    weight_corr_temperature=K.pearson_correlation(weights, temperature_weights))
+                    weight_corr_temperature=K.pearson_correlation(weights, ts_weights))
         if laplace is not None:  # one variance for every input would act as one more global temperature
             variance = logit_std.double() ** 2  # (N,) proportional to phi~^T V phi~: a CV does not see the scale
-            group_variance = torch.tensor([v for v in group_means(variance) if v is not None],
-                                          dtype=torch.float64)  # (groups present,)
+            group_variance = torch.tensor([v for v in group_means(variance) if v is not None], dtype=torch.float64)
             info.update(posterior_logit_std=group_means(logit_std), posterior_logit_std_median=float(logit_std.median()),
                         posterior_variance_cv=float(variance.std() / variance.mean()),
                         posterior_variance_group_cv=float(group_variance.std() / group_variance.mean()))
@@ -220,15 +199,14 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
     """Train ``role`` ("teacher", or "student" distilling ``targets``) with nesterov SGD on the one-cycle
     schedule. After every epoch: validation, the readout's new sample weights (student), OUT/<role>.pt when the
     validation worst-group accuracy improves, and OUT/last.pt, from which ``state`` resumes this phase."""
-    train = splits["train"]
+    train, amp = splits["train"], K.run_uses_bf16(vars(cfg), device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
                                 weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
-    # the phase from its start (epoch, best val score, group DRO's weights, sample weights) or where last.pt left off
     progress = {"epoch": 0, "best": {"worst_group_acc": -1.0, "avg_acc": -1.0, "epoch": 0},
                 "group_weights": torch.full((data.n_groups,), 1 / data.n_groups), "sample_weights": None}
-    if state.get("phase") == role:
+    if state.get("phase") == role:  # resume where last.pt left off
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -239,7 +217,6 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch,
                                                    pct_start=0.15, div_factor=25, final_div_factor=1e4,
                                                    last_epoch=progress["epoch"] * steps_per_epoch - 1)
-    amp = K.run_uses_bf16(vars(cfg), device)
     for epoch in range(progress["epoch"] + 1, epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -253,12 +230,11 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
             with K.autocast(device, amp):
                 if role == "student":  # weighted KD (+ CE); no weights in epoch 1: the readout is untrained
                     weights = None if progress["sample_weights"] is None else progress["sample_weights"][index]
-                    teacher_logits = targets(x, index, flips)  # (B, c)
-                    logits = model(x)  # K x (B, c)
+                    teacher_logits, logits = targets(x, index, flips), model(x)  # (B, c), K x (B, c)
                     loss = K.student_loss(logits[-1], teacher_logits, y, weights, cfg.lam, cfg.temperature)
                 else:  # cross-entropy (ERM) or group DRO
                     logits = model(x)  # K x (B, c)
-                    per_sample = F.cross_entropy(logits[-1].float(), y, reduction="none")  # (B,)
+                    per_sample = torch.nn.functional.cross_entropy(logits[-1].float(), y, reduction="none")  # (B,)
                     if cfg.teacher_objective == "gdro":
                         loss, progress["group_weights"] = K.group_dro_loss(per_sample, train.groups[index],
                                                                            progress["group_weights"], GDRO_STEP)
@@ -275,20 +251,20 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
         if not math.isfinite(train_loss):
             raise ValueError(f"{role} training diverged at epoch {epoch} (loss {train_loss}); lower --lr")
         val_metrics, sample_weights, info = validate_and_reweight(cfg, role, model, splits, data, device, epoch)
-        if sample_weights is not None:  # the weights of the next epoch
-            progress["sample_weights"] = sample_weights
+        progress["sample_weights"] = sample_weights  # the next epoch's; None for the teacher and plain KD
         seconds = time.perf_counter() - started
+        checkpoint = {"model": model.state_dict(), "model_config": model.config, "config": vars(cfg)}  # eval.py's
         score = (val_metrics["worst_group_acc"], val_metrics["avg_acc"])
         if score > (progress["best"]["worst_group_acc"], progress["best"]["avg_acc"]):
             progress["best"] = {"worst_group_acc": score[0], "avg_acc": score[1], "epoch": epoch}
-            save(cfg, role, model, out / f"{role}.pt", best=progress["best"])
+            K.atomic_save({**checkpoint, "best": progress["best"]}, out / f"{role}.pt")
         log({"phase": role, "epoch": epoch, "seconds": round(seconds, 3), "train_loss": train_loss,
              "val_avg_acc": val_metrics["avg_acc"], "val_worst_group_acc": val_metrics["worst_group_acc"],
              "images_per_s": round(len(train) / seconds, 1), "lr": lr, "reweighted": sample_weights is not None,
              **info}, epochs)
-        progress["epoch"] = epoch
-        save(cfg, role, model, out / "last.pt", phase=role, optimizer=optimizer.state_dict(),
-             generator=generator.get_state(), **progress)
+        progress["epoch"] = epoch  # last.pt: where --resume continues (an atomic write: never half a file)
+        K.atomic_save({**checkpoint, "phase": role, "optimizer": optimizer.state_dict(),
+                       "generator": generator.get_state(), **progress}, out / "last.pt")
     model.load_state_dict(K.load_checkpoint(out / f"{role}.pt")["model"])
     print(f"{role}: best validation worst-group accuracy {progress['best']['worst_group_acc']:.3f} "
           f"at epoch {progress['best']['epoch']}")
@@ -296,10 +272,8 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
 
 
 # ── The pipeline ────────────────────────────────────────────────────────────────────────────────────────────
-
 def run(cfg: argparse.Namespace) -> dict:
-    started = time.perf_counter()
-    out = Path(cfg.out)
+    started, out = time.perf_counter(), Path(cfg.out)
     if cfg.resume and not (out / "last.pt").is_file():
         raise FileNotFoundError(f"--resume: no {out / 'last.pt'} to resume from (run without --resume first)")
     state = K.load_checkpoint(out / "last.pt", dataset=cfg.dataset, synth_classes=cfg.synth_classes, arch=cfg.arch,
@@ -331,11 +305,10 @@ def run(cfg: argparse.Namespace) -> dict:
         line = (f"{record['phase']} epoch {record['epoch']:3d}/{epochs}  loss {record['train_loss']:.4f}  val avg "
                 f"{record['val_avg_acc']:.3f}  worst-group {record['val_worst_group_acc']:.3f}  {record['seconds']:.1f}s")
         if "upweighted_share" in record:
-            line += "  | T {} s2 {}  up ".format(*(f"{record[k]:.3g}" if record[k] is not None else "-"
-                                                  for k in ("readout_temperature", "readout_prior_variance")))
-            line += "/".join(f"{share:.2f}" if share is not None else "-" for share in record["upweighted_share"])
-            if record["readout_temperature"] and K.at_search_end(record["readout_temperature"],
-                                                                 K.KFACLaplace.TEMPERATURE_GRID):
+            T, s2 = record["readout_temperature"], record["readout_prior_variance"]
+            line += "  | T {} s2 {}  up ".format(*("-" if value is None else f"{value:.3g}" for value in (T, s2)))
+            line += "/".join("-" if share is None else f"{share:.2f}" for share in record["upweighted_share"])
+            if T and K.at_search_end(T, K.KFACLaplace.TEMPERATURE_GRID):
                 line += "  (T at its search range's end: on separable val data T -> 0, every wrong sample exp(beta))"
         print(line, flush=True)
 
@@ -348,7 +321,6 @@ def run(cfg: argparse.Namespace) -> dict:
         teacher = train_phase(cfg, "teacher", new_model(cfg, "teacher", data, device), data, splits, device,
                               cfg.teacher_epochs, out, log, state)
     targets = K.teacher_targets(teacher, splits["train"], data.mean, data.std, data.augment, device, amp)
-
     # 2. Student: weighted KD on the last exit, readouts trained on the side, weights refreshed every epoch
     student = train_phase(cfg, "student", student, data, splits, device, cfg.epochs, out, log, state, targets)
 
@@ -359,15 +331,14 @@ def run(cfg: argparse.Namespace) -> dict:
 
     metrics = {"dataset": data.name, "weighting": cfg.weighting, "alpha": cfg.alpha, "beta": cfg.beta, "seed": cfg.seed,
                "teacher": {"test": test_accuracy(teacher)},
-               "student": {"test": test_accuracy(student),
-                           "val": K.load_checkpoint(out / "student.pt")["best"],  # the selected epoch
+               "student": {"test": test_accuracy(student), "val": K.load_checkpoint(out / "student.pt")["best"],
                            "readout": readout_calibration(cfg, student, splits, data, device)}}
     # what produced the run, for the tables that read it (wall time: of this process, after --resume its part)
     metrics.update(code_version=K.code_version(), hardware=K.hardware_name(device), bf16=amp,
                    threads=torch.get_num_threads(), wall_seconds=round(time.perf_counter() - started, 1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\n{'test':8s} {'avg acc':>8s} {'worst-group':>12s}  " + "  ".join(f"{g:>14s}" for g in data.group_names))
-    for role, m in ((role, metrics[role]["test"]) for role in ("teacher", "student")):
+    for role, m in (("teacher", metrics["teacher"]["test"]), ("student", metrics["student"]["test"])):
         print(f"{role:8s} {m['avg_acc']:8.3f} {m['worst_group_acc']:12.3f}  "
               + "  ".join(f"{a:14.3f}" if a is not None else f"{'-':>14s}" for a in m["group_acc"]))
     readout = metrics["student"]["readout"]
