@@ -63,8 +63,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                   else str(d[key]) for dataset, d in DATASET_DEFAULTS.items() if key in d}  # {}: not a dataset's
         if len(set(values.values())) > 1:
             help += " (default: " + "; ".join(f"{dataset} {value}" for dataset, value in values.items()) + ")"
-        elif values or "default" in options:
-            help += f" (default: {values['synth'] if values else options['default']})"
+        elif values or options.get("default") is not None and options.get("action") != "store_true":
+            help += f" (default: {next(iter(values.values())) if values else options['default']})"
         parser.add_argument(name, help=help, **options)
 
     add("--dataset", "the benchmark", default="synth", choices=K.DATASETS)
@@ -277,7 +277,7 @@ def run(cfg: argparse.Namespace) -> dict:
     if cfg.resume and not (out / "last.pt").is_file():
         raise FileNotFoundError(f"--resume: no {out / 'last.pt'} to resume from (run without --resume first)")
     state = K.load_checkpoint(out / "last.pt", dataset=cfg.dataset, synth_classes=cfg.synth_classes, arch=cfg.arch,
-                              teacher_arch=cfg.teacher_arch) if cfg.resume else {}
+                              teacher_arch=cfg.teacher_arch, weighting=cfg.weighting) if cfg.resume else {}
     torch.manual_seed(cfg.seed)
     K.use_allowed_cores()
     device = K.pick_device(cfg.device)
