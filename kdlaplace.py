@@ -798,9 +798,8 @@ def auroc(scores_in: Tensor, scores_out: Tensor) -> float:
 # ══════════════════════════════════════════════════════════════════════════════
 #  6. Networks: early-exit networks
 # ══════════════════════════════════════════════════════════════════════════════
-# A backbone exposes its stages as lists of its own modules (so its parameter names stay torchvision's) and
-# its classifier ``fc``. EarlyExitNet puts one exit head after each stage; the last head is the backbone's
-# own pool + fc.
+# A backbone exposes its stages as lists of its own modules (so its parameter names stay torchvision's) and its
+# classifier ``fc``. EarlyExitNet puts one exit head after each stage; the last is the backbone's own pool + fc.
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
@@ -809,9 +808,8 @@ def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> list[
 
 
 class ExitHead(nn.Module):
-    """An exit: ``body`` (a conv block, or nothing), global average pool, then ``linear``.
-
-    ``features(h)`` is the input of ``linear`` (N, p): what the last-layer Laplace works on."""
+    """An exit: ``body`` (a conv block, or nothing), global average pool, then ``linear``; ``features(h)`` (N, p),
+    the input of ``linear``, is what the last-layer Laplace works on."""
 
     def __init__(self, body: nn.Module, linear: nn.Linear) -> None:
         super().__init__()
@@ -832,19 +830,15 @@ def readout_head(in_channels: int, width: int, n_classes: int) -> ExitHead:
 
 
 class SmallCNN(nn.Module):
-    """A small VGG-style CNN for 32x32 inputs: three stages of two conv-BN-ReLU at width w, 2w, 4w.
-
-    The first stage downsamples (stride 2) to keep a full teacher + student run CPU-friendly."""
+    """A small VGG-style CNN for 32x32 inputs: three stages of two conv-BN-ReLU at width w, 2w, 4w, each
+    opening with a stride-2 conv (the first too, to keep a full teacher + student run CPU-friendly)."""
 
     def __init__(self, n_classes: int, width: int = 32) -> None:
         super().__init__()
-        self.stages = nn.ModuleList([
-            nn.Sequential(*_conv_bn_relu(3, width, 2), *_conv_bn_relu(width, width)),
-            nn.Sequential(*_conv_bn_relu(width, 2 * width, 2), *_conv_bn_relu(2 * width, 2 * width)),
-            nn.Sequential(*_conv_bn_relu(2 * width, 4 * width, 2), *_conv_bn_relu(4 * width, 4 * width)),
-        ])
-        self.fc = nn.Linear(4 * width, n_classes)
         self.stage_channels = [width, 2 * width, 4 * width]
+        self.stages = nn.ModuleList([nn.Sequential(*_conv_bn_relu(c_in, c, 2), *_conv_bn_relu(c, c))
+                                     for c_in, c in zip([3, width, 2 * width], self.stage_channels)])
+        self.fc = nn.Linear(4 * width, n_classes)
 
     def stage_modules(self) -> list[list[nn.Module]]:
         return [[stage] for stage in self.stages]
@@ -852,7 +846,6 @@ class SmallCNN(nn.Module):
 
 class EarlyExitNet(nn.Module):
     """A backbone cut into stages with one exit head after each; the last exit is the backbone's classifier.
-
     ``forward(x)`` -> K logits (N, c), first exit first; ``forward_features(x)`` -> K features (N, p_k), the
     inputs of each head's ``linear``. ``detach_exits=True`` (DEDIER's readouts, the default) feeds the early heads
     detached stage outputs, so they never push gradients into the backbone; ``False`` trains the exits jointly.
@@ -862,8 +855,7 @@ class EarlyExitNet(nn.Module):
                  detach_exits: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
-        final_head = ExitHead(nn.Identity(), backbone.fc)  # shares fc: the network's own classifier
-        self.heads = nn.ModuleList([*early_heads, final_head])
+        self.heads = nn.ModuleList([*early_heads, ExitHead(nn.Identity(), backbone.fc)])  # the last: the backbone's fc
         if len(self.heads) != len(backbone.stage_modules()):
             raise ValueError(f"{len(early_heads)} early heads for {len(backbone.stage_modules())} stages: "
                              "one head per stage but the last is expected")
@@ -937,6 +929,8 @@ class EarlyExitNet(nn.Module):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 WATERBIRDS_TRAIN_GROUP_SHARES = (3498, 184, 56, 1057)  # g = 2 y + place; Sagawa et al. (2020), table 4
+SYNTH_SHAPES = ("disk", "triangle", "square", "ring", "plus", "diamond", "inverted triangle", "horizontal bar",
+                "vertical bar", "cross")  # the classes of make_synth, in order
 
 
 @dataclass
@@ -971,10 +965,9 @@ class SpuriousDataset:
         return self.train.images.shape[-1]
 
     def accuracy(self, pred: Tensor, split: Split) -> dict:
-        """Average, worst-group and per-group accuracy (None for an empty group) of predictions ``pred`` (N,) on
-        ``split`` (Sagawa et al., ICLR 2020); on Waterbirds also the adjusted average, the per-group accuracies
-        weighted by the training group counts, ``sum_g n_g acc_g / sum_g n_g`` (an empty group counts 0): the
-        convention of WILDS and of the literature's 97-98% averages, where the balanced test set weighs groups alike."""
+        """Average, worst-group and per-group accuracy (None for an empty group) of ``pred`` (N,) on ``split``
+        (Sagawa et al., ICLR 2020); on Waterbirds also the adjusted average ``sum_g n_g acc_g / sum_g n_g`` over the
+        training group counts n_g (an empty group counts 0): WILDS' convention behind the literature's 97-98%."""
         accuracies = group_accuracies(pred, split.labels, split.groups, self.n_groups)  # (G,)
         report = {"avg_acc": float((pred == split.labels).double().mean()),
                   "worst_group_acc": worst_group_accuracy(pred, split.labels, split.groups, self.n_groups),
@@ -989,10 +982,6 @@ def _smooth_noise(n: int, size: int, cells: int, generator: torch.Generator) -> 
     """Low-frequency noise (n, 1, size, size) in [-1, 1]: a random ``cells x cells`` grid, bilinearly upsampled."""
     coarse = torch.rand(n, 1, cells, cells, generator=generator) * 2 - 1
     return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-
-
-SYNTH_SHAPES = ("disk", "triangle", "square", "ring", "plus", "diamond", "inverted triangle", "horizontal bar",
-                "vertical bar", "cross")  # the classes of make_synth, in order
 
 
 def _shape_masks(rows: Tensor, cols: Tensor, centre_row: Tensor, centre_col: Tensor, half_width: Tensor,
@@ -1018,12 +1007,9 @@ def _shape_masks(rows: Tensor, cols: Tensor, centre_row: Tensor, centre_col: Ten
 
 
 def _render_synth(labels: Tensor, places: Tensor, size: int, generator: torch.Generator, n_classes: int = 2) -> Tensor:
-    """Draw the synthetic images: one of the first ``n_classes`` shapes of SYNTH_SHAPES (the class) on a
-    background ``places`` (N,): with two classes land (0) or water (1), with more one of ``n_classes`` colours.
-
-    Background: a brown-green textured "land" or a blue "water" with horizontal waves, or (more classes) a
-    textured colour of hue ``place / n_classes``, each with colour jitter; foreground: one shape of random size,
-    position and colour (independent of the class); pixel noise on top. Returns uint8 (N, 3, size, size)."""
+    """uint8 (N, 3, size, size) images: shape ``labels`` of SYNTH_SHAPES, of random size, position and colour, on
+    background ``places`` (N,): with two classes a textured brown-green land (0) or a blue water with waves (1),
+    with more a textured colour of hue ``place / n_classes``; colour jitter per image, pixel noise on top."""
     n = labels.shape[0]
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     rows, cols = coords[None, :, None], coords[None, None, :]  # (1, H, 1), (1, 1, W)
@@ -1031,7 +1017,8 @@ def _render_synth(labels: Tensor, places: Tensor, size: int, generator: torch.Ge
         land = torch.tensor([0.50, 0.45, 0.22])[:, None, None] + 0.10 * _smooth_noise(n, size, 4, generator)
         wave_phase = torch.rand(n, 1, 1, generator=generator) * 2 * math.pi
         waves = 0.08 * torch.sin(2 * math.pi * 5 * rows + wave_phase)  # (N, H, 1)
-        water = torch.tensor([0.20, 0.38, 0.68])[:, None, None] + waves[:, None] + 0.04 * _smooth_noise(n, size, 4, generator)
+        water = (torch.tensor([0.20, 0.38, 0.68])[:, None, None] + waves[:, None]
+                 + 0.04 * _smooth_noise(n, size, 4, generator))
         jitter = 0.08 * (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1)  # per-image colour jitter
         background = torch.where(places[:, None, None, None].bool(), water, land) + jitter  # (N, 3, H, W)
     else:  # a colour wheel: the three channels are cosines of the hue, a third of a turn apart
@@ -1054,16 +1041,15 @@ def _render_synth(labels: Tensor, places: Tensor, size: int, generator: torch.Ge
 
 def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image_size: int = 32,
                seed: int = 0, n_classes: int = 2) -> SpuriousDataset:
-    """A Waterbirds-like spurious-correlation benchmark, generated in seconds, deterministic for ``seed``.
+    """A Waterbirds-like spurious-correlation benchmark, generated in seconds, deterministic for ``seed``:
+    ``n_classes`` (2 to 10) classes told apart by a foreground shape (SYNTH_SHAPES) on a background.
 
-    ``n_classes`` (2 to 10) classes told apart by a foreground shape (SYNTH_SHAPES: disk, triangle, ...) on a
-    background. Two classes: land or water, groups ``g = 2 y + place`` in Waterbirds' proportions
-    (3498 : 184 : 56 : 1057), so 95% of a class's training images show its own background (disk: land, triangle:
-    water). More classes: one background colour per class, classes balanced, 90% of a class's training images on
-    its own colour and the rest on another drawn uniformly; groups ``g = 2 y`` (own) and ``2 y + 1`` (another). In
-    val and test each class's two groups are balanced (as in Waterbirds), so worst-group accuracy exposes a
-    background shortcut, which a short ERM run learns (tested: majority groups above 90%, a minority below 50%).
-    """
+    Two classes: land or water, groups ``g = 2 y + place`` in Waterbirds' proportions (3498 : 184 : 56 : 1057), so
+    95% of a class's training images show its own background (disk: land, triangle: water). More classes: one
+    background colour per class, classes balanced, 90% of a class's training images on its own colour and the rest
+    on another drawn uniformly; groups ``g = 2 y`` (own) and ``2 y + 1`` (another). In val and test each class's
+    two groups are balanced (as in Waterbirds), so worst-group accuracy exposes a background shortcut, which a short
+    ERM run learns (tested: majority groups above 90%, a minority below 50%)."""
     if min(n_train, n_val, n_test) < 4 * n_classes or image_size < 16 or not 2 <= n_classes <= len(SYNTH_SHAPES):
         raise ValueError(f"synth: every split needs >= {4 * n_classes} images, image_size >= 16 and 2 to "
                          f"{len(SYNTH_SHAPES)} classes, got n_train={n_train}, n_val={n_val}, n_test={n_test}, "
@@ -1089,8 +1075,7 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
     def split(n: int, group_shares: Tensor) -> Split:
         counts = group_counts(n, group_shares)  # (2C,)
         counts[:int(n - counts.sum())] += 1  # the rounding remainder, one each, keeps val/test balanced
-        groups = torch.repeat_interleave(torch.arange(2 * n_classes), counts)
-        groups = groups[torch.randperm(n, generator=generator)]
+        groups = torch.repeat_interleave(torch.arange(2 * n_classes), counts)[torch.randperm(n, generator=generator)]
         labels, places = groups // 2, groups % 2
         if n_classes > 2:  # the background's colour: the class's own, or one of the others drawn uniformly
             offsets = torch.randint(1, n_classes, (n,), generator=generator)  # (N,)
@@ -1106,12 +1091,10 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
 
 
 def make_synth_far_inputs(n: int, image_size: int = 32, n_classes: int = 2, seed: int = 0) -> dict[str, Tensor]:
-    """Inputs unlike any that :func:`make_synth` trains on, uint8 (n, 3, size, size) per kind:
+    """Inputs unlike any :func:`make_synth` trains on, uint8 (n, 3, size, size) per kind, drawn uniformly from ``seed``:
 
         unseen shapes    shapes ``n_classes ..`` of SYNTH_SHAPES on the training backgrounds (``n_classes < 10``)
-        unseen colours   the training shapes on background hues halfway between two classes' (``n_classes > 2``)
-
-    Deterministic for ``seed``; shapes and colours are drawn uniformly."""
+        unseen colours   the training shapes on background hues halfway between two classes' (``n_classes > 2``)"""
     generator = torch.Generator().manual_seed(seed)
     inputs = {}
     if n_classes < len(SYNTH_SHAPES):
@@ -1126,10 +1109,8 @@ def make_synth_far_inputs(n: int, image_size: int = 32, n_classes: int = 2, seed
 
 
 def _decode_image(path: Path, image_size: int, layout: str) -> np.ndarray:
-    """Decode one JPEG with Pillow into uint8 (3, S, S) using the dataset's eval transform.
-
-    ``layout="waterbirds"``: resize to (256/224 S)^2, centre-crop S (Sagawa et al.'s transform).
-    ``layout="celeba"``: centre-crop 178 x 178, resize to S (Liu et al. 2015 aligned faces)."""
+    """One JPEG as uint8 (3, S, S) by the dataset's eval transform: ``layout="waterbirds"`` resizes to
+    (256/224 S)^2 and centre-crops S (Sagawa et al.), ``"celeba"`` centre-crops 178^2 and resizes to S."""
     from PIL import Image  # Pillow is only needed for the JPEG datasets
     try:
         with Image.open(path) as image:
@@ -1143,7 +1124,8 @@ def _decode_image(path: Path, image_size: int, layout: str) -> np.ndarray:
                 width, height = image.size
                 side = min(178, width, height)
                 left, top = (width - side) // 2, (height - side) // 2
-                image = image.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BILINEAR)
+                image = image.crop((left, top, left + side, top + side))
+                image = image.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
     except OSError as error:
         raise ValueError(f"cannot decode image {path}: {error}") from None
@@ -1152,10 +1134,8 @@ def _decode_image(path: Path, image_size: int, layout: str) -> np.ndarray:
 def _cached_images(name: str, paths: list[Path], image_size: int, layout: str,
                    cache_dir: Optional[Union[str, Path]]) -> np.ndarray:
     """All ``paths`` decoded once into a uint8 memmap (N, 3, S, S) under the cache folder; later calls open it.
-
-    The cache is built in a temporary folder and renamed into place only when every image decoded: an
-    interrupted build leaves no folder that could pass for a complete one. The key hashes the image paths
-    and the size, so another root or size gets its own cache."""
+    Built in a temporary folder renamed into place once every image decoded, so an interrupted build never passes
+    for a complete one; the key hashes the image paths and the size: another root or size gets its own cache."""
     key = hashlib.sha1(json.dumps([name, image_size, layout, [str(p) for p in paths]]).encode()).hexdigest()[:16]
     # default: $KDLAPLACE_CACHE, else $XDG_CACHE_HOME/kdlaplace, else ~/.cache/kdlaplace: never the data folder
     cache_dir = cache_dir or os.environ.get("KDLAPLACE_CACHE") or \
@@ -1176,10 +1156,8 @@ def _cached_images(name: str, paths: list[Path], image_size: int, layout: str,
                 list(pool.map(decode_into, range(len(paths))))
             images.flush()
             del images
-            try:
+            with contextlib.suppress(OSError):  # another process finished the same cache first
                 os.replace(building, folder)
-            except OSError:  # another process finished the same cache first
-                pass
         finally:
             shutil.rmtree(building, ignore_errors=True)
     # mode "c": copy-on-write, so torch.from_numpy gets a writable array without copying the file
@@ -1199,23 +1177,22 @@ def _require_columns(header: Sequence[str], required: Sequence[str], path: Path)
                          f"{', '.join(required)}")
 
 
-def _jpeg_splits(name: str, paths: list[Path], split_ids: np.ndarray, labels: np.ndarray, attribute: np.ndarray,
-                 listing: Path, image_size: int, cache_dir: Optional[Union[str, Path]]) -> tuple[Split, Split, Split]:
-    """Train/val/test of a JPEG dataset with ``g = 2 y + a``: images sorted by split id (0, 1, 2) and cached,
-    so each split is a zero-copy view of the memmap."""
+def _jpeg_dataset(name: str, paths: list[Path], split_ids: np.ndarray, labels: np.ndarray, attribute: np.ndarray,
+                  listing: Path, image_size: int, cache_dir: Optional[Union[str, Path]], group_names: list[str],
+                  class_name: str, spurious_name: str) -> SpuriousDataset:
+    """A two-class JPEG dataset with ``g = 2 y + a``: images sorted by split id (0 train, 1 val, 2 test) and
+    cached, so each split is a zero-copy view of the memmap."""
     missing = [path for path in paths if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) listed in {listing} are missing, first: {missing[0]}")
     order = np.argsort(split_ids, kind="stable")
     images = _cached_images(name, [paths[i] for i in order], image_size, name, cache_dir)
     split_ids, labels, groups = split_ids[order], labels[order], 2 * labels[order] + attribute[order]
-    out = []
-    for split_id in range(3):
-        rows = np.flatnonzero(split_ids == split_id)
-        start, stop = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
-        out.append(Split(torch.from_numpy(images[start:stop]), torch.from_numpy(labels[start:stop]).long(),
-                         torch.from_numpy(groups[start:stop]).long()))
-    return tuple(out)
+    starts, stops = np.searchsorted(split_ids, [0, 1, 2], "left"), np.searchsorted(split_ids, [0, 1, 2], "right")
+    splits = [Split(torch.from_numpy(images[start:stop]), torch.from_numpy(labels[start:stop]).long(),
+                    torch.from_numpy(groups[start:stop]).long()) for start, stop in zip(starts, stops)]
+    return SpuriousDataset(name, *splits, n_classes=2, n_groups=4, group_names=group_names, mean=IMAGENET_MEAN,
+                           std=IMAGENET_STD, class_name=class_name, spurious_name=spurious_name, augment="crop")
 
 
 def _load_waterbirds(root: Path, image_size: int = 224, cache_dir: Optional[str] = None) -> SpuriousDataset:
@@ -1227,21 +1204,16 @@ def _load_waterbirds(root: Path, image_size: int = 224, cache_dir: Optional[str]
         _require_columns(reader.fieldnames or [], ["img_filename", "y", "split", "place"], metadata)
         rows = list(reader)
     try:
-        split_ids = np.array([int(row["split"]) for row in rows])
-        labels = np.array([int(row["y"]) for row in rows])
-        places = np.array([int(row["place"]) for row in rows])
+        values = {column: np.array([int(row[column]) for row in rows]) for column in ("split", "y", "place")}
     except ValueError as error:
         raise ValueError(f"{metadata}: columns y, split and place must hold integers ({error})") from None
-    for column, values in (("split", split_ids), ("y", labels), ("place", places)):
-        allowed = (0, 1, 2) if column == "split" else (0, 1)
-        if not np.isin(values, allowed).all():
+    for column, allowed in (("split", (0, 1, 2)), ("y", (0, 1)), ("place", (0, 1))):
+        if not np.isin(values[column], allowed).all():
             raise ValueError(f"{metadata}: column {column} must hold values in {allowed}")
     paths = [root / row["img_filename"] for row in rows]
-    train, val, test = _jpeg_splits("waterbirds", paths, split_ids, labels, places, metadata, image_size, cache_dir)
-    return SpuriousDataset("waterbirds", train, val, test, n_classes=2, n_groups=4,
-                           group_names=["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"],
-                           mean=IMAGENET_MEAN, std=IMAGENET_STD, class_name="waterbird",
-                           spurious_name="water background", augment="crop")
+    return _jpeg_dataset("waterbirds", paths, values["split"], values["y"], values["place"], metadata, image_size,
+                         cache_dir, ["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"],
+                         class_name="waterbird", spurious_name="water background")
 
 
 def _find_first(root: Path, candidates: Sequence[str]) -> Optional[Path]:
@@ -1249,25 +1221,22 @@ def _find_first(root: Path, candidates: Sequence[str]) -> Optional[Path]:
 
 
 def _read_celeba_table(path: Path) -> tuple[list[str], list[str], np.ndarray]:
-    """(column names, image names, int values) of a CelebA annotation file in the original ``.txt`` layout
-    (attributes: line 1 = count, line 2 = names; partition: no header) or Kaggle's ``.csv`` (header ``image_id,...``)."""
+    """(column names, image names, int values) of a CelebA annotation file: the original ``.txt`` (attributes:
+    line 1 = count, line 2 = names; partition: no header) or Kaggle's ``.csv`` (header ``image_id,...``)."""
     if path.suffix == ".csv":
         with open(path, newline="") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if not header or header[0] != "image_id":
                 raise ValueError(f"{path}: expected a header line starting with 'image_id'")
-            rows = [row for row in reader if row]
-        names, columns = [row[0] for row in rows], header[1:]
-        values = [row[1:] for row in rows]
+            rows, columns = [row for row in reader if row], header[1:]
     else:
-        lines = path.read_text().split("\n")
-        tokens = [line.split() for line in lines if line.strip()]
-        if tokens and len(tokens[0]) == 1 and tokens[0][0].isdigit():  # list_attr_celeba.txt
-            columns, tokens = tokens[1], tokens[2:]
+        rows = [line.split() for line in path.read_text().split("\n") if line.strip()]
+        if rows and len(rows[0]) == 1 and rows[0][0].isdigit():  # list_attr_celeba.txt
+            columns, rows = rows[1], rows[2:]
         else:  # list_eval_partition.txt
             columns = ["partition"]
-        names, values = [row[0] for row in tokens], [row[1:] for row in tokens]
+    names, values = [row[0] for row in rows], [row[1:] for row in rows]
     try:
         table = np.array(values, dtype=np.int64)
     except ValueError:
@@ -1301,11 +1270,9 @@ def _load_celeba(root: Path, image_size: int = 224, cache_dir: Optional[str] = N
     labels = (attributes[:, columns.index(target)] > 0).astype(np.int64)
     male = (attributes[:, columns.index(spurious)] > 0).astype(np.int64)
     paths = [image_folder / name for name in names]
-    train, val, test = _jpeg_splits("celeba", paths, split_ids, labels, male, attribute_file, image_size, cache_dir)
-    return SpuriousDataset("celeba", train, val, test, n_classes=2, n_groups=4,
-                           group_names=["non-blond/female", "non-blond/male", "blond/female", "blond/male"],
-                           mean=IMAGENET_MEAN, std=IMAGENET_STD, class_name=target, spurious_name=spurious,
-                           augment="crop")
+    return _jpeg_dataset("celeba", paths, split_ids, labels, male, attribute_file, image_size, cache_dir,
+                         ["non-blond/female", "non-blond/male", "blond/female", "blond/male"],
+                         class_name=target, spurious_name=spurious)
 
 
 def _unpickle(path: Path) -> dict:
@@ -1318,12 +1285,11 @@ def _unpickle(path: Path) -> dict:
 
 
 def _load_cifar100(root: Path, val_size: int = 5000, seed: int = 0) -> SpuriousDataset:
-    """CIFAR-100 (Krizhevsky 2009) from ``root/{train,test,meta}`` (the ``cifar-100-python`` folder); ``data``
-    is (N, 3072) uint8 in R, G, B planes. Groups are the 20 superclasses; ``val_size``
-    training images are held out (seeded) for validation."""
+    """CIFAR-100 (Krizhevsky 2009) from ``root/{train,test,meta}`` (``data``: (N, 3072) uint8 in R, G, B planes);
+    groups are the 20 superclasses; ``val_size`` training images are held out (seeded) for validation."""
     meta = _unpickle(root / "meta")
 
-    def read(name: str) -> tuple[Tensor, Tensor, Tensor]:
+    def read(name: str) -> Split:
         path = root / name
         batch = _unpickle(path)
         for key in ("data", "fine_labels", "coarse_labels"):
@@ -1333,26 +1299,21 @@ def _load_cifar100(root: Path, val_size: int = 5000, seed: int = 0) -> SpuriousD
         if data.ndim != 2 or data.shape[1] != 3072:
             raise ValueError(f"{path}: 'data' must be (N, 3072) uint8, got {data.shape}")
         images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-        return images, torch.tensor(batch["fine_labels"]).long(), torch.tensor(batch["coarse_labels"]).long()
+        return Split(images, torch.tensor(batch["fine_labels"]).long(), torch.tensor(batch["coarse_labels"]).long())
 
-    train_images, train_labels, train_groups = read("train")
-    test_images, test_labels, test_groups = read("test")
-    if not 0 < val_size < len(train_labels):
-        raise ValueError(f"cifar100: val_size must be in (0, {len(train_labels)}), got {val_size}")
-    permutation = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(seed))
+    train, test = read("train"), read("test")
+    if not 0 < val_size < len(train):
+        raise ValueError(f"cifar100: val_size must be in (0, {len(train)}), got {val_size}")
+    permutation = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     val_rows, train_rows = permutation[:val_size].sort().values, permutation[val_size:].sort().values
+    train_val = [Split(train.images[rows], train.labels[rows], train.groups[rows]) for rows in (train_rows, val_rows)]
     return SpuriousDataset(
-        "cifar100",
-        Split(train_images[train_rows], train_labels[train_rows], train_groups[train_rows]),
-        Split(train_images[val_rows], train_labels[val_rows], train_groups[val_rows]),
-        Split(test_images, test_labels, test_groups),
+        "cifar100", *train_val, test,
         n_classes=100, n_groups=20, group_names=list(meta.get("coarse_label_names", [str(g) for g in range(20)])),
         mean=CIFAR100_MEAN, std=CIFAR100_STD, class_name="fine label", spurious_name="superclass", augment="pad")
 
 
 DATASETS = ("synth", "waterbirds", "celeba", "cifar100")
-
-
 # Folders the distributions unpack to, tried inside the data root, and a file that marks each layout.
 DATASET_FOLDERS = {
     "waterbirds": (["", "waterbird_complete95_forest2water2", "waterbirds_v1.0"], ["metadata.csv"]),
@@ -1370,16 +1331,14 @@ DATASET_SOURCES = {
 
 
 def default_data_root(name: str) -> Path:
-    """Where a dataset lives when no root is given: ``$KDLAPLACE_DATA/<name>`` if that variable is set, else
-    ``./data/<name>``."""
+    """Where dataset ``name`` lives when no root is given: ``$KDLAPLACE_DATA/<name>`` if set, else ``./data/<name>``."""
     return Path(os.environ.get("KDLAPLACE_DATA") or "data") / name
 
 
 def resolve_data_root(name: str, root: Optional[Union[str, Path]] = None) -> Path:
-    """The folder that holds dataset ``name`` in its distributed layout: ``root`` (default
-    :func:`default_data_root`) itself or the folder the distribution unpacks to inside it
-    (``waterbird_complete95_forest2water2``, ``waterbirds_v1.0``, ``cifar-100-python``, ``celeba``, ...).
-    When none holds the dataset's marker file, one error lists every place looked at and where to get the data."""
+    """The folder that holds dataset ``name`` in its distributed layout: ``root`` (default :func:`default_data_root`)
+    or a folder the distribution unpacks to inside it (DATASET_FOLDERS); else one error that lists every place
+    looked at and where to get the data."""
     base = Path(root).expanduser() if root is not None else default_data_root(name)
     subfolders, markers = DATASET_FOLDERS[name]
     candidates = [base / sub if sub else base for sub in subfolders]
@@ -1393,11 +1352,9 @@ def resolve_data_root(name: str, root: Optional[Union[str, Path]] = None) -> Pat
 
 
 def load_dataset(name: str, root: Optional[Union[str, Path]] = None, **options) -> SpuriousDataset:
-    """Load ``name`` in ``("synth", "waterbirds", "celeba", "cifar100")``.
-
-    ``synth`` is generated (options: ``n_train``, ``n_val``, ``n_test``, ``image_size``, ``seed``); the others
-    read their distributed layout under ``root`` (see :func:`resolve_data_root`; options: ``image_size``,
-    ``cache_dir`` for the JPEG datasets; ``val_size``, ``seed`` for CIFAR-100)."""
+    """Load dataset ``name`` (one of DATASETS): ``synth`` generated (options: :func:`make_synth`'s), the others read
+    from their distributed layout under ``root`` (:func:`resolve_data_root`; options: ``image_size``, ``cache_dir``
+    for the JPEG datasets, ``val_size``, ``seed`` for CIFAR-100)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "synth":
@@ -1408,9 +1365,8 @@ def load_dataset(name: str, root: Optional[Union[str, Path]] = None, **options) 
 
 def random_resized_crop_flip(images: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.7, 1.0),
                              ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
-    """Batched random resized crop (area ``scale``, aspect ``ratio``) plus horizontal flip, resized back to the
-    input size with one ``grid_sample``. Szegedy et al. (2015)'s augmentation, on the device.
-    Shapes: float (B, 3, H, W) -> (B, 3, H, W); random numbers from the CPU ``generator``."""
+    """Batched random resized crop (area ``scale``, aspect ``ratio``; Szegedy et al. 2015) and horizontal flip by one
+    ``grid_sample`` on the device: float (B, 3, H, W) -> (B, 3, H, W), random numbers from the CPU ``generator``."""
     n = images.shape[0]
     area = torch.empty(n).uniform_(*scale, generator=generator)
     log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
@@ -1448,10 +1404,9 @@ def random_flips(n: int, generator: Optional[torch.Generator] = None) -> Tensor:
 def prepare_batch(images: Tensor, mean: Sequence[float], std: Sequence[float], augment: str = "none",
                   generator: Optional[torch.Generator] = None, channels_last: bool = False,
                   flips: Optional[Tensor] = None) -> Tensor:
-    """uint8 images on the device -> normalised float (B, 3, H, W), augmented when ``augment != "none"``.
-
-    ``augment``: ``"flip"``, ``"crop"`` (random resized crop + flip), ``"pad"`` (pad-crop + flip); random numbers
-    from the CPU ``generator`` (one state for ``--resume``), or the ``"flip"`` draws ``flips`` (B,) bool."""
+    """uint8 images on the device -> normalised float (B, 3, H, W), augmented by ``augment``: ``"none"``, ``"flip"``,
+    ``"crop"`` (random resized crop + flip) or ``"pad"`` (pad-crop + flip); random numbers from the CPU
+    ``generator`` (one state for ``--resume``), or the ``"flip"`` draws ``flips`` (B,) bool."""
     x = images.float().div_(255)  # faster to move uint8 and convert on the device
     if augment == "flip":
         flip = (random_flips(x.shape[0], generator) if flips is None else flips).to(x.device)
@@ -1485,18 +1440,16 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def use_allowed_cores() -> int:
-    """Give torch one compute thread per core this process may run on (``os.sched_getaffinity``), never more:
-    a process pinned to fewer cores than the machine has (``taskset``, a batch scheduler, a table runner that
-    splits the cores) would otherwise oversubscribe them and spend its time in the kernel. Returns the count."""
+    """Give torch one compute thread per core this process may run on (``os.sched_getaffinity``) and return the
+    count: pinned to fewer cores (taskset, a batch scheduler, sweep.py's slots), more threads would thrash."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(cores)
     return cores
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 autocast (with channels_last) pays off on ``device``: always on CUDA; on a CPU only when it has
-    bf16 matrix instructions (AVX512-BF16 or AMX, read from ``/proc/cpuinfo``), where oneDNN runs bf16 convolutions
-    about twice as fast as float32. Elsewhere bf16 is emulated and slower: float32 it is."""
+    """Whether bf16 autocast (with channels_last) pays off on ``device``: always on CUDA; on a CPU only with bf16
+    matrix instructions (AVX512-BF16 or AMX in ``/proc/cpuinfo``): elsewhere bf16 is emulated, slower than float32."""
     if device.type == "cuda":
         return True
     try:
@@ -1535,11 +1488,8 @@ def split_to_device(split: Split, device: torch.device, max_fraction: float = 0.
     """Move a split's uint8 images to the device when they take at most ``max_fraction`` of its free memory,
     so training never copies from the host; otherwise keep them where they are (memory or memmap)."""
     labels, groups = split.labels.to(device), split.groups.to(device)
-    if device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        if split.images.numel() > max_fraction * free_bytes:
-            return Split(split.images, labels, groups)
-    return Split(split.images.to(device), labels, groups)
+    too_large = device.type == "cuda" and split.images.numel() > max_fraction * torch.cuda.mem_get_info(device)[0]
+    return Split(split.images if too_large else split.images.to(device), labels, groups)
 
 
 def batch_images(split: Split, index: Union[Tensor, slice], device: torch.device) -> Tensor:
@@ -1589,25 +1539,23 @@ def teacher_targets(teacher: EarlyExitNet, train: Split, mean: Sequence[float], 
     """A function (batch x, sample indices, flips or None) -> KD target logits (B, c), the teacher's last exit's (head
     and linear in float32). With ``augment`` "none" or "flip" every view's targets are computed once and looked up (a
     teacher's pass costs more than a student's step); random crops make every batch new: computed per batch."""
-    last = len(teacher.heads) - 1
     teacher.eval()
     if augment not in LOOKUP_AUGMENTS:
         def per_batch(x: Tensor, index: Tensor, flips: Optional[Tensor]) -> Tensor:
             with torch.no_grad(), autocast(device, amp):
-                features = teacher.forward_features(x, exits=[last], float32_heads=True)[0]  # (B, p) float32
-            return teacher.heads[last].linear(features)  # (B, c) float32: outside autocast
+                features = teacher.forward_features(x, exits=[-1], float32_heads=True)[0]  # (B, p) float32
+            return teacher.heads[-1].linear(features)  # (B, c) float32: outside autocast
         return per_batch
     views = (False, True) if augment == "flip" else (False,)
-    table = torch.stack([predict_split(teacher, train, mean, std, device, batch_size=512, exits=[last], amp=amp,
+    table = torch.stack([predict_split(teacher, train, mean, std, device, batch_size=512, exits=[-1], amp=amp,
                                        flip=flip)[0][0] for flip in views])  # (views, N, c)
     return lambda x, index, flips: table[0 if flips is None else flips.long().to(device), index]  # (B, c)
 
 
 def seeded_generator(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
-    """A fresh generator on ``device`` seeded with ``seed``: the one seeding rule of the scripts. Every MC or
-    Dirichlet computation starts from its own fresh generator, so a number never depends on what ran before it
-    (``train.py``'s metrics.json and ``eval.py`` report the same figures for the same checkpoint, seed and device:
-    a CPU and a CUDA generator draw different numbers from one seed)."""
+    """A fresh generator on ``device`` seeded with ``seed``, the scripts' one seeding rule: every MC or Dirichlet
+    computation starts from its own, so a number never depends on what ran before it (train.py and eval.py agree for
+    a checkpoint, seed and device; a CPU and a CUDA generator draw different numbers from one seed)."""
     return torch.Generator(device=device).manual_seed(seed)
 
 
@@ -1638,8 +1586,7 @@ def readout_predictive(weighting: str, weight: Tensor, bias: Optional[Tensor], t
     (c, p), ``bias`` (c,) or None; the validation pass ``val_logits`` (M, c), ``val_features`` (M, p), ``y_val``
     (M,) tunes T and sigma^2. Tuning and prediction each draw their ``n_samples`` MC samples from
     ``seeded_generator(seed)``. Returns the probabilities (N, c), the Laplace (None for the softmax weightings) and
-    :meth:`KFACLaplace.logit_std` per sample (N,) or None.
-    """
+    :meth:`KFACLaplace.logit_std` per sample (N,) or None."""
     if weighting == "dedier":
         return torch.softmax(train_logits, -1), None, None
     if weighting == "dedier-ts":
@@ -1660,9 +1607,8 @@ def readout_predictive(weighting: str, weight: Tensor, bias: Optional[Tensor], t
 
 
 def classification_metrics(probs: Tensor, y: Tensor, groups: Tensor, n_groups: int) -> dict[str, float]:
-    """The figures of one predictive as Meronen et al. (2024) report an exit: top-1 accuracy, top-5 accuracy
-    (with c >= 5 classes), NLPD and ECE, and the worst-group accuracy of the argmax.
-    Shapes: ``probs`` (N, c), ``y`` and ``groups`` (N,)."""
+    """The figures Meronen et al. (2024) report for an exit's predictive ``probs`` (N, c) of labels ``y`` (N,):
+    top-1, top-5 (with c >= 5 classes), NLPD, ECE and the worst-group accuracy of the argmax over ``groups`` (N,)."""
     pred = probs.argmax(-1)  # (N,)
     metrics = {"top1": float((pred == y).double().mean()), "nlpd": nlpd(probs, y),
                "ece": expected_calibration_error(probs, y),
@@ -1673,8 +1619,8 @@ def classification_metrics(probs: Tensor, y: Tensor, groups: Tensor, n_groups: i
 
 
 def group_means(values: Tensor, groups: Tensor, n_groups: int) -> list[Optional[float]]:
-    """Mean of ``values`` within each group, ``sum_{n: g_n = g} v_n / |{n: g_n = g}|``; None for an empty group.
-    Shapes: ``values``, ``groups`` (N,) -> a list of ``n_groups`` floats."""
+    """Mean of ``values`` (N,) per group ``g`` of ``groups`` (N,), ``sum_{n: g_n = g} v_n / |{n: g_n = g}|``:
+    a list of ``n_groups`` floats, None for an empty group."""
     sums = torch.bincount(groups, weights=values.double(), minlength=n_groups)  # (G,)
     counts = torch.bincount(groups, minlength=n_groups)  # (G,)
     return [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
@@ -1700,9 +1646,8 @@ def splits_to_device(data: SpuriousDataset, device: torch.device) -> dict[str, S
 
 
 def load_run_data(config: dict) -> SpuriousDataset:
-    """The dataset of a run from its configuration (train.py's flags as a dict: ``dataset``, ``data_root``,
-    ``seed``, ``synth_n_train``, ``image_size``, ``cache_dir``): synth regenerated from the seed with val and test
-    1/4 and 1/2 of train, the others read from ``data_root`` (or its default, :func:`resolve_data_root`)."""
+    """The dataset of a run from its configuration (train.py's flags as a dict): synth regenerated from ``seed``,
+    val and test 1/4 and 1/2 of ``synth_n_train``; the others read from ``data_root`` (:func:`resolve_data_root`)."""
     name = config["dataset"]
     if name == "synth":
         n = config["synth_n_train"]
@@ -1778,10 +1723,8 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv1, self.bn1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(in_planes, planes * self.expansion, stride)
 
@@ -1797,10 +1740,8 @@ class Bottleneck(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv1, self.bn1 = nn.Conv2d(in_planes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
@@ -1814,23 +1755,19 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet (He et al. 2016) whose ``state_dict`` keys equal torchvision's, so its ImageNet weights load as is.
-
+    """ResNet (He et al. 2016) whose ``state_dict`` keys equal torchvision's, so its ImageNet weights load as is;
     ``cifar_stem=True`` swaps the 7x7/2 conv + max-pool stem for a 3x3/1 conv (32x32 inputs)."""
 
     def __init__(self, block: type, layers: Sequence[int], n_classes: int, cifar_stem: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) if cifar_stem else nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
+        self.bn1, self.relu = nn.BatchNorm2d(64), nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
         in_planes, self.stage_channels = 64, []
-        for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stride = 1 if index == 0 else 2
-            modules = []
-            for block_index in range(blocks):
-                modules.append(block(in_planes, planes, stride if block_index == 0 else 1))
-                in_planes = planes * block.expansion
+        for index, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), layers, (1, 2, 2, 2))):
+            modules = [block(in_planes, planes, stride)]  # only a stage's first block strides and may downsample
+            in_planes = planes * block.expansion
+            modules += [block(in_planes, planes) for _ in range(blocks - 1)]
             setattr(self, f"layer{index + 1}", nn.Sequential(*modules))
             self.stage_channels.append(in_planes)
         self.fc = nn.Linear(in_planes, n_classes)
@@ -1880,13 +1817,11 @@ def _load_backbone_weights(backbone: nn.Module, arch: str, pretrained: Union[boo
 
 def build_model(arch: str, n_classes: int, pretrained: Union[bool, str, Path] = False, width: int = 32,
                 input_size: Optional[int] = None, detach_exits: bool = True) -> EarlyExitNet:
-    """An :class:`EarlyExitNet` for ``arch`` in ``("cnn", "resnet18", "resnet50", "resnet18-cifar")``.
-
-    Exits after every stage (the CNN's 3, a ResNet's layer1..4); early heads are DEDIER readouts of width
-    min(2 C, 128) (C for ``cnn``). ``pretrained``: ``True`` loads torchvision's ImageNet weights through ``torch.hub``,
-    a path a local torchvision-format state dict. ``input_size`` (for the FLOP count): 32 for ``cnn`` and
-    ``resnet18-cifar``, else 224. ``model.config``, a checkpoint's ``model_config``, keeps every argument but
-    ``pretrained``."""
+    """An :class:`EarlyExitNet` for ``arch`` in ARCHITECTURES, with exits after every stage (the CNN's 3, a ResNet's
+    layer1..4); early heads are DEDIER readouts of width min(2 C, 128) (C for ``cnn``). ``pretrained``: ``True``
+    loads torchvision's ImageNet weights through ``torch.hub``, a path a local torchvision-format state dict.
+    ``input_size`` (for the FLOP count) defaults to 32 for ``cnn`` and ``resnet18-cifar``, else 224.
+    ``model.config``, a checkpoint's ``model_config``, keeps every argument but ``pretrained``."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     if not (isinstance(n_classes, int) and n_classes >= 2):
