@@ -163,16 +163,16 @@ def val_score(runs: list[dict]) -> tuple[float, float]:
     return mean(score(runs, split="val")), mean(score(runs, "avg_acc", "val"))
 
 
-def best_finished(names: Sequence[str], seeds: Sequence[int], root: Path) -> Optional[str]:
-    """The name with the best val_score over ``seeds``, once all their runs have finished."""
-    runs = {name: on_seeds(root, name, seeds) for name in names}
-    return None if any(len(r) < len(seeds) for r in runs.values()) else max(names, key=lambda n: val_score(runs[n]))
+def best_finished(candidates: dict, seeds: Sequence[int], root: Path) -> dict:
+    """key -> the name in ``candidates[key]`` with the best val_score over ``seeds``, where all their runs have finished."""
+    runs = {name: on_seeds(root, name, seeds) for names in candidates.values() for name in names}
+    return {key: max(names, key=lambda name: val_score(runs[name])) for key, names in candidates.items()
+            if all(len(runs[name]) == len(seeds) for name in names)}
 
 
 def select_grid_points(seeds: Sequence[int], root: Path) -> dict:
     """weighting -> its best grid point on ``seeds``, for each weighting whose grid has finished there."""
-    best = {w: best_finished(GRID[w], seeds, root) for w in TUNED_WEIGHTINGS}
-    return {w: point for w, point in best.items() if point is not None}
+    return best_finished(GRID, seeds, root)
 
 
 def complete_selection(seeds: Sequence[int], root: Path) -> dict:
@@ -183,9 +183,8 @@ def complete_selection(seeds: Sequence[int], root: Path) -> dict:
 
 def select_rates(seeds: Sequence[int], root: Path, points: dict) -> dict:
     """weighting -> its best rate at ``points[weighting]`` on ``seeds``, for each one whose rates have finished."""
-    rate_of = {w: {lr_name(point, lr): lr for lr in LEARNING_RATES} for w, point in points.items()}
-    best = {w: best_finished(list(rate_of[w]), seeds, root) for w in points}
-    return {w: rate_of[w][name] for w, name in best.items() if name is not None}
+    rate_of = {w: {lr_name(point, lr): lr for lr in LEARNING_RATES} for w, point in points.items()}  # name -> rate
+    return {w: rate_of[w][name] for w, name in best_finished(rate_of, seeds, root).items()}
 
 
 def cell(values: Sequence[Optional[float]], scale: float = 100.0, digits: int = 1) -> str:
@@ -496,7 +495,7 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
     if not (runs := reports[EXIT_ALPHAS[0]]):
         return [EXITS_PREDICTION, "", "No run has finished."]
     exits, claims = range(len(runs[0]["exits"])), []
-    at = lambda k, method, key="ece": [r["exits"][k][method][key] for r in runs]  # per seed
+    at = lambda k, part, key="ece": [r["exits"][k][part][key] for r in runs]  # per seed: exit k's part[key]
     gap = lambda k, first, second: [a - b for a, b in zip(at(k, first), at(k, second))]
     listed = lambda ks: ", ".join(map(str, ks)) if ks else "none"
     spread = lambda values, d=".3g": f"{median(values):{d}} [{min(values):{d}}, {max(values):{d}}]"
@@ -516,14 +515,14 @@ def exits_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
                      "and ECE Laplace − TS paired by seed (points, mean [95% t interval]).", "exit | conf − acc MAP | TS | "
                      "Laplace | TS's T | Laplace T | Laplace σ² | at a range end | ECE Laplace − TS")
     for k in exits:
-        bins = {m: [[sum(column) for column in r["exits"][k]["reliability"][m]] for r in runs]
+        bins = {m: [[sum(column) for column in seed] for seed in at(k, "reliability", m)]
                 for m in ("MAP", "TS", "Laplace")}  # per seed: count, confidence sum, correct count
-        temperatures = [r["exits"][k]["laplace"]["temperature"] for r in runs]
-        variances = [1.0 / r["exits"][k]["laplace"]["prior_precision"] for r in runs]
+        temperatures = at(k, "laplace", "temperature")
+        variances = [1.0 / precision for precision in at(k, "laplace", "prior_precision")]
         at_end = sum(K.at_search_end(t, K.KFACLaplace.TEMPERATURE_GRID)
                      or K.at_search_end(v, K.KFACLaplace.PRIOR_VARIANCE_GRID) for t, v in zip(temperatures, variances))
         lines.append(row(k, *(cell([(confidence - correct) / count for count, confidence, correct in bins[m]]) for m in bins),
-                         spread([r["exits"][k]["ts"]["temperature"] for r in runs], ".2f"), spread(temperatures, ".2f"),
+                         spread(at(k, "ts", "temperature"), ".2f"), spread(temperatures, ".2f"),
                          spread(variances), f"{at_end} of {len(runs)}", t_cell(gap(k, "Laplace", "TS"))))
     for first, second in (("Laplace", "TS"), ("MIE+Laplace", "MIE+TS"), ("MIE+Laplace", "Laplace")):
         verdicts = [resolved(gap(k, first, second)) for k in exits]  # per exit: -1 lower, 1 higher, 0 unresolved
