@@ -1091,7 +1091,7 @@ def make_synth(n_train: int = 4800, n_val: int = 1200, n_test: int = 2400, image
 
 
 def make_synth_far_inputs(n: int, image_size: int = 32, n_classes: int = 2, seed: int = 0) -> dict[str, Tensor]:
-    """Inputs unlike any :func:`make_synth` trains on, uint8 (n, 3, size, size) per kind, drawn uniformly from ``seed``:
+    """Inputs unlike any :func:`make_synth` trains on, uint8 (n, 3, size, size) per kind, drawn uniformly (seeded):
 
         unseen shapes    shapes ``n_classes ..`` of SYNTH_SHAPES on the training backgrounds (``n_classes < 10``)
         unseen colours   the training shapes on background hues halfway between two classes' (``n_classes > 2``)"""
