@@ -84,8 +84,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--beta", "scale of the weights exp(beta * margin ** alpha) (>= 0)", type=float)
     add("--readout-exit", "which student exit is the readout (0 = the first)", type=int, default=0)
     add("--synth-n-train", "synth training images (val = 1/4, test = 1/2 of it)", type=int, default=4800)
-    add("--synth-classes", "synth classes, 2 to 10: shapes on land or water (2: the README's tables) or on a colour per "
-                           "class (10: the exits' benchmark; 30 teacher, 40 student epochs)", type=int, default=2)
+    add("--synth-classes", "synth classes, 2 to 10: shapes on land or water (2) or on a colour per class (8: the exits "
+                           "study; above 2: 30 teacher, 40 student epochs)", type=int, default=2)
     add("--seed", "random seed", type=int, default=0)
     add("--device", "auto, cpu or cuda", default="auto", choices=["auto", "cpu", "cuda"])
     add("--float32", "no bf16 autocast, even where it is fast (CUDA, CPUs with AVX512-BF16 or AMX)", action="store_true")
