@@ -10,8 +10,8 @@ posterior fit on train, (T, sigma^2) tuned on val NLL), MIE, MIE+TS and MIE+Lapl
 tuned greedily inside the ensemble), each with top-1, top-5 (c >= 5), NLPD, ECE and worst-group accuracy on test.
 Sets at level alpha: Dirichlet AVCS (Jazbec et al. 2024) with the authors' thresholds and with logit offsets tuned
 on val, Laplace-AVCS, and split conformal (LAC) with and without the running intersection. Far from the data: the
-test images scaled by delta (Kristiadi et al. 2020), uniform noise and, on synth, unseen shapes and colours: mean
-max-probability and its OOD AUROC per exit and method, and the spread of phi~^T V phi~.
+test images scaled by delta (Kristiadi et al. 2020), uniform noise and, on synth, unseen shapes (below 10 classes)
+and colours (above 2): mean max-probability and its OOD AUROC per exit and method, and the spread of phi~^T V phi~.
 """
 from __future__ import annotations
 
@@ -200,8 +200,9 @@ def report(args: argparse.Namespace) -> dict:
 def far_from_data(data: K.SpuriousDataset, test: K.Split, test_features: list[torch.Tensor], test_probs: dict,
                   predict, method_probs, laplaces: list[K.KFACLaplace], seed: int) -> tuple[list[dict], list[dict]]:
     """Rows {inputs, exit, method, mean_max_confidence, auroc} for each kind of input far from the data (the test
-    images scaled by delta, uniform noise, and on synth unseen shapes and colours; AUROC of the max probability,
-    in-distribution = test), and rows {inputs, exit, median, q10, q90} of the posterior's phi~^T V phi~ (test too)."""
+    images scaled by delta, uniform noise, and on synth unseen shapes and colours where make_synth_far_inputs makes
+    them; AUROC of the max probability, in-distribution = test), and rows {inputs, exit, median, q10, q90} of the
+    posterior's phi~^T V phi~ (test too)."""
     generator = torch.Generator().manual_seed(seed)
     kinds = {f"test x{delta}": (test, delta) for delta in INPUT_SCALES}
     images = {"uniform noise": torch.randint(0, 256, tuple(test.images.shape), generator=generator, dtype=torch.uint8)}

@@ -354,7 +354,7 @@ def table_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) ->
 
 
 def budget_lines(seeds: Sequence[int], fresh_seeds: Sequence[int], root: Path) -> list[str]:
-    """Each weighting at its defaults: test worst-group accuracy and its paired difference from plain KD."""
+    """BUDGET_WEIGHTINGS at their defaults: test worst-group accuracy and its paired difference from plain KD."""
     lines = section(f"Test worst-group accuracy (%), seeds {seed_text(seeds)}; paired: the weighting minus plain KD on "
                     f"the same seed and teacher (points; {PAIRED_NOTE}).", "weighting | student avg | worst-group | "
                     f"median | per seed | minus plain KD | median | {PAIRED_COLUMNS}")[1:]
@@ -590,7 +590,7 @@ Study = namedtuple("Study", "runs lines title seeds fresh_seeds folder", default
 STUDIES = {
     "table": Study(table_runs, table_lines, "The (α, β) selection of every weighting at 12 student epochs",
                    (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)),
-    "budget": Study(budget_runs, budget_lines, "Every weighting at its synth defaults (20 student epochs)",
+    "budget": Study(budget_runs, budget_lines, "Plain KD, dedier, dedier-ts and laplace at their synth defaults (20 student epochs)",
                     tuple(range(10))),
     "lr": Study(lr_runs, lr_lines, "The learning rate of every weighting at 12 student epochs",
                 (0, 1, 2, 3, 4), (5, 6, 7, 8, 9), folder="table"),  # it shares the table's runs at lr 0.05
@@ -698,7 +698,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     add("--study", required=True, choices=list(STUDIES), help="which study")
     add("--seeds", type=int, nargs="+", help="seeds (default: the study's; for table and lr the selection seeds)")
     add("--fresh-seeds", type=int, nargs="*", help="table and lr: seeds that only test the selection (default 5..9)")
-    add("--out", help="run folders and the tables (default runs/<study>)")
+    add("--out", help="run folders and the tables (default runs/<study>; runs/table for lr, which shares its runs)")
     add("--jobs", type=int, default=1,
         help="runs at a time, each on a share of the cores; on GPUs see --runs-per-gpu (default 1)")
     add("--runs-per-gpu", type=int, default=1, help="runs packed onto one GPU (default 1)")

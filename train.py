@@ -5,8 +5,8 @@
 
 Weightings: ``none`` (plain KD) or DEDIER's weights (Tiwari et al. 2024) from kdlaplace.readout_predictive: the
 readout's softmax (``dedier``), at a temperature tuned on val (``dedier-ts``), or its KFAC Laplace predictive
-(``laplace``, the default; ``laplace-cv`` cross-fitted; ``laplace-ml`` by the evidence). Writes teacher.pt,
-student.pt, last.pt, log.jsonl and metrics.json to --out; ``--resume`` continues an interrupted run.
+(``laplace``, the default; ``laplace-cv`` cross-fitted; ``laplace-ml`` by the evidence). Writes teacher.pt (unless
+--teacher reuses one), student.pt, last.pt, log.jsonl and metrics.json to --out; ``--resume`` continues a run.
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def train_phase(cfg: argparse.Namespace, role: str, model: K.EarlyExitNet, data:
                 targets: Optional[Callable] = None) -> K.EarlyExitNet:
     """Train ``role`` ("teacher", or "student" distilling ``targets``) with nesterov SGD on the one-cycle
     schedule. After every epoch: validation, the readout's new sample weights (student), OUT/<role>.pt when the
-    validation worst-group accuracy improves, and OUT/last.pt, from which ``state`` resumes this phase."""
+    validation worst-group accuracy improves (ties: the average), and OUT/last.pt, from which ``state`` resumes this phase."""
     train, amp = splits["train"], K.run_uses_bf16(vars(cfg), device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
                                 weight_decay=cfg.weight_decay)
@@ -309,7 +309,7 @@ def run(cfg: argparse.Namespace) -> dict:
             line += "  | T {} s2 {}  up ".format(*("-" if value is None else f"{value:.3g}" for value in (T, s2)))
             line += "/".join("-" if share is None else f"{share:.2f}" for share in record["upweighted_share"])
             if T and K.at_search_end(T, K.KFACLaplace.TEMPERATURE_GRID):
-                line += "  (T at its search range's end: on separable val data T -> 0, every wrong sample exp(beta))"
+                line += "  (T at an end of its search range; at 0.01, separable val data: every wrong sample exp(beta))"
         print(line, flush=True)
 
     # 1. Teacher: reused, or trained here (ERM or group DRO on the last exit), or resumed
