@@ -18,8 +18,8 @@ One module, read top to bottom like a lecture: the mathematics first, then the m
 Every public function and class of sections 1-5 is a copyable unit: it runs when pasted, together with the
 public units its docstring names, into a file that holds only ``from __future__ import annotations`` and the
 imports of math, numpy as np, torch, torch.nn as nn and torch.nn.functional as F (a test checks each one).
-The formulas are in the docstrings; each names its paper. ``pytest test_kdlaplace.py`` checks every numerical
-routine against a brute-force float64 reference; ``python bench.py`` measures speed.
+The formulas are in the docstrings, with the paper each follows. ``pytest test_kdlaplace.py`` checks every
+numerical routine against a brute-force float64 reference; ``python bench.py`` measures speed.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     """Per-sample distillation loss: ``T^2 * KL(teacher || student)`` at temperature ``T``.
 
     ``q = softmax(z / T)``;  ``kd_n = T^2 * sum_k q_t,nk (log q_t,nk - log q_s,nk)``.
-    The ``T^2`` keeps the gradient scale independent of ``T``.
+    The ``T^2`` keeps the gradient scale about independent of ``T`` (exactly as ``T`` grows large).
     Hinton, Vinyals & Dean (2015), *Distilling the Knowledge in a Neural Network*, section 2.
 
     Shapes: ``student_logits``, ``teacher_logits`` (N, c) -> (N,). Computed in at least fp32 (safe under bf16
@@ -124,7 +124,7 @@ def group_dro_loss(per_sample_loss: Tensor, groups: Tensor, group_weights: Tenso
 
     ``q_g <- q_g * exp(eta * L_g)``, ``q <- q / sum q``, loss ``= sum_g q_g L_g`` with ``L_g`` the mean loss of
     group ``g`` in the batch (0 for groups absent from it).
-    Sagawa et al. (ICLR 2020), *Distributionally Robust Neural Networks*, Algorithm 1.
+    Sagawa et al. (ICLR 2020), Algorithm 1 in its minibatch form (every ``q_g`` from its batch mean, the authors' code).
     Shapes: ``per_sample_loss`` (N,), ``groups`` (N,) int64, ``group_weights`` (G,) -> (scalar, (G,)).
     """
     n_groups = group_weights.shape[0]
@@ -163,8 +163,8 @@ class KFACLaplace:
     ``tau`` is the prior precision (``1 / sigma^2``). Damping each factor (as laplace-torch's
     ``KronDecomposed(..., dampen=True)``; its default adds ``tau`` to the eigenvalues of ``N G (x) A``) keeps the
     posterior Kronecker, so the logit predictive is ``f(x) ~ N(W~ phi~, (phi~^T V phi~) U)``. ``temperature``
-    divides the logits before the softmax (Meronen's logit temperature). ``A``, ``G``: float64 (formed in the features'
-    dtype); ``eigen``: their eigendecompositions; ``n``: N; ``weight``: ``W~`` (c, p+1), or (c, p) without a bias.
+    divides the logits before the softmax (Meronen's logit temperature). ``A``, ``G``: float64 (summed in the inputs'
+    dtypes); ``eigen``: their eigendecompositions; ``n``: N; ``weight``: ``W~`` (c, p+1), or (c, p) without a bias.
     """
 
     # the decade grids where tune_temperature and tune_laplace start their searches; their ends bound every choice
@@ -234,7 +234,8 @@ class KFACLaplace:
         ``link="mc"``: ``(1/S) sum_s softmax((mean + sqrt(scale) L g_s) / T)``, ``L = cholesky(U)``, ``g_s ~ N(0, I_c)``
         shared by every input (Meronen's ``2 c S + 2 p^2`` flops per input); ``log`` takes a ``logsumexp`` over ``s``,
         which never underflows. ``link="probit"``: ``softmax((mean / T) / sqrt(1 + pi/8 * scale * diag(U) / T^2))``
-        (MacKay 1992; Meronen et al. 2024). In float32 a probability below ~1e-45 is 0 (``log`` or float64: not)."""
+        (MacKay's 1992 binary probit per class, as Meronen et al. 2024). In float32 a probability below ~1e-45 is 0
+        (``log`` or float64: not)."""
         if link not in ("mc", "probit"):
             raise ValueError(f"link must be 'mc' or 'probit', got {link!r}")
         mean, scale = self.logit_distribution(features)  # (N, c), (N,)
@@ -274,7 +275,7 @@ class KFACLaplace:
 
 def nlpd(probs: Tensor, y: Tensor) -> float:
     """Negative log predictive density ``-(1/N) sum_n log p_hat(y_n | x_n)``, p clamped at 1e-12: the validation
-    criterion of every tuner below and a test metric. Shapes: ``probs`` (N, c), ``y`` (N,)."""
+    criterion of the temperature and Laplace tuners below and a test metric. Shapes: ``probs`` (N, c), ``y`` (N,)."""
     if probs.dim() != 2 or y.shape != probs.shape[:1]:
         raise ValueError(f"nlpd: probs (N, c) and y (N,) expected, got {tuple(probs.shape)} and {tuple(y.shape)}")
     return float(-torch.log(probs.gather(1, y[:, None]).clamp(min=1e-12)).mean())
@@ -315,11 +316,11 @@ def tune_temperature(logits_val: Tensor, y_val: Tensor, criterion: Optional[Call
     """Temperature scaling: the ``T`` that minimises the validation NLL of ``softmax(z / T)``.
 
     ``argmin_T -(1/N) sum_n log softmax(z_n / T)_{y_n}`` over ``log T`` by :func:`minimise_bracketed` on
-    ``KFACLaplace.TEMPERATURE_GRID`` (0.01 .. 100), to a relative 1e-4. The NLL is convex in ``1/T`` (a log-sum-exp
-    of linear functions minus a linear one), so unimodal in ``log T``: the search finds its minimum on that range (a
-    ``T`` at 0.01 or 100 is the range's end; separable data sends ``T`` to 0). ``criterion(probs (N, c)) -> float``
-    replaces the NLL (an ensemble's; then convexity is not claimed). Guo et al. (ICML 2017), section 4.2.
-    Shapes: ``logits_val`` (N, c), ``y_val`` (N,).
+    ``KFACLaplace.TEMPERATURE_GRID`` (0.01 .. 100), to a relative 1e-4. The exact NLL is convex in ``1/T`` (log-sum-exp
+    of linear functions minus a linear one), so unimodal in ``log T``; :func:`nlpd`'s clamp at 1e-12 caps a confident
+    mistake's term at 27.6, which can favour small ``T`` (then convexity fails). 0.01 and 100 are the range's ends.
+    ``criterion(probs (N, c)) -> float`` replaces the NLL (an ensemble's; no convexity claimed). Guo et al. (ICML
+    2017), section 4.2. Shapes: ``logits_val`` (N, c), ``y_val`` (N,).
     Copy it with :class:`KFACLaplace`, :func:`nlpd` and :func:`minimise_bracketed`.
     """
     logits = logits_val.double()  # (N, c)
@@ -397,7 +398,7 @@ def tune_laplace(laplace: KFACLaplace, features_val: Tensor, y_val: Tensor, n_sa
 
 def tune_laplace_marglik(laplace: KFACLaplace, prior_precisions: Optional[Sequence[float]] = None) -> KFACLaplace:
     """Copy of ``laplace`` with the prior precision ``tau`` that maximises the Laplace marginal likelihood (the
-    evidence, MacKay 1992; Immer et al. 2021), temperature unchanged: no validation labels are used.
+    evidence, MacKay 1992; Immer et al. 2021) post hoc at the fixed MAP, temperature unchanged: no validation labels.
 
     For the damped Kronecker posterior precision ``P = (sqrt(N) G + sqrt(tau) I_c) (x) (sqrt(N) A + sqrt(tau) I_{p+1})``
     and the MAP ``W~`` (c, p+1), ``d = c (p+1)``, the terms of ``log p(D)`` that depend on ``tau`` are
@@ -500,7 +501,7 @@ def budget_thresholds(confidences_val: Tensor, level: float) -> Tensor:
     Walk the exits in order: among the samples still present, ``threshold_k`` is the confidence of the
     ``floor(N pi_k)``-th most confident (``+inf`` when none may exit), and every sample at or above it exits (ties
     exit together); the last exit takes the rest (``-inf``). Huang et al. (ICLR 2018), MSDNet budgeted
-    classification; Meronen et al. (2023), section 4. Shapes: ``confidences_val`` (K, N) -> (K,).
+    classification; Meronen et al. (2024), section 4. Shapes: ``confidences_val`` (K, N) -> (K,).
     """
     if confidences_val.dim() != 2:
         raise ValueError(f"budget_thresholds: confidences_val must be (K, N), got {tuple(confidences_val.shape)}")
@@ -548,7 +549,7 @@ def log_gamma_variates(concentration: Tensor, generator: Optional[torch.Generato
     """``log X`` with ``X ~ Gamma(concentration, 1)`` elementwise, float64, finite even for tiny concentrations.
 
     Marsaglia & Tsang (2000) for shape ``a + 1 >= 1``, then the boost ``X = Y U^(1/a)`` taken in log space:
-    ``log X = log Y + log(U) / a`` never underflows, where a direct draw of ``Gamma(1e-3)`` is 0.
+    ``log X = log Y + log(U) / a`` never underflows; torch clamps a direct ``Gamma(1e-3)`` draw at the tiniest normal.
     Every concentration must be finite and > 0 (a NaN or one below -2/3 would never pass the rejection step)."""
     if not bool(((concentration > 0) & torch.isfinite(concentration)).all()):
         raise ValueError("log_gamma_variates: every concentration must be finite and > 0")

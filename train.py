@@ -309,7 +309,7 @@ def run(cfg: argparse.Namespace) -> dict:
             line += "  | T {} s2 {}  up ".format(*("-" if value is None else f"{value:.3g}" for value in (T, s2)))
             line += "/".join("-" if share is None else f"{share:.2f}" for share in record["upweighted_share"])
             if T and K.at_search_end(T, K.KFACLaplace.TEMPERATURE_GRID):
-                line += "  (T at an end of its search range; at 0.01, separable val data: every wrong sample exp(beta))"
+                line += "  (T at an end of its search range: 100, a readout near chance; 0.01, every wrong sample exp(beta))"
         print(line, flush=True)
 
     # 1. Teacher: reused, or trained here (ERM or group DRO on the last exit), or resumed
